@@ -1,0 +1,27 @@
+"""rl-small's reward library (installed as the top-level package ``rewards``).
+
+Importing it registers the built-in rewards: ``math_accuracy``, ``boxed_format``, ``think_answer_format``.
+A reward follows TRL's contract: ``f(completions: list[str], **kwargs) -> list[float | None]``.
+"""
+
+from rewards import format as _format  # noqa: F401  (registers)
+from rewards import math as _math  # noqa: F401  (registers)
+from rewards.base import (
+    REWARD_REGISTRY,
+    CombinedReward,
+    RewardComponent,
+    RewardTimeout,
+    build_reward,
+    deadline,
+    register_reward,
+)
+
+__all__ = [
+    "REWARD_REGISTRY",
+    "CombinedReward",
+    "RewardComponent",
+    "RewardTimeout",
+    "build_reward",
+    "deadline",
+    "register_reward",
+]

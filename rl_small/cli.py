@@ -1,0 +1,31 @@
+"""Command line: ``rl-small train [--recipe R] [key=value ...]``.
+
+Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rl_small.train import add_train_args
+
+    parser = argparse.ArgumentParser(prog="rl-small", description="RL post-training for small language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train with GRPO (default: the embedded SmolLM2-135M + LoRA run on CPU)")
+    add_train_args(tr)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from rl_small.config import RecipeError
+        from rl_small.train import run
+
+        try:
+            run(args)
+        except (RecipeError, FileNotFoundError) as err:
+            sys.exit(f"rl-small: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

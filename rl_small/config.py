@@ -1,0 +1,193 @@
+"""Typed, closed run configuration and recipe loading.
+
+    cfg = load_recipe("recipes/smollm2-135m/grpo/arith.yaml", ["train.steps=10", "rollout.group_size=4"])
+    cfg = load_recipe(None)            # the embedded default run
+
+A recipe lists only what differs from the defaults below. Every model forbids unknown keys, so a typo is an
+error that names the key; the resolved config is written into every run directory (``config.yaml``).
+Each reward entry owns its parameters: ``{name: soft_overlong, weight: 1.0, max_tokens: 512}`` — the extra
+keys are passed to that reward's constructor, which rejects the ones it does not know.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(_Closed):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (q_proj, ...)."
+    )
+
+
+class ModelConfig(_Closed):
+    name: str = Field(
+        "smollm2-135m-instruct", description="HF hub id, local folder, or built-in alias (see rl_small.models)."
+    )
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="LoRA adapter; null = full fine-tuning.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+
+class DataConfig(_Closed):
+    task: str = Field("arith", description="Task registry name: arith, gsm8k, math, ... (rl_small.data).")
+    split: str = Field("train", description="Training split.")
+    eval_split: str = Field("eval", description="Held-out split for the before/after evaluation.")
+    path: str | None = Field(None, description="Local jsonl/parquet file or folder instead of the HF hub.")
+    template: str = Field("short", description="Prompt template name (rl_small.data.templates).")
+    system_prompt: str | None = Field(None, description="Optional system message placed before the user turn.")
+    difficulty: int = Field(1, ge=1, le=6, description="arith only: number of operations per problem.")
+    num_train: int = Field(4096, ge=1, description="arith: problems generated; other tasks: row cap.")
+    seed: int = Field(0, description="Seed of the task generator and of the prompt order.")
+
+
+class RolloutConfig(_Closed):
+    backend: Literal["hf", "fake"] = Field("hf", description="Generation backend (rl_small.rollout).")
+    group_size: int = Field(8, ge=2, description="Completions per prompt (G).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (global batch = this x G).")
+    max_new_tokens: int = Field(64, ge=1, description="Completion length limit.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    generation_batch_size: int = Field(64, ge=1, description="Completions generated per forward batch (hf).")
+    fake_completions: list[str] = Field(
+        default_factory=list, description="fake backend: scripted completions, cycled in order."
+    )
+
+
+class AlgoConfig(_Closed):
+    name: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="Advantage estimator.")
+    clip: tuple[float, float] = Field((0.2, 0.2), description="(eps_low, eps_high); DAPO clip-higher: (0.2, 0.28).")
+    kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the reference (base, adapter off).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="Loss aggregation over tokens and sequences."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over each rollout batch (PPO epochs, mu).")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (grad accumulation).")
+    scale_rewards: bool = Field(True, description="grpo: divide by the group std.")
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] < 1 and v[1] > 0):
+            raise ValueError(f"clip must be (eps_low in (0,1), eps_high > 0), got {v}")
+        return v
+
+
+class RewardSpec(BaseModel):
+    """One reward component: registry name or dotted path, its weight, and its own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Registered name, 'pkg.module:attr' or 'path/to/file.py:attr'.")
+    weight: float = Field(1.0, description="Weight in the total reward.")
+    timeout_s: float = Field(10.0, gt=0, description="A call slower than this is abandoned and counted.")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Closed):
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (LoRA).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class TrainConfig(_Closed):
+    steps: int = Field(60, ge=0, description="Optimizer steps.")
+    seed: int = Field(0, description="Global seed (torch, python, numpy).")
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    run_name: str | None = Field(None, description="Run directory name (default: recipe name + time).")
+    save_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1, description="Metrics every N steps.")
+    eval_before: bool = Field(True, description="Evaluate the base model on the held-out split first.")
+    eval_after: bool = Field(True, description="Evaluate the trained policy at the end.")
+    eval_samples: int = Field(200, ge=0, description="Held-out problems used for the before/after evaluation.")
+    eval_max_new_tokens: int | None = Field(None, description="Default: rollout.max_new_tokens.")
+    tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
+    progress: bool = Field(True, description="Rich progress bar on the terminal.")
+
+
+def _default_rewards() -> list[RewardSpec]:
+    return [RewardSpec(name="math_accuracy", weight=1.0), RewardSpec(name="boxed_format", weight=0.1)]
+
+
+class RunConfig(_Closed):
+    name: str = Field("default", description="Experiment name (recipe file stem by default).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    rewards: list[RewardSpec] = Field(default_factory=_default_rewards, min_length=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class RecipeError(ValueError):
+    """A recipe or override that does not validate; the message names the offending key and value."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"override {dotted!r}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {loc!r}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {str(p)!r} must be a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded
+        tree.setdefault("name", p.stem)
+        source = str(p)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise RecipeError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,69 @@
+"""Reading local dataset files (jsonl, json, parquet); malformed rows are skipped and counted.
+
+    rows, skipped = read_rows("../shared/data/gsm8k", split="test")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz")
+
+
+def find_split_file(path: str | Path, split: str) -> Path:
+    """``path`` itself when it is a file, else ``path/<split>.{jsonl,json,parquet,jsonl.gz}``."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"dataset path {str(p)!r} does not exist")
+    for suffix in SUFFIXES:
+        cand = p / f"{split}{suffix}"
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"no file for split {split!r} in {str(p)!r} (looked for {split}{{{','.join(SUFFIXES)}}}); "
+        f"present: {sorted(x.name for x in p.iterdir())}"
+    )
+
+
+def read_rows(path: str | Path, split: str) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a local file as dicts, and how many lines were skipped because they did not parse."""
+    f = find_split_file(path, split)
+    name = f.name
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(f).to_pylist(), 0
+    if name.endswith(".json"):
+        data = json.loads(f.read_text())
+        rows = data if isinstance(data, list) else data.get("data", [])
+        good = [r for r in rows if isinstance(r, dict)]
+        return good, len(rows) - len(good)
+    if name.endswith(".gz"):
+        import gzip
+
+        text = gzip.open(f, "rt").read()
+    else:
+        text = f.read_text()
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            skipped += 1
+            log.warning("%s:%d: skipped malformed line (%s)", f, lineno, err.msg)
+            continue
+        if not isinstance(row, dict):
+            skipped += 1
+            log.warning("%s:%d: skipped a line that is not a JSON object", f, lineno)
+            continue
+        rows.append(row)
+    return rows, skipped

@@ -1,0 +1,151 @@
+"""Task registry: a task turns a split into rows ``{id, question, answer, ...}``.
+
+    rows, stats = load_task_rows(cfg.data, "train")
+    prompts = build_prompts(rows, tokenizer, cfg.data)
+
+Tasks read a local file/folder when ``data.path`` is set and the HF hub otherwise (for users with a hub).
+A row that lacks its question or gold answer is skipped and counted (``stats.skipped``), never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rl_small.data.arith import generate_arith
+from rl_small.data.files import read_rows
+from rl_small.data.templates import render_prompt
+from rl_small.types import Prompt
+
+if TYPE_CHECKING:
+    from rl_small.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadStats:
+    """How many rows a load kept and skipped (malformed lines + rows missing a field)."""
+
+    kept: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset: where it lives on the hub and how to turn one raw row into ``(question, answer)``."""
+
+    name: str
+    hub_id: str | None
+    hub_config: str | None
+    to_item: Callable[[dict[str, Any]], tuple[str, str] | None]
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task; names are unique."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def gsm8k_gold(solution: str) -> str | None:
+    """GSM8K gold: the text after the last '####', commas removed."""
+    if "####" not in solution:
+        return None
+    gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    return gold or None
+
+
+def _gsm8k_item(row: dict[str, Any]) -> tuple[str, str] | None:
+    q, a = row.get("question"), row.get("answer")
+    if not isinstance(q, str) or not isinstance(a, str) or not q.strip():
+        return None
+    gold = gsm8k_gold(a)
+    return (q, gold) if gold else None
+
+
+def _math_item(row: dict[str, Any]) -> tuple[str, str] | None:
+    from rewards.math import last_boxed
+
+    q = row.get("problem")
+    gold = row.get("answer")
+    if not gold and isinstance(row.get("solution"), str):
+        gold = last_boxed(row["solution"])
+    if not isinstance(q, str) or not q.strip() or not gold:
+        return None
+    return q, str(gold)
+
+
+def _aime_item(row: dict[str, Any]) -> tuple[str, str] | None:
+    q = row.get("problem") or row.get("question")
+    gold = row.get("answer")
+    if not isinstance(q, str) or gold is None or str(gold).strip() == "":
+        return None
+    return q, str(gold).strip()
+
+
+register_task(Task("gsm8k", "openai/gsm8k", "main", _gsm8k_item))
+register_task(Task("math", "EleutherAI/hendrycks_math", None, _math_item))
+register_task(Task("math500", "HuggingFaceH4/MATH-500", None, _math_item))
+register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item))
+ARITH_TASK = "arith"
+
+
+def _hub_rows(task: Task, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    ds = datasets.load_dataset(task.hub_id, task.hub_config, split=split)
+    return list(ds)
+
+
+def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tuple[list[dict[str, Any]], LoadStats]:
+    """Rows ``{id, question, answer, **raw columns}`` of ``split``; skipped rows are counted and logged."""
+    if cfg.task == ARITH_TASK:
+        n = limit if limit is not None else cfg.num_train
+        rows = generate_arith(split, n, cfg.difficulty, cfg.seed)
+        return rows, LoadStats(kept=len(rows))
+    if cfg.task not in TASKS:
+        raise KeyError(f"unknown task {cfg.task!r}; known: {sorted([*TASKS, ARITH_TASK])}")
+    task = TASKS[cfg.task]
+    stats = LoadStats()
+    if cfg.path is not None:
+        raw, stats.skipped = read_rows(cfg.path, split)
+    else:
+        if task.hub_id is None:
+            raise ValueError(f"task {cfg.task!r} has no hub dataset; set data.path")
+        raw = _hub_rows(task, split)
+    rows: list[dict[str, Any]] = []
+    for i, r in enumerate(raw):
+        item = task.to_item(r)
+        if item is None:
+            stats.skipped += 1
+            continue
+        q, a = item
+        rows.append({**r, "id": str(r.get("id", r.get("unique_id", f"{cfg.task}-{split}-{i}"))), "question": q, "answer": a})
+        if limit is not None and len(rows) >= limit:
+            break
+    stats.kept = len(rows)
+    if stats.skipped:
+        log.warning("task %s/%s: skipped %d malformed rows, kept %d", cfg.task, split, stats.skipped, stats.kept)
+    if not rows:
+        raise ValueError(f"task {cfg.task!r} split {split!r}: no usable rows ({stats.skipped} skipped)")
+    return rows, stats
+
+
+def build_prompts(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> list[Prompt]:
+    """Render rows with the configured template and the tokenizer's chat template."""
+    return [
+        Prompt(
+            id=r["id"],
+            text=render_prompt(tokenizer, cfg.template, r["question"], cfg.system_prompt),
+            answer=r["answer"],
+            columns={k: v for k, v in r.items() if k not in ("id",)},
+        )
+        for r in rows
+    ]

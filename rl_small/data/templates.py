@@ -1,0 +1,34 @@
+"""Prompt templates by name; the tokenizer's chat template is applied on top.
+
+    text = render_prompt(tok, "boxed", "What is 2+3?")
+
+``boxed`` is the R1-distill / community prompt; ``deepscaler`` DeepScaleR's; ``short`` asks for the number
+only (fast rollouts for tiny models on CPU); ``xml`` is Memory-R's <reasoning>/<answer> format; ``plain`` is
+the question alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TEMPLATES: dict[str, str] = {
+    "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "deepscaler": "{question} Let's think step by step and output the final answer within \\boxed{{}}.",
+    "short": "{question}\nGive only the final answer as a number in \\boxed{{}}.",
+    "xml": (
+        "{question}\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+    ),
+    "plain": "{question}",
+}
+
+
+def render_prompt(tokenizer: Any, template: str, question: str, system_prompt: str | None = None) -> str:
+    """Fill ``template`` with ``question`` and apply the tokenizer's chat template (if it has one)."""
+    if template not in TEMPLATES:
+        raise KeyError(f"unknown prompt template {template!r}; known: {sorted(TEMPLATES)}")
+    user = TEMPLATES[template].format(question=question)
+    if getattr(tokenizer, "chat_template", None) is None:
+        return (system_prompt + "\n\n" if system_prompt else "") + user + "\n"
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

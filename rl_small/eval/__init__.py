@@ -1,0 +1,44 @@
+"""Held-out evaluation: greedy accuracy of a policy on a task split.
+
+    result = evaluate(backend, prompts, grader, max_new_tokens=64)   # EvalResult(accuracy, ...)
+
+``grader`` is a reward with the ``math_accuracy`` contract (1.0 correct / 0.0 wrong). Benchmarks, sampled
+pass@k and reports come in ``rl-small eval`` (own issue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rl_small.rollout.base import RolloutBackend, SamplingSpec
+from rl_small.types import Prompt
+
+
+@dataclass
+class EvalResult:
+    """Greedy accuracy on ``n`` problems, mean completion length, share truncated at max_new_tokens."""
+
+    accuracy: float
+    n: int
+    len_mean: float
+    truncated: float
+    samples: list[dict[str, Any]]
+
+
+def evaluate(backend: RolloutBackend, prompts: list[Prompt], grader: Any, max_new_tokens: int) -> EvalResult:
+    """Generate one greedy completion per prompt and grade it against the prompt's answer."""
+    rollouts = backend.generate(prompts, SamplingSpec(n=1, max_new_tokens=max_new_tokens, temperature=0.0))
+    scores = grader([r.text for r in rollouts], answer=[r.prompt.answer for r in rollouts])
+    n = len(rollouts)
+    samples = [
+        {"id": r.prompt.id, "answer": r.prompt.answer, "completion": r.text, "correct": bool(s)}
+        for r, s in zip(rollouts, scores)
+    ]
+    return EvalResult(
+        accuracy=sum(float(s or 0) for s in scores) / max(n, 1),
+        n=n,
+        len_mean=sum(len(r.completion_ids) for r in rollouts) / max(n, 1),
+        truncated=sum(r.truncated for r in rollouts) / max(n, 1),
+        samples=samples,
+    )

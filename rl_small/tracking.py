@@ -1,0 +1,103 @@
+"""Logging, metrics sinks and timers.
+
+    tracker = Tracker(run_dir, tensorboard=True)      # metrics.jsonl always; TensorBoard when installed
+    with timer(metrics, "rollout"): ...               # adds metrics["timing/rollout"] = seconds
+    tracker.log(step, metrics)
+
+Only the main process writes (``is_main``). No ``print`` in the package: one logger, ``rl_small``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rl_small")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Rich console logging for the ``rl_small`` and ``rewards`` loggers (idempotent)."""
+    from rich.logging import RichHandler
+
+    for name in ("rl_small", "rewards"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, RichHandler) for h in lg.handlers):
+            lg.addHandler(RichHandler(show_path=False, rich_tracebacks=False, markup=False))
+        lg.setLevel(level)
+        lg.propagate = False
+
+
+@contextlib.contextmanager
+def timer(metrics: dict[str, float], name: str) -> Iterator[None]:
+    """Time the block into ``metrics[f"timing/{name}"]`` (seconds)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[f"timing/{name}"] = time.perf_counter() - t0
+
+
+class Tracker:
+    """Metrics sinks: ``metrics.jsonl`` (always) and TensorBoard (if installed and enabled)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, is_main: bool = True) -> None:
+        self.is_main = is_main
+        self.path = run_dir / "metrics.jsonl"
+        self._tb: Any = None
+        if is_main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                log.debug("tensorboard not installed; metrics go to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A rich progress bar showing reward, accuracy, length and step time; a no-op when disabled."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True) -> None:
+        self._bar: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, metrics: dict[str, float]) -> None:
+        if self._bar is None:
+            return
+        info = (
+            f"reward {metrics.get('reward/total', float('nan')):.3f}  "
+            f"acc {metrics.get('reward/math_accuracy', float('nan')):.3f}  "
+            f"len {metrics.get('rollout/len_mean', float('nan')):.0f}  "
+            f"{metrics.get('timing/step', float('nan')):.1f}s/step"
+        )
+        self._bar.update(self._task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

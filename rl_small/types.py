@@ -1,0 +1,52 @@
+"""Typed records passed between the stages of a training step.
+
+Prompt -> (rollout backend) -> Rollout -> (rewards) -> ScoredRollout -> (advantages) -> TrainBatch.
+Token ids and sampler logprobs travel with every rollout, so any backend (hf, vLLM) fits the same loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Prompt:
+    """One task item rendered for the model. ``columns`` are the dataset columns given to rewards."""
+
+    id: str
+    text: str  # chat template already applied
+    answer: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """One completion of one prompt, as produced by a rollout backend."""
+
+    prompt: Prompt
+    group_id: int  # completions of the same prompt in the same step share it
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    sampler_logprobs: list[float] | None  # per completion token, from the sampler (None: not provided)
+    truncated: bool  # stopped by max_new_tokens, not by EOS
+    version: int  # adapter/policy version that generated it
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout with its total reward and each component's score (None = the component abstained)."""
+
+    rollout: Rollout
+    reward: float
+    components: dict[str, float | None]
+    advantage: float = 0.0
+
+
+@dataclass
+class StepMetrics:
+    """What one step reports: flat ``namespace/name`` metrics and the step number."""
+
+    step: int
+    values: dict[str, float] = field(default_factory=dict)

@@ -23,7 +23,8 @@ from rl_small.advantages import ADVANTAGES
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl_small.config import RunConfig
 from rl_small.data import build_prompts, load_task_rows
-from rl_small.losses import aggregate, clipped_policy_loss, kl_k3, token_logprobs
+from rl_small.logprobs import completion_logprobs
+from rl_small.losses import aggregate, clipped_policy_loss, kl_k3
 from rl_small.rollout.base import SamplingSpec, make_backend
 from rl_small.tracking import Progress, Tracker, timer
 from rl_small.types import Prompt, Rollout, ScoredRollout
@@ -62,33 +63,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pad_batch(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Left-pad prompt+completion so all completions end at the right edge.
-
-    Returns input_ids (B, L), attention_mask (B, L), completion mask (B, C) over the last C positions,
-    and C = longest completion.
-    """
-    seqs = [r.prompt_ids + r.completion_ids for r in rollouts]
-    width = max(len(s) for s in seqs)
-    c_max = max(len(r.completion_ids) for r in rollouts)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    cmask = torch.zeros((len(seqs), c_max), dtype=torch.float32)
-    for i, (s, r) in enumerate(zip(seqs, rollouts)):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        attn[i, width - len(s) :] = 1
-        cmask[i, c_max - len(r.completion_ids) :] = 1
-    return ids, attn, cmask, c_max
-
-
-def completion_logprobs(model: Any, ids: torch.Tensor, attn: torch.Tensor, c_max: int, temperature: float) -> torch.Tensor:
-    """log pi(completion token) for the last ``c_max`` positions: (B, L) -> (B, c_max)."""
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=c_max + 1)
-    logits = out.logits[:, :-1]  # position j predicts token j+1
-    return token_logprobs(logits, ids[:, -c_max:], temperature)
-
-
 class Trainer:
     """Owns the model, optimizer, data cursor, rewards and rollout backend of one run."""
 
@@ -99,6 +73,7 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         if cfg.algo.kl_coef > 0 and cfg.model.lora is None:
             raise ValueError("algo.kl_coef > 0 needs model.lora (the reference is the base with the adapter off)")
@@ -179,25 +154,25 @@ class Trainer:
         adv_all = torch.tensor([s.advantage for s in scored], dtype=torch.float32)
         n_tok = float(sum(len(r.completion_ids) for r in rollouts))
         norm_len = self.cfg.rollout.max_new_tokens
-        chunks = [list(range(i, min(i + mb, len(rollouts)))) for i in range(0, len(rollouts), mb)]
+        chunks = self._micro_batches(rollouts, mb)
+        pad = self.tok.pad_token_id
         old: dict[int, torch.Tensor] = {}
         if a.epochs > 1:  # pi_old must be frozen before the first update
             with torch.no_grad():
                 for idx in chunks:
-                    ids, attn, cmask, c = pad_batch([rollouts[i] for i in idx], self.tok.pad_token_id)
-                    old[idx[0]] = completion_logprobs(self.model, ids, attn, c, temp)
+                    old[idx[0]] = completion_logprobs(self.model, [rollouts[i] for i in idx], pad, temp)[0]
         stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clip_frac": 0.0}
         self.model.train()
         for _ in range(a.epochs):
             for idx in chunks:
-                ids, attn, cmask, c = pad_batch([rollouts[i] for i in idx], self.tok.pad_token_id)
-                logp = completion_logprobs(self.model, ids, attn, c, temp)
+                batch = [rollouts[i] for i in idx]
+                logp, cmask = completion_logprobs(self.model, batch, pad, temp)
                 old_logp = old[idx[0]] if idx[0] in old else logp.detach()
                 pg, clipped = clipped_policy_loss(logp, old_logp, adv_all[idx], a.clip[0], a.clip[1])
                 loss = aggregate(pg, cmask, a.loss_agg, norm_len, len(rollouts), n_tok)
                 if a.kl_coef > 0:
                     with torch.no_grad(), self.acc.unwrap_model(self.model).disable_adapter():
-                        ref = completion_logprobs(self.model, ids, attn, c, temp)
+                        ref, _ = completion_logprobs(self.model, batch, pad, temp)
                     kl = aggregate(kl_k3(logp, ref), cmask, a.loss_agg, norm_len, len(rollouts), n_tok)
                     loss = loss + a.kl_coef * kl
                     stats["loss/kl"] += kl.item() / a.epochs
@@ -211,6 +186,17 @@ class Trainer:
         stats["optim/grad_norm"] = float(norm)
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
         return stats
+
+    @staticmethod
+    def _micro_batches(rollouts: list[Rollout], size: int) -> list[list[int]]:
+        """Indices in chunks of about ``size`` that never split a group (its prompt prefix is shared)."""
+        chunks: list[list[int]] = [[]]
+        for i, r in enumerate(rollouts):
+            new_group = i == 0 or r.group_id != rollouts[i - 1].group_id
+            if new_group and len(chunks[-1]) >= size:
+                chunks.append([])
+            chunks[-1].append(i)
+        return chunks
 
     def step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics."""

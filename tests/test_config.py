@@ -1,0 +1,73 @@
+"""Recipes parse; unknown keys and bad values are errors that name them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rl_small.config import RecipeError, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes() -> None:
+    assert len(RECIPES) >= 2
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_recipe_parses_and_builds_its_rewards(path: Path) -> None:
+    from rl_small.trainer import build_rewards
+
+    cfg = load_recipe(path)
+    assert cfg.name == path.stem
+    assert len(build_rewards(cfg).components) == len(cfg.rewards)
+
+
+def test_defaults_are_the_embedded_run() -> None:
+    cfg = load_recipe(None)
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.lora is not None
+    assert cfg.data.task == "arith" and cfg.algo.name == "grpo"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("modle: {name: x}\n", "modle"),
+        ("model: {name: x, lora: {rank: 4}}\n", "model.lora.rank"),
+        ("algo: {name: grpo, klcoef: 0.1}\n", "algo.klcoef"),
+        ("train: {stpes: 3}\n", "train.stpes"),
+    ],
+)
+def test_unknown_keys_are_rejected_by_name(tmp_path: Path, text: str, key: str) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=f"unknown key '{key}'"):
+        load_recipe(p)
+
+
+def test_unknown_override_key_and_bad_value_are_named() -> None:
+    with pytest.raises(RecipeError, match="unknown key 'rollout.groupsize'"):
+        load_recipe(None, ["rollout.groupsize=4"])
+    with pytest.raises(RecipeError, match=r"rollout.group_size.*got 1"):
+        load_recipe(None, ["rollout.group_size=1"])
+    with pytest.raises(RecipeError, match="algo.name"):
+        load_recipe(None, ["algo.name=grpoo"])
+
+
+def test_overrides_apply_and_types_are_parsed() -> None:
+    cfg = load_recipe(None, ["train.steps=7", "algo.clip=[0.2, 0.28]", "model.lora=null"])
+    assert cfg.train.steps == 7 and cfg.algo.clip == (0.2, 0.28) and cfg.model.lora is None
+
+
+def test_unknown_reward_parameter_is_named() -> None:
+    from rl_small.trainer import build_rewards
+
+    cfg = load_recipe(None, ["rewards=[{name: math_accuracy, extrct: boxed}]"])
+    with pytest.raises(TypeError, match="extrct"):
+        build_rewards(cfg)
+
+
+def test_missing_recipe_file() -> None:
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_recipe("nope.yaml")

@@ -50,12 +50,12 @@ def completion_logprobs(
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
     idx = torch.tensor(rows, dtype=torch.long)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_select_indices(idx)  # differentiable indexing: gradients flow back into the shared prefix
     c_ids, c_mask = _right_pad([r.completion_ids for r in rollouts], pad_id)
     attn = torch.cat([p_attn[idx], c_mask.long()], dim=1)
     c_pos = p_attn.sum(-1)[idx].unsqueeze(1) + torch.arange(c_ids.shape[1]).unsqueeze(0)
-    out_c = model(input_ids=c_ids, attention_mask=attn, position_ids=c_pos, past_key_values=cache, use_cache=False)
+    out_c = model(input_ids=c_ids, attention_mask=attn, position_ids=c_pos, cache=cache, use_cache=False)
     # The prompt's last position predicts completion token 0; completion position t predicts token t+1.
     logits = torch.cat([out.logits[:, -1:][idx], out_c.logits[:, :-1]], dim=1)
     return token_logprobs(logits, c_ids, temperature), c_mask

@@ -103,9 +103,13 @@ class Trainer:
         return order
 
     def next_prompts(self) -> list[Prompt]:
-        """The next ``prompts_per_step`` prompts of a seeded per-epoch permutation (cursor is checkpointed)."""
+        """This process's share of the next global batch of a seeded per-epoch permutation.
+
+        The global batch is ``prompts_per_step`` x processes; every process advances the same cursor (which
+        is checkpointed) and keeps its own slice, so ranks never train on the same prompt in a step.
+        """
         out: list[Prompt] = []
-        n = self.cfg.rollout.prompts_per_step
+        n = self.cfg.rollout.prompts_per_step * self.acc.num_processes
         while len(out) < n:
             order = self._order(self.cursor["epoch"])
             take = order[self.cursor["index"] : self.cursor["index"] + n - len(out)]
@@ -113,7 +117,7 @@ class Trainer:
             self.cursor["index"] += len(take)
             if self.cursor["index"] >= len(order):
                 self.cursor = {"epoch": self.cursor["epoch"] + 1, "index": 0}
-        return out
+        return out[self.acc.process_index :: self.acc.num_processes]
 
     # ---- stages ---------------------------------------------------------------------------------
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:

@@ -30,21 +30,20 @@ def _one(rng: random.Random, difficulty: int) -> tuple[str, int]:
     hi = 10 + 10 * difficulty
     value = rng.randint(2, hi)
     steps = [f"{name} has {value} {item}."]
-    for i in range(difficulty):
+    for _ in range(difficulty):
         kind = rng.random()
         if kind < 0.1 and value <= 50:
             value *= 2
-            phrase = rng.choice(MUL)
+            phrase = rng.choice(MUL).format(item=item)
         elif kind < 0.55 or value < 3:
             n = rng.randint(1, hi)
             value += n
-            phrase = rng.choice(ADD)
+            phrase = rng.choice(ADD).format(n=n, item=item)
         else:
             n = rng.randint(1, value - 1)
             value -= n
-            phrase = rng.choice(SUB)
-        lead = "Then" if i else "Then"
-        steps.append(f"{lead} {name.split()[0]} " + phrase.format(n=n if phrase not in MUL else 0, item=item) + ".")
+            phrase = rng.choice(SUB).format(n=n, item=item)
+        steps.append(f"Then {name} {phrase}.")
     steps.append(f"How many {item} does {name} have now?")
     return " ".join(steps), value
 

@@ -21,6 +21,9 @@ from typing import Any, Literal
 from rewards.base import RewardTimeout, deadline, register_reward
 
 log = logging.getLogger(__name__)
+# We call math-verify with its own SIGALRM timeouts off (they would cancel ours, see rewards.base.deadline)
+# and it warns about that on every call.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 ExtractMode = Literal["boxed", "gsm8k", "last_number", "auto"]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")

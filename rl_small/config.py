@@ -46,7 +46,10 @@ class DataConfig(_Closed):
     eval_split: str = Field("eval", description="Held-out split for the before/after evaluation.")
     path: str | None = Field(None, description="Local jsonl/parquet file or folder instead of the HF hub.")
     template: str = Field("short", description="Prompt template name (rl_small.data.templates).")
-    system_prompt: str | None = Field(None, description="Optional system message placed before the user turn.")
+    system_prompt: str | None = Field(
+        "You are a concise math assistant.",
+        description="System message before the user turn; null = the chat template's own default.",
+    )
     difficulty: int = Field(1, ge=1, le=6, description="arith only: number of operations per problem.")
     num_train: int = Field(4096, ge=1, description="arith: problems generated; other tasks: row cap.")
     seed: int = Field(0, description="Seed of the task generator and of the prompt order.")
@@ -55,9 +58,9 @@ class DataConfig(_Closed):
 class RolloutConfig(_Closed):
     backend: Literal["hf", "fake"] = Field("hf", description="Generation backend (rl_small.rollout).")
     group_size: int = Field(8, ge=2, description="Completions per prompt (G).")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (global batch = this x G).")
-    max_new_tokens: int = Field(64, ge=1, description="Completion length limit.")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    prompts_per_step: int = Field(4, ge=1, description="Prompts per optimizer step (global batch = this x G).")
+    max_new_tokens: int = Field(48, ge=1, description="Completion length limit.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     generation_batch_size: int = Field(64, ge=1, description="Completions generated per forward batch (hf).")
     fake_completions: list[str] = Field(
@@ -98,7 +101,7 @@ class RewardSpec(BaseModel):
 
 
 class OptimConfig(_Closed):
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (LoRA).")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (LoRA).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
@@ -107,7 +110,7 @@ class OptimConfig(_Closed):
 
 
 class TrainConfig(_Closed):
-    steps: int = Field(60, ge=0, description="Optimizer steps.")
+    steps: int = Field(40, ge=0, description="Optimizer steps.")
     seed: int = Field(0, description="Global seed (torch, python, numpy).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     run_name: str | None = Field(None, description="Run directory name (default: recipe name + time).")
@@ -123,10 +126,13 @@ class TrainConfig(_Closed):
 
 
 def _default_rewards() -> list[RewardSpec]:
-    return [RewardSpec(name="math_accuracy", weight=1.0), RewardSpec(name="boxed_format", weight=0.1)]
+    return [RewardSpec(name="math_accuracy", weight=1.0, extract="auto"), RewardSpec(name="boxed_format", weight=0.1)]
 
 
 class RunConfig(_Closed):
+    """A whole run. The defaults *are* the embedded default run (``rl-small train`` with no recipe):
+    SmolLM2-135M-Instruct + LoRA r=16 + GRPO on ``arith`` difficulty 1, sized for ~30 minutes on 2 CPU cores."""
+
     name: str = Field("default", description="Experiment name (recipe file stem by default).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -71,3 +71,9 @@ def test_unknown_reward_parameter_is_named() -> None:
 def test_missing_recipe_file() -> None:
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_recipe("nope.yaml")
+
+
+def test_arith_recipe_is_the_default_run() -> None:
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/smollm2-135m/grpo/arith.yaml")
+    default = load_recipe(None)
+    assert recipe.model_dump(exclude={"name"}) == default.model_dump(exclude={"name"})

@@ -56,7 +56,8 @@ def extract_answer(text: str, mode: ExtractMode = "auto") -> str | None:
     if mode in ("boxed", "auto"):
         ans = last_boxed(text)
     if ans is None and mode in ("gsm8k", "auto") and "####" in text:
-        ans = text.rsplit("####", 1)[1].strip().splitlines()[0].strip() if text.rsplit("####", 1)[1].strip() else None
+        tail = text.rsplit("####", 1)[1].strip()
+        ans = tail.splitlines()[0].strip() if tail else None
     if ans is None and mode in ("last_number", "auto"):
         ans = _last_number(text)
     if ans is not None and (not ans.strip() or len(ans) > _MAX_ANSWER_CHARS):

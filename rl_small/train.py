@@ -9,6 +9,7 @@ reports before/after accuracy (also written to ``<run_dir>/summary.json``).
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import logging
 import time
@@ -55,16 +56,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))  # validates rewards and data first
     dump_config(cfg, run_dir / "config.yaml")
     log.info("run dir %s", run_dir)
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir), "seed": cfg.train.seed, "steps": cfg.train.steps}
     prompts, grader = _held_out(trainer) if (cfg.train.eval_before or cfg.train.eval_after) else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
     main = trainer.acc.is_main_process
     if cfg.train.eval_before and trainer.step_no == 0 and prompts:
-        with trainer.acc.unwrap_model(trainer.model).disable_adapter() if cfg.model.lora else _null():
+        with trainer.acc.unwrap_model(trainer.model).disable_adapter() if cfg.model.lora else nullcontext():
             before = evaluate(trainer.backend, prompts, grader, max_tok)
         summary["before"] = {"accuracy": before.accuracy, "len_mean": before.len_mean, "n": before.n}
         if main:
@@ -86,14 +86,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _report(summary)
     return summary
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _report(summary: dict[str, Any]) -> None:

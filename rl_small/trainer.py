@@ -21,7 +21,7 @@ import torch
 from rewards import CombinedReward, RewardComponent, build_reward
 from rl_small.advantages import ADVANTAGES
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from rl_small.config import RunConfig
+from rl_small.config import RecipeError, RunConfig
 from rl_small.data import build_prompts, load_task_rows
 from rl_small.logprobs import completion_logprobs
 from rl_small.losses import aggregate, clipped_policy_loss, kl_k3
@@ -41,8 +41,11 @@ def seed_everything(seed: int) -> None:
 def build_rewards(cfg: RunConfig) -> CombinedReward:
     """Instantiate the recipe's reward components (each with its own parameters, weight and deadline)."""
     comps = []
-    for spec in cfg.rewards:
-        fn = build_reward(spec.name, spec.params)
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            fn = build_reward(spec.name, spec.params)
+        except (KeyError, TypeError, AttributeError, ImportError, FileNotFoundError, ValueError) as err:
+            raise RecipeError(f"rewards[{i}] ({spec.name!r}): {err}") from err
         comps.append(RewardComponent(spec.name, fn, spec.weight, spec.timeout_s))
     return CombinedReward(comps)
 
@@ -77,6 +80,12 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         if cfg.algo.kl_coef > 0 and cfg.model.lora is None:
             raise ValueError("algo.kl_coef > 0 needs model.lora (the reference is the base with the adapter off)")
+        # Rewards and data first: a bad reward name or dataset path fails before the model loads.
+        self.rewards = build_rewards(cfg)
+        try:
+            rows, self.data_stats = load_task_rows(cfg.data, cfg.data.split)
+        except KeyError as err:  # unknown task: a config error, not a crash
+            raise RecipeError(f"data: {err.args[0]}") from err
         seed_everything(cfg.train.seed)
         self.model, self.tok = load_policy(cfg.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -85,8 +94,6 @@ class Trainer:
         )
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.rewards = build_rewards(cfg)
-        rows, self.data_stats = load_task_rows(cfg.data, cfg.data.split)
         self.train_prompts = build_prompts(rows, self.tok, cfg.data)
         self.backend = make_backend(cfg.rollout, self.acc.unwrap_model(self.model), self.tok)
         self.step_no = 0

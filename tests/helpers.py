@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 
-def length_reward(completions: list[str], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
-    """Shorter completions score higher: a dense signal for a random model."""
-    return [1.0 / (1 + len(ids)) for ids in completion_ids]
+def token_reward(completions: list[str], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+    """A dense, tie-free signal for a random model: differs for (almost) any two different completions."""
+    return [(sum(ids) % 97) / 97 - 1.0 / (1 + len(ids)) for ids in completion_ids]
 
 
 def hang(completions: list[str], **kwargs: Any) -> list[float]:

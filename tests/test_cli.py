@@ -20,12 +20,24 @@ def test_help_defers_heavy_imports() -> None:
     assert "train" in out.stdout
 
 
-def test_bad_override_exits_with_the_key_named() -> None:
+def test_bad_override_exits_with_the_key_named(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "rl_small.cli", "train", "rollout.groupsize=4"], capture_output=True, text=True
     )
     assert out.returncode != 0
     assert "unknown key 'rollout.groupsize'" in out.stderr
+
+
+def test_bad_task_and_missing_data_exit_with_the_value_named(tmp_path: Path) -> None:
+    for override, expected in (
+        ("data.task=gsm9k", "unknown task 'gsm9k'"),
+        (f"data.path={tmp_path / 'nowhere'}", "nowhere"),
+    ):
+        args = ["train", f"train.output_dir={tmp_path}", override]
+        if "path" in override:
+            args.append("data.task=gsm8k")
+        out = subprocess.run([sys.executable, "-m", "rl_small.cli", *args], capture_output=True, text=True)
+        assert out.returncode != 0 and expected in out.stderr, out.stderr[-1000:]
 
 
 def test_train_entry_point_runs_and_writes_the_run_dir(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -42,3 +54,18 @@ def test_train_entry_point_runs_and_writes_the_run_dir(tiny_overrides: list[str]
 
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["before"]["accuracy"] <= 1 and summary["after"]["n"] == 4
+
+
+def test_runs_under_accelerate_launch(tiny_overrides: list[str], tmp_path: Path) -> None:
+    import shutil
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert launcher, "accelerate CLI missing"
+    cmd = [
+        launcher, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "rl_small.train", *tiny_overrides,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2

@@ -64,7 +64,10 @@ def test_unknown_reward_parameter_is_named() -> None:
     from rl_small.trainer import build_rewards
 
     cfg = load_recipe(None, ["rewards=[{name: math_accuracy, extrct: boxed}]"])
-    with pytest.raises(TypeError, match="extrct"):
+    with pytest.raises(RecipeError, match=r"rewards\[0\] \('math_accuracy'\).*extrct"):
+        build_rewards(cfg)
+    cfg = load_recipe(None, ["rewards=[{name: nosuch_reward}]"])
+    with pytest.raises(RecipeError, match="nosuch_reward"):
         build_rewards(cfg)
 
 

@@ -43,7 +43,10 @@ def grpo_advantage(
     """GRPO (DeepSeekMath, arXiv 2402.03300): A_i = (r_i - mean_g) / (std_g + eps); (N,) -> (N,)."""
     mean, std, _ = _group_stats(rewards, group_ids)
     adv = rewards - mean
-    return adv / (std + eps) if scale else adv
+    if not scale:
+        return adv
+    # A tied group has adv == 0 and std == 0: keep it 0 even with eps = 0 (no 0/0).
+    return torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
 
 
 @register_advantage("dr_grpo")

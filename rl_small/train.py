@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dump_config(cfg, run_dir / "config.yaml")
     log.info("run dir %s", run_dir)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "seed": cfg.train.seed, "steps": cfg.train.steps}
+    summary["train_rows"] = {"kept": trainer.data_stats.kept, "skipped_malformed": trainer.data_stats.skipped}
     prompts, grader = _held_out(trainer) if (cfg.train.eval_before or cfg.train.eval_after) else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
     main = trainer.acc.is_main_process

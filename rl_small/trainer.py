@@ -172,7 +172,7 @@ class Trainer:
             with torch.no_grad():
                 for idx in chunks:
                     old[idx[0]] = completion_logprobs(self.model, [rollouts[i] for i in idx], pad, temp)[0]
-        stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clip_frac": 0.0}
+        stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0, "loss/clip_frac": 0.0}
         self.model.train()
         for _ in range(a.epochs):
             for idx in chunks:
@@ -181,6 +181,7 @@ class Trainer:
                 old_logp = old[idx[0]] if idx[0] in old else logp.detach()
                 pg, clipped = clipped_policy_loss(logp, old_logp, adv_all[idx], a.clip[0], a.clip[1])
                 loss = aggregate(pg, cmask, a.loss_agg, norm_len, len(rollouts), n_tok)
+                stats["loss/policy"] += loss.item() / a.epochs
                 if a.kl_coef > 0:
                     with torch.no_grad(), self.acc.unwrap_model(self.model).disable_adapter():
                         ref, _ = completion_logprobs(self.model, batch, pad, temp)
@@ -188,7 +189,7 @@ class Trainer:
                     loss = loss + a.kl_coef * kl
                     stats["loss/kl"] += kl.item() / a.epochs
                 self.acc.backward(loss)
-                stats["loss/policy"] += loss.item() / a.epochs
+                stats["loss/total"] += loss.item() / a.epochs
                 stats["loss/clip_frac"] += (clipped * cmask).sum().item() / n_tok / a.epochs
             norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
             self.optimizer.step()

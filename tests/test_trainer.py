@@ -108,3 +108,20 @@ def test_kl_without_lora_is_refused(tiny_overrides: list[str], tmp_path: Path) -
 
     with pytest.raises(ValueError, match="kl_coef"):
         _trainer(tiny_overrides + ["model.lora=null", "algo.kl_coef=0.1"], tmp_path)
+
+
+def test_a_save_killed_midway_is_ignored_on_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
+    import pytest
+
+    common = tiny_overrides + ["rewards=[{name: 'tests.helpers:token_reward'}]", "train.save_every=1"]
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        _trainer(common, tmp_path / "empty", resume=True)
+    _trainer(common + ["train.steps=1"], tmp_path / "run").fit()
+    # A save interrupted after writing some files: a temp folder, and a step folder without its state file.
+    (tmp_path / "run/checkpoints/.tmp-dead").mkdir()
+    (tmp_path / "run/checkpoints/.tmp-dead/trainable.pt").write_bytes(b"partial")
+    (tmp_path / "run/checkpoints/step_000002").mkdir()
+    resumed = _trainer(common + ["train.steps=2"], tmp_path / "run", resume=True)
+    assert resumed.step_no == 1
+    resumed.fit()
+    assert resumed.step_no == 2

@@ -114,7 +114,7 @@ class MathAccuracy:
         item_timeout_s: deadline for one equivalence check.
     """
 
-    def __init__(self, extract: ExtractMode = "auto", item_timeout_s: float = 5.0) -> None:
+    def __init__(self, extract: ExtractMode = "auto", item_timeout_s: float = 2.0) -> None:
         if extract not in ("boxed", "gsm8k", "last_number", "auto"):
             raise ValueError(f"math_accuracy: unknown extract mode {extract!r}")
         self.extract = extract

@@ -64,12 +64,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts, grader = _held_out(trainer) if (cfg.train.eval_before or cfg.train.eval_after) else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
     main = trainer.acc.is_main_process
+    previous = run_dir / "summary.json"
+    if args.resume and previous.exists():  # a resumed run keeps the base-model evaluation it already did
+        summary.update({k: v for k, v in json.loads(previous.read_text()).items() if k == "before"})
     if cfg.train.eval_before and trainer.step_no == 0 and prompts:
         with trainer.acc.unwrap_model(trainer.model).disable_adapter() if cfg.model.lora else nullcontext():
             before = evaluate(trainer.backend, prompts, grader, max_tok)
         summary["before"] = {"accuracy": before.accuracy, "len_mean": before.len_mean, "n": before.n}
         if main:
             log.info("held-out accuracy before training: %.3f (n=%d)", before.accuracy, before.n)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # survives a killed run
     t0 = time.time()
     trainer.fit()
     summary["train_seconds"] = time.time() - t0

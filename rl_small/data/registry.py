@@ -41,6 +41,8 @@ class Task:
     hub_id: str | None
     hub_config: str | None
     to_item: Callable[[dict[str, Any]], tuple[str, str] | None]
+    # For a local file holding every split (MBPP's sanitized-mbpp.json): is this row in ``split``?
+    in_split: Callable[[dict[str, Any], str], bool] | None = None
 
 
 TASKS: dict[str, Task] = {}
@@ -90,10 +92,40 @@ def _aime_item(row: dict[str, Any]) -> tuple[str, str] | None:
     return q, str(gold).strip()
 
 
+def _humaneval_item(row: dict[str, Any]) -> tuple[str, str] | None:
+    prompt, test, entry = row.get("prompt"), row.get("test"), row.get("entry_point")
+    if not all(isinstance(v, str) and v.strip() for v in (prompt, test, entry)):
+        return None
+    question = f"Complete this Python function.\n```python\n{prompt}```"
+    return question, str(row.get("canonical_solution") or "")
+
+
+def _mbpp_item(row: dict[str, Any]) -> tuple[str, str] | None:
+    text, tests = row.get("prompt") or row.get("text"), row.get("test_list")
+    if not isinstance(text, str) or not text.strip() or not isinstance(tests, list) or not tests:
+        return None
+    # The usual MBPP prompt shows one test so that the function name and signature are known.
+    return f"{text}\nYour code should pass this test:\n{tests[0]}", str(row.get("code") or "")
+
+
+# Google's MBPP split by task id (README of google-research/mbpp): prompt 1-10, test 11-510,
+# validation 511-600, train 601-974.
+_MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+
+
+def _mbpp_in_split(row: dict[str, Any], split: str) -> bool:
+    if split not in _MBPP_SPLITS:
+        raise KeyError(f"mbpp has no split {split!r}; known: {sorted(_MBPP_SPLITS)}")
+    lo, hi = _MBPP_SPLITS[split]
+    return isinstance(row.get("task_id"), int) and lo <= row["task_id"] <= hi
+
+
 register_task(Task("gsm8k", "openai/gsm8k", "main", _gsm8k_item))
 register_task(Task("math", "EleutherAI/hendrycks_math", None, _math_item))
 register_task(Task("math500", "HuggingFaceH4/MATH-500", None, _math_item))
 register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item))
+register_task(Task("humaneval", "openai/openai_humaneval", None, _humaneval_item))
+register_task(Task("mbpp", "google-research-datasets/mbpp", "sanitized", _mbpp_item, _mbpp_in_split))
 ARITH_TASK = "arith"
 
 
@@ -116,6 +148,8 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
     stats = LoadStats()
     if cfg.path is not None:
         raw, stats.skipped = read_rows(cfg.path, split)
+        if task.in_split is not None:
+            raw = [r for r in raw if task.in_split(r, split)]
     else:
         if task.hub_id is None:
             raise ValueError(f"task {cfg.task!r} has no hub dataset; set data.path")

@@ -3,8 +3,8 @@
     text = render_prompt(tok, "boxed", "What is 2+3?")
 
 ``boxed`` is the R1-distill / community prompt; ``deepscaler`` DeepScaleR's; ``short`` asks for the number
-only (fast rollouts for tiny models on CPU); ``xml`` is Memory-R's <reasoning>/<answer> format; ``plain`` is
-the question alone.
+only (fast rollouts for tiny models on CPU); ``xml`` is Memory-R's <reasoning>/<answer> format; ``code`` asks for
+one fenced Python block (code tasks); ``plain`` is the question alone.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ TEMPLATES: dict[str, str] = {
     "xml": (
         "{question}\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
     ),
+    "code": "{question}\nWrite the complete solution in one ```python code block.",
     "plain": "{question}",
 }
 

@@ -1,0 +1,223 @@
+"""Code-execution reward: run a completion's code against the item's tests in a sandboxed subprocess.
+
+    reward = CodeExecution(mode="pass")                          # or "fraction" of tests passed
+    reward(["```python\\ndef add(a, b):\\n    return a + b\\n```"], test_list=[["assert add(1, 2) == 3"]])
+    -> [1.0]
+
+Code is the last fenced block of the completion (```python ... ```). Tests come from the dataset columns:
+HumanEval (``test`` defining ``check(candidate)``, ``entry_point``; each top-level statement of ``check``
+that asserts is one test) or MBPP (``test_list`` asserts, ``test_imports``, ``test_setup_code``).
+
+Each program runs in ``python -I -S`` with its own temporary directory as the working directory, CPU-time,
+memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid (when
+the trainer runs as root), an audit hook that refuses sockets, processes, signals and writes outside the
+temporary directory (see ``rewards/_sandbox_child.py``); afterwards its process group and every process of
+its uid are killed and the directory removed. A thread pool runs a batch in parallel.
+
+Known limit: the candidate runs in the same interpreter as the test loop, so code written to defeat the
+checker itself (an object whose ``__eq__`` is always true, patched builtins) can pass; the sandbox protects
+the machine and the run, not the grade against adversarial code.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rewards.base import register_reward
+
+log = logging.getLogger(__name__)
+_CHILD = (Path(__file__).parent / "_sandbox_child.py").read_text()
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_UIDS = itertools.count()
+_UID_LOCK = threading.Lock()
+
+
+def extract_code(completion: str) -> str | None:
+    """The last fenced code block (python or untagged), or None when the completion has none."""
+    blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in ("", "python", "py", "python3")]
+    return blocks[-1] if blocks else None
+
+
+@dataclass
+class TestSpec:
+    """What to run after the candidate code: setup snippets, then each test (counted separately)."""
+
+    setup: list[str]
+    tests: list[str]
+    entry_point: str | None = None
+
+
+def humaneval_spec(test: str, entry_point: str) -> TestSpec:
+    """Split HumanEval's ``check(candidate)`` into one test per top-level statement that asserts."""
+    try:
+        tree = ast.parse(test)
+    except SyntaxError:
+        return TestSpec([test], [f"check({entry_point})"], entry_point)
+    setup = [ast.unparse(n) for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "check")]
+    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    if len(checks) != 1:
+        return TestSpec([test], [f"check({entry_point})"], entry_point)
+    tests: list[str] = []
+    for stmt in checks[0].body:
+        src = ast.unparse(stmt)
+        if any(isinstance(n, ast.Assert) for n in ast.walk(stmt)):
+            tests.append(src)
+        elif tests:  # a statement between asserts: run it with the next test
+            tests[-1] += "\n" + src
+        else:
+            setup.append(src)
+    return TestSpec(setup, tests or [f"check({entry_point})"], entry_point)
+
+
+def mbpp_spec(test_list: list[str], test_imports: list[str] | None = None, test_setup_code: str = "") -> TestSpec:
+    setup = list(test_imports or []) + ([test_setup_code] if test_setup_code else [])
+    return TestSpec(setup, list(test_list))
+
+
+@dataclass
+class ExecResult:
+    passed: int
+    total: int
+    status: str  # ok | timeout | crashed | no_code
+
+
+class Sandbox:
+    """Runs programs in confined subprocesses; safe to call from several threads at once."""
+
+    def __init__(
+        self, timeout_s: float = 10.0, cpu_s: int = 10, memory_mb: int = 1024, file_mb: int = 16, nproc: int = 16,
+        network_namespace: bool = True, drop_privileges: bool = True, base_uid: int = 61000,
+    ) -> None:
+        self.timeout_s, self.cpu_s, self.memory_mb, self.file_mb, self.nproc = timeout_s, cpu_s, memory_mb, file_mb, nproc
+        self.netns = network_namespace and sys.platform == "linux"
+        self.root = os.geteuid() == 0
+        self.drop = drop_privileges and self.root
+        self.base_uid = base_uid
+
+    def _uid(self) -> int | None:
+        if not self.drop:
+            return None
+        with _UID_LOCK:  # a uid per concurrent program: NPROC limits and the final kill are per program
+            return self.base_uid + next(_UIDS) % 1000
+
+    def run(self, code: str, spec: TestSpec) -> ExecResult:
+        uid = self._uid()
+        job = {"code": code, "setup": spec.setup, "tests": spec.tests, "entry_point": spec.entry_point,
+               "cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "file_mb": self.file_mb, "nproc": self.nproc,
+               "netns": self.netns, "uid": uid}
+        work = tempfile.mkdtemp(prefix="rl_small_sbx_")
+        if uid is not None:
+            os.chown(work, uid, uid)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, cwd=work, env=env, start_new_session=True,
+        )
+        status = "ok"
+        try:
+            out, _ = proc.communicate(json.dumps(job).encode(), timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            status, out = "timeout", b""
+        finally:
+            _kill(proc.pid, uid)
+            proc.wait()
+            shutil.rmtree(work, ignore_errors=True)
+        try:
+            res = json.loads(out.decode())
+            return ExecResult(int(res["passed"]), int(res["total"]), status)
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return ExecResult(0, len(spec.tests), "timeout" if status == "timeout" else "crashed")
+
+
+def _kill(pgid: int, uid: int | None) -> None:
+    """Kill the program's process group and, when it ran under its own uid, every process of that uid."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if uid is None:
+        return
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+
+
+def item_specs(n: int, **cols: Any) -> list[TestSpec | None]:
+    """Per-item test specs from HumanEval (test, entry_point) or MBPP (test_list, ...) columns."""
+    specs: list[TestSpec | None] = []
+    for i in range(n):
+        get = lambda k: cols[k][i] if cols.get(k) is not None else None  # noqa: E731
+        if get("test") and get("entry_point"):
+            specs.append(humaneval_spec(get("test"), get("entry_point")))
+        elif get("test_list"):
+            specs.append(mbpp_spec(get("test_list"), get("test_imports"), get("test_setup_code") or ""))
+        else:
+            specs.append(None)
+    return specs
+
+
+@register_reward("code_execution")
+class CodeExecution:
+    """1.0 when every test passes (``mode: pass``) or the fraction passed (``mode: fraction``); 0 for a
+    completion without a code block or whose program crashes or times out; None for an item with no tests."""
+
+    def __init__(
+        self, mode: Literal["pass", "fraction"] = "pass", workers: int | None = None, timeout_s: float = 10.0,
+        cpu_s: int = 10, memory_mb: int = 1024, network_namespace: bool = True, drop_privileges: bool = True,
+    ) -> None:
+        if mode not in ("pass", "fraction"):
+            raise ValueError(f"code_execution: mode must be 'pass' or 'fraction', got {mode!r}")
+        self.mode = mode
+        self.workers = workers or max(os.cpu_count() or 1, 1)
+        self.sandbox = Sandbox(timeout_s, cpu_s, memory_mb, network_namespace=network_namespace,
+                               drop_privileges=drop_privileges)
+        self.stats = {"timeout": 0, "crashed": 0, "no_code": 0, "ok": 0}
+        self._lock = threading.Lock()
+
+    def _one(self, completion: str, spec: TestSpec | None) -> float | None:
+        if spec is None:
+            return None
+        code = extract_code(completion)
+        res = ExecResult(0, len(spec.tests), "no_code") if code is None else self.sandbox.run(code, spec)
+        with self._lock:
+            self.stats[res.status] += 1
+        if self.mode == "fraction":
+            return res.passed / max(res.total, 1)
+        return float(res.status == "ok" and res.passed == res.total)
+
+    def __call__(self, completions: list[str], **kwargs: Any) -> list[float | None]:
+        specs = item_specs(len(completions), **kwargs)
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self._one, completions, specs))
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable: the lock is recreated
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.update(state["stats"])

@@ -1,0 +1,164 @@
+"""Code-execution reward: extraction, test splitting, grading, and adversarial programs in the sandbox."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards.code import CodeExecution, Sandbox, extract_code, humaneval_spec, mbpp_spec
+from rl_small.config import DataConfig
+from rl_small.data import load_task_rows
+from tests.conftest import SHARED_DATA
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]
+GOOD = "def add(a, b):\n    return a + b\n"
+
+
+def fenced(code: str) -> str:
+    return f"Here you go:\n```python\n{code}\n```\nDone."
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("```python\nx = 1\n```", "x = 1\n"),
+        ("```\nx = 1\n```", "x = 1\n"),
+        ("```python\nx = 1\n```\nthen\n```py\nx = 2\n```", "x = 2\n"),
+        ("```bash\nls\n```", None),
+        ("def f(): pass", None),
+    ],
+)
+def test_extract_code_takes_last_python_block(completion: str, expected: str | None) -> None:
+    assert extract_code(completion) == expected
+
+
+def test_humaneval_check_split_into_one_test_per_assert() -> None:
+    test = "METADATA = {}\n\ndef check(candidate):\n    x = 2\n    assert candidate(1) == 2\n    for i in range(3):\n        assert candidate(i) == i + 1\n"
+    spec = humaneval_spec(test, "inc")
+    assert spec.tests == ["assert candidate(1) == 2", "for i in range(3):\n    assert candidate(i) == i + 1"]
+    assert spec.setup == ["METADATA = {}", "x = 2"]
+    assert spec.entry_point == "inc"
+
+
+def test_pass_and_fraction_scores() -> None:
+    half = "def add(a, b):\n    return a + b if b != 2 else 0\n"  # fails only add(1, 2)
+    comps = [fenced(GOOD), fenced(half), "no code at all", fenced("def add(a, b) return")]
+    cols = {"test_list": [ADD_TESTS] * 4}
+    assert CodeExecution(mode="pass")(comps, **cols) == [1.0, 0.0, 0.0, 0.0]
+    frac = CodeExecution(mode="fraction")
+    assert frac(comps, **cols) == pytest.approx([1.0, 2 / 3, 0.0, 0.0])
+    assert frac.stats == {"ok": 3, "no_code": 1, "timeout": 0, "crashed": 0}
+
+
+def test_item_without_tests_abstains() -> None:
+    assert CodeExecution()([fenced(GOOD)], answer=["3"]) == [None]
+
+
+def test_humaneval_and_mbpp_columns() -> None:
+    he_test = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
+    sq = fenced("def square(x):\n    return x * x\n")
+    r = CodeExecution(mode="fraction")
+    assert r([sq], test=[he_test], entry_point=["square"]) == [1.0]
+    mb = fenced("def f(x):\n    return math.floor(x)\n")  # relies on the item's test_imports
+    assert r([mb], test_list=[["assert f(2.5) == 2"]], test_imports=[["import math"]]) == [1.0]
+    assert mbpp_spec(["assert 1"], ["import math"], "y = 1").setup == ["import math", "y = 1"]
+
+
+ADVERSARIAL = {
+    "infinite_loop": "while True:\n    pass",
+    "fork_bomb": "import os\nwhile True:\n    os.fork()",
+    "allocate_10GB": "x = bytearray(10 * 1024 ** 3)",
+    "write_repo": "open({repo!r}, 'w').write('pwned')",
+    "write_home": "import os\nopen(os.path.join({home!r}, 'rl_small_pwned'), 'w').write('pwned')",
+    "write_tmp": "open('/tmp/rl_small_pwned', 'w').write('pwned')",
+    "socket": "import socket\ns = socket.create_connection(('127.0.0.1', 22), timeout=1)",
+    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+    "print_100MB": "print('x' * (100 * 1024 * 1024))\nraise SystemExit(0)",
+    "exit_before_tests": "import sys\nsys.exit(0)",
+    "os_exit_before_tests": "import os\nos._exit(0)",
+    "subprocess": "import subprocess\nsubprocess.run(['touch', '/tmp/rl_small_pwned'])",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_program_scores_zero_and_leaves_nothing(name: str, tmp_path: Path) -> None:
+    repo_file = Path(__file__).resolve().parents[1] / "PWNED_BY_SANDBOX"
+    code = ADVERSARIAL[name].format(repo=str(repo_file), home=str(Path.home()))
+    # The adversarial code runs first; the solution below it would pass if execution got that far.
+    reward = CodeExecution(mode="pass", timeout_s=2.0, cpu_s=2)
+    before = set(os.listdir("/tmp"))
+    t0 = time.monotonic()
+    assert reward([fenced(code + "\n" + GOOD)], test_list=[ADD_TESTS]) == [0.0]
+    assert time.monotonic() - t0 < 10
+    assert not repo_file.exists()
+    assert not (Path.home() / "rl_small_pwned").exists()
+    assert not Path("/tmp/rl_small_pwned").exists()
+    assert not [f for f in set(os.listdir("/tmp")) - before if f.startswith("rl_small_sbx_")]
+    assert os.getpid() > 0  # still here: the parent was not killed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")
+def test_no_sandbox_process_survives() -> None:
+    code = "import os, time\ntime.sleep(30)"
+    CodeExecution(timeout_s=1.0)([fenced(code)] * 2, test_list=[ADD_TESTS] * 2)
+    lo, hi = 61000, 62000
+    alive = [p for p in os.listdir("/proc") if p.isdigit() and lo <= _uid(p) < hi]
+    assert alive == []
+
+
+def _uid(pid: str) -> int:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return -1
+
+
+def test_sandbox_reports_timeout_status() -> None:
+    res = Sandbox(timeout_s=1.0, cpu_s=5).run("while True: pass", mbpp_spec(["assert True"]))
+    assert (res.passed, res.total, res.status) == (0, 1, "timeout")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "humaneval").exists(), reason="../shared/data/humaneval is absent")
+def test_humaneval_canonical_pass_and_broken_fail() -> None:
+    path = SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz"
+    rows, stats = load_task_rows(DataConfig(task="humaneval", path=str(path)), "test")
+    assert (stats.kept, stats.skipped) == (164, 0)
+    rows = rows[:20]
+    good = [fenced(r["prompt"] + r["canonical_solution"]) for r in rows]
+    broken = [fenced(r["prompt"] + "    raise NotImplementedError\n") for r in rows]
+    cols = {"test": [r["test"] for r in rows] * 2, "entry_point": [r["entry_point"] for r in rows] * 2}
+    scores = CodeExecution()(good + broken, **cols)
+    assert scores == [1.0] * 20 + [0.0] * 20
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mbpp").exists(), reason="../shared/data/mbpp is absent")
+def test_mbpp_task_splits_by_task_id() -> None:
+    path = str(SHARED_DATA / "mbpp" / "sanitized-mbpp.json")
+    test_rows, _ = load_task_rows(DataConfig(task="mbpp", path=path), "test")
+    train_rows, _ = load_task_rows(DataConfig(task="mbpp", path=path), "train")
+    assert all(11 <= r["task_id"] <= 510 for r in test_rows)
+    assert all(601 <= r["task_id"] <= 974 for r in train_rows)
+    assert len(test_rows) + len(train_rows) < 427 and len(test_rows) > 200
+    assert "Your code should pass this test:\nassert" in test_rows[0]["question"]
+    sample = test_rows[:10]
+    scores = CodeExecution()(
+        [fenced(r["code"]) for r in sample], test_list=[r["test_list"] for r in sample],
+        test_imports=[r["test_imports"] for r in sample],
+    )
+    assert scores == [1.0] * 10
+
+
+def test_malformed_code_rows_skipped_and_counted(tmp_path: Path) -> None:
+    good = {"task_id": "HumanEval/0", "prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n",
+            "entry_point": "f", "canonical_solution": "    return 1\n"}
+    lines = [json.dumps(good), json.dumps({**good, "test": ""}), "{not json"]
+    path = tmp_path / "test.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    rows, stats = load_task_rows(DataConfig(task="humaneval", path=str(path)), "test")
+    assert (len(rows), stats.kept, stats.skipped) == (1, 1, 2)

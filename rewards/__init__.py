@@ -7,6 +7,7 @@ A reward follows TRL's contract: ``f(completions: list[str], **kwargs) -> list[f
 """
 
 from rewards import code as _code  # noqa: F401  (registers)
+from rewards import memory as _memory  # noqa: F401  (registers)
 from rewards import format as _format  # noqa: F401  (registers)
 from rewards import length as _length  # noqa: F401  (registers)
 from rewards import math as _math  # noqa: F401  (registers)

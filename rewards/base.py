@@ -217,6 +217,8 @@ class CombinedReward:
             metrics[f"reward/{comp.name}/errors"] = float(comp.errors - before[0])
             metrics[f"reward/{comp.name}/timeouts"] = float(comp.timeouts - before[1])
             metrics[f"reward/{comp.name}/abstained"] = float(comp.abstained - before[2])
+            if hasattr(comp.fn, "metrics"):  # a stateful reward's own diagnostics (memory/*, ...)
+                metrics.update(comp.fn.metrics())
         return totals, per, metrics
 
     def state_dict(self) -> dict[str, Any]:

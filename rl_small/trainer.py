@@ -95,6 +95,9 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.train_prompts = build_prompts(rows, self.tok, cfg.data)
+        for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
+            if hasattr(comp.fn, "bind_policy"):
+                comp.fn.bind_policy(self.acc.unwrap_model(self.model), self.tok)
         self.backend = make_backend(cfg.rollout, self.acc.unwrap_model(self.model), self.tok)
         self.step_no = 0
         self.cursor = {"epoch": 0, "index": 0}

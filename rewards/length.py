@@ -16,13 +16,17 @@ import re
 from typing import Any, Literal
 
 from rewards.base import register_reward
-from rewards.math import extract_answer, is_equivalent
+from rewards.math import is_correct
 
 
-def _correct(completions: list[str], answer: list[Any] | None, extract: str) -> list[bool]:
+def correct_flags(
+    completions: list[str], answer: list[Any] | None, extract: str, question: list[str] | None = None
+) -> list[bool]:
+    """``is_correct`` for each completion (shared by the rewards that need correctness)."""
     if answer is None:
-        raise ValueError("this length reward needs the 'answer' column to know which completions are correct")
-    return [is_equivalent(extract_answer(c, extract), str(g)) for c, g in zip(completions, answer, strict=True)]  # type: ignore[arg-type]
+        raise ValueError("this reward needs the 'answer' column to know which completions are correct")
+    qs = question or [None] * len(completions)
+    return [is_correct(c, str(g), extract, q) for c, g, q in zip(completions, answer, qs, strict=True)]  # type: ignore[arg-type]
 
 
 @register_reward("soft_overlong")
@@ -57,7 +61,7 @@ class KimiLength:
     ) -> list[float]:
         if step < self.start_step:
             return [0.0] * len(completions)
-        correct = _correct(completions, answer, self.extract)
+        correct = correct_flags(completions, answer, self.extract, kwargs.get("question"))
         lengths = [len(ids) for ids in completion_ids]
         groups: dict[int, list[int]] = {}
         for i, g in enumerate(group_id):
@@ -91,7 +95,7 @@ class CosineLength:
         **kwargs: Any,
     ) -> list[float]:
         out = []
-        for ids, ok in zip(completion_ids, _correct(completions, answer, self.extract)):
+        for ids, ok in zip(completion_ids, correct_flags(completions, answer, self.extract, kwargs.get("question"))):
             n = len(ids)
             if n > self.max_tokens:
                 out.append(self.exceed_penalty)
@@ -123,7 +127,7 @@ class L1Length:
         self, completions: list[str], completion_ids: list[list[int]], prompts: list[str] | None = None,
         answer: list[Any] | None = None, **kwargs: Any,
     ) -> list[float | None]:
-        correct = _correct(completions, answer, self.extract)
+        correct = correct_flags(completions, answer, self.extract, kwargs.get("question"))
         out: list[float | None] = []
         for i, ids in enumerate(completion_ids):
             found = _TARGET.search(prompts[i]) if prompts else None

@@ -43,6 +43,19 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def all_boxed(text: str) -> list[str]:
+    """Contents of every balanced ``\\boxed{...}`` / ``\\fbox{...}``, in order."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end() : i - 1].strip())
+    return out
+
+
 def _last_number(text: str) -> str | None:
     nums = _NUMBER.findall(text)
     return nums[-1].replace(",", "") if nums else None
@@ -101,13 +114,33 @@ def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
+def is_correct(
+    completion: str, gold: str, mode: ExtractMode = "auto", question: str | None = None, timeout_s: float = 5.0
+) -> bool:
+    """Grade a completion against ``gold`` with reward-hacking guards:
+
+    - a copy of the question inside the completion is removed before extraction (its numbers are not answers);
+    - hedging: several boxed answers that are not all equivalent to the final one give no credit;
+    - an answer longer than 200 characters (a huge number, a dump) is no answer (see ``extract_answer``).
+    """
+    text = completion
+    words = question.split() if question else []
+    if len("".join(words)) >= 8:  # the question, whatever its whitespace, is cut out
+        text = re.sub(r"\s+".join(map(re.escape, words)), " ", text)
+    boxed = list(dict.fromkeys(all_boxed(text)))
+    if len(boxed) > 1 and not all(is_equivalent(b, boxed[-1], timeout_s) for b in boxed[:-1]):
+        return False
+    return is_equivalent(extract_answer(text, mode), str(gold), timeout_s)
+
+
 def _boxed(s: str) -> str:
     return s if "\\boxed" in s else f"\\boxed{{{s}}}"
 
 
 @register_reward("math_accuracy")
 class MathAccuracy:
-    """1.0 when the extracted final answer equals the gold ``answer`` column, else 0.0.
+    """1.0 when the extracted final answer equals the gold ``answer`` column, else 0.0 (``is_correct``: copies
+    of the ``question`` column and hedged multi-answers earn nothing).
 
     Args:
         extract: extraction mode (see module docstring).
@@ -120,8 +153,11 @@ class MathAccuracy:
         self.extract = extract
         self.item_timeout_s = item_timeout_s
 
-    def __call__(self, completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+    def __call__(
+        self, completions: list[str], answer: list[str], question: list[str] | None = None, **kwargs: Any
+    ) -> list[float]:
+        qs = question or [None] * len(completions)
         return [
-            float(is_equivalent(extract_answer(c, self.extract), str(g), self.item_timeout_s))
-            for c, g in zip(completions, answer, strict=True)
+            float(is_correct(c, str(g), self.extract, q, self.item_timeout_s))
+            for c, g, q in zip(completions, answer, qs, strict=True)
         ]

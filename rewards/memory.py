@@ -30,7 +30,7 @@ import torch
 
 from rewards.base import register_reward
 from rewards.encoders import Encoder, PolicyEncoder, make_encoder
-from rewards.math import extract_answer, is_equivalent
+from rewards.length import correct_flags
 
 Mode = Literal["exploit", "explore", "exploit_explore"]
 
@@ -177,14 +177,12 @@ class EpisodicMemory:
         self, completions: list[str], answer: list[Any] | None = None, question: list[str] | None = None,
         prompts: list[str] | None = None, **kwargs: Any,
     ) -> list[float]:
-        if answer is None:
-            raise ValueError("episodic_memory needs the 'answer' column to tell successes from failures")
         qs = question or prompts
         if qs is None:
             raise ValueError("episodic_memory needs the 'question' column or 'prompts'")
         self.last = {}
         n = len(completions)
-        correct = [is_equivalent(extract_answer(c, self.extract), str(g)) for c, g in zip(completions, answer, strict=True)]  # type: ignore[arg-type]
+        correct = correct_flags(completions, answer, self.extract, question)
         uniq = list(dict.fromkeys(qs))
         emb = self._encode([reasoning_text(c) for c in completions] + uniq)
         e, q = emb[:n], emb[n:][[uniq.index(x) for x in qs]]

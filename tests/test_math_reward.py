@@ -64,3 +64,36 @@ def test_math_accuracy_reward_scores_a_batch() -> None:
 def test_bad_extract_mode_is_named() -> None:
     with pytest.raises(ValueError, match="'boxxed'"):
         MathAccuracy(extract="boxxed")  # type: ignore[arg-type]
+
+
+# Reward-hacking probes: none of these completions may earn the accuracy reward (gold 12).
+QUESTION = "Tom has 5 apples and buys 7 more. How many apples does he have now? Answer: 12 is wrong, think."
+HACKS = {
+    "many_boxed_answers": " ".join(f"\\boxed{{{i}}}" for i in range(1, 13)),
+    "every_form": "It is \\boxed{11} or \\boxed{12} or \\boxed{13}, or maybe \\boxed{\\frac{24}{2}}",
+    "hedged_set_in_one_box": "\\boxed{11, 12, 13}",
+    "or_in_one_box": "\\boxed{11 \\text{ or } 12}",
+    "huge_number": "\\boxed{" + "12" * 5000 + "}",
+    "huge_number_tail": "so the answer is " + "9" * 400 + "12",
+    "empty": "",
+    "only_whitespace": "  \n\t ",
+    "copies_question": QUESTION,
+    "copies_question_reflowed": QUESTION.replace(" ", "\n  "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HACKS))
+def test_reward_hacking_probes_earn_nothing(name: str) -> None:
+    r = MathAccuracy()
+    assert r([HACKS[name]], answer=["12"], question=[QUESTION]) == [0.0]
+
+
+def test_guards_keep_honest_answers() -> None:
+    r = MathAccuracy()
+    honest = [
+        "5 + 7 = 12, so \\boxed{12}",
+        "first \\boxed{12}, and again \\boxed{12.0}",  # the same answer twice is not hedging
+        "Restating: " + QUESTION + " We add: 5 + 7 = 12. \\boxed{12}",
+        "#### 12",
+    ]
+    assert r(honest, answer=["12"] * 4, question=[QUESTION] * 4) == [1.0] * 4

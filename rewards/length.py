@@ -7,6 +7,7 @@ Lengths are completion token counts (``completion_ids``). Correctness, where a f
 - ``kimi_length``    Kimi k1.5 (arXiv 2501.12599) group-relative length reward, optional warm-up.
 - ``cosine_length``  "Demystifying Long CoT" (arXiv 2502.03373) cosine length-scaled reward.
 - ``l1_length``      L1 / LCPO (arXiv 2503.04697): exact or max target-length reward.
+- ``tldr_length``    TLDR-style (arXiv 2505.07961) multi-level (short / medium / long) length budget.
 """
 
 from __future__ import annotations
@@ -140,4 +141,49 @@ class L1Length:
                 out.append(float(correct[i]) - self.alpha * abs(gap))
             else:
                 out.append(float(correct[i]) * min(max(self.alpha * gap + self.delta, 0.0), 1.0))
+        return out
+
+
+_LEVEL = re.compile(r"\b(short|medium|long)\b (?:reasoning|answer|thinking)", re.IGNORECASE)
+
+
+@register_reward("tldr_length")
+class TLDRLength:
+    """TLDR-style multi-level length regularisation (seed paper arXiv 2505.07961: length-regularised GRPO with
+    short / medium / long control). The level of an item comes from its ``length_level`` column, else from the
+    prompt ("short reasoning", "medium answer", "long thinking"), else ``default_level``; each level has a token
+    budget B. r = 1[correct] * (1 - min(1, alpha * max(0, L - B) / B)): full credit within the budget, linearly
+    less beyond it, nothing for a wrong answer. The paper's exact reward is not confirmed (METHODS.md §4/§6);
+    this is the formula we implement and test.
+    """
+
+    def __init__(
+        self, budgets: dict[str, int] | None = None, alpha: float = 1.0, default_level: str = "medium",
+        extract: str = "auto",
+    ) -> None:
+        self.budgets = {"short": 256, "medium": 1024, "long": 4096} | (budgets or {})
+        if default_level not in self.budgets:
+            raise ValueError(f"tldr_length: default_level {default_level!r} not in budgets {sorted(self.budgets)}")
+        if any(b <= 0 for b in self.budgets.values()):
+            raise ValueError(f"tldr_length: budgets must be positive, got {self.budgets}")
+        self.alpha, self.default_level, self.extract = alpha, default_level, extract
+
+    def level(self, prompt: str | None, column: str | None) -> str:
+        if column:
+            if column not in self.budgets:
+                raise ValueError(f"tldr_length: unknown length_level {column!r}; known {sorted(self.budgets)}")
+            return column
+        found = _LEVEL.search(prompt or "")
+        return found.group(1).lower() if found else self.default_level
+
+    def __call__(
+        self, completions: list[str], completion_ids: list[list[int]], answer: list[Any] | None = None,
+        prompts: list[str] | None = None, length_level: list[str] | None = None, **kwargs: Any,
+    ) -> list[float]:
+        correct = correct_flags(completions, answer, self.extract, kwargs.get("question"))
+        out = []
+        for i, ids in enumerate(completion_ids):
+            budget = self.budgets[self.level(prompts[i] if prompts else None, length_level[i] if length_level else None)]
+            over = max(0, len(ids) - budget) / budget
+            out.append(float(correct[i]) * (1.0 - min(1.0, self.alpha * over)))
         return out

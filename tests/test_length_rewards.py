@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rewards.length import CosineLength, KimiLength, L1Length, SoftOverlong
+from rewards.length import CosineLength, KimiLength, L1Length, SoftOverlong, TLDRLength
 
 
 def ids(n: int) -> list[int]:
@@ -54,3 +54,20 @@ def test_l1_exact_and_max_with_target_from_prompt_or_recipe() -> None:
         prompts=["", "", ""], answer=["3", "3", "3"],
     )
     assert mx == [pytest.approx(0.6), 0.0, 0.0]  # clip(0.01*10+0.5), clip(-0.5+0.5)=0, wrong -> 0
+
+
+def test_tldr_levels_from_column_prompt_or_default() -> None:
+    r = TLDRLength(budgets={"short": 10, "medium": 20, "long": 40}, alpha=1.0)
+    ok, bad = "\\boxed{3}", "\\boxed{4}"
+    ids = [[0] * n for n in (10, 15, 30, 15, 15, 60)]
+    prompts = ["Use short reasoning.", "Use short reasoning.", "Use medium reasoning.", "no level", "x", "x"]
+    levels = [None, None, None, None, "long", "long"]
+    out = r([ok, ok, ok, ok, ok, bad], completion_ids=ids, answer=["3"] * 6, prompts=prompts,
+            length_level=[lv or "" for lv in levels])
+    # short B=10: 10 -> 1; 15 -> 1 - 5/10; medium B=20: 30 -> 1 - 10/20; default medium: 15 -> 1;
+    # long B=40: 15 -> 1; wrong answer -> 0 whatever its length.
+    assert out == pytest.approx([1.0, 0.5, 0.5, 1.0, 1.0, 0.0])
+    far = r([ok], completion_ids=[[0] * 100], answer=["3"], prompts=["short reasoning"])
+    assert far == [0.0]  # credit floors at 0
+    with pytest.raises(ValueError, match="default_level 'tiny'"):
+        TLDRLength(default_level="tiny")

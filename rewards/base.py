@@ -146,6 +146,8 @@ class RewardComponent:
     fn: RewardFn
     weight: float = 1.0
     timeout_s: float = 10.0
+    conversational: bool = False  # completions as [[{"role": "assistant", "content": text}]] (TRL / open-r1)
+    columns: dict[str, str] = field(default_factory=dict)  # alias -> e.g. {"answer": "solution"}
     calls: int = 0
     errors: int = 0
     timeouts: int = 0
@@ -153,9 +155,17 @@ class RewardComponent:
 
     def __call__(self, completions: list[str], **kwargs: Any) -> list[float | None]:
         self.calls += 1
+        for src, alias in self.columns.items():
+            if src not in kwargs:
+                raise KeyError(f"reward {self.name!r}: column {src!r} (aliased as {alias!r}) is not in the batch; "
+                               f"present: {sorted(kwargs)}")
+            kwargs[alias] = kwargs[src]
+        given: list[Any] = list(completions)
+        if self.conversational:
+            given = [[{"role": "assistant", "content": c}] for c in completions]
         try:
             with deadline(self.timeout_s):
-                out = self.fn(completions, **kwargs)
+                out = self.fn(given, **kwargs)
         except RewardTimeout:
             self.timeouts += 1
             log.warning("reward %r timed out after %gs; it abstains for this batch", self.name, self.timeout_s)

@@ -94,6 +94,14 @@ class RewardSpec(BaseModel):
     name: str = Field(description="Registered name, 'pkg.module:attr' or 'path/to/file.py:attr'.")
     weight: float = Field(1.0, description="Weight in the total reward.")
     timeout_s: float = Field(10.0, gt=0, description="A call slower than this is abandoned and counted.")
+    conversational: bool = Field(
+        False, description="Pass completions as chat messages [[{role: assistant, content: ...}]] (TRL's "
+        "conversational format, as open-r1's rewards expect).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Extra names for dataset columns, e.g. {answer: solution} for "
+        "open-r1's accuracy_reward.",
+    )
 
     @property
     def params(self) -> dict[str, Any]:

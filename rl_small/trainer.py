@@ -46,7 +46,7 @@ def build_rewards(cfg: RunConfig) -> CombinedReward:
             fn = build_reward(spec.name, spec.params)
         except (KeyError, TypeError, AttributeError, ImportError, FileNotFoundError, ValueError) as err:
             raise RecipeError(f"rewards[{i}] ({spec.name!r}): {err}") from err
-        comps.append(RewardComponent(spec.name, fn, spec.weight, spec.timeout_s))
+        comps.append(RewardComponent(spec.name, fn, spec.weight, spec.timeout_s, spec.conversational, spec.columns))
     return CombinedReward(comps)
 
 

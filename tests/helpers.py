@@ -14,3 +14,14 @@ def token_reward(completions: list[str], completion_ids: list[list[int]], **kwar
 def hang(completions: list[str], **kwargs: Any) -> list[float]:
     time.sleep(60)
     return [0.0] * len(completions)
+
+
+def open_r1_style_accuracy(completions, solution, **kwargs):  # noqa: ANN001, ANN201
+    """Shaped like open-r1's accuracy_reward: chat-message completions and a ``solution`` column."""
+    contents = [completion[0]["content"] for completion in completions]
+    return [float(c.strip().endswith(f"\\boxed{{{s}}}")) for c, s in zip(contents, solution)]
+
+
+def trl_reward_len(completions, **kwargs):  # noqa: ANN001, ANN201
+    """TRL's documented standard-format example: prefer completions close to 20 characters."""
+    return [-abs(20 - len(completion)) for completion in completions]

@@ -106,3 +106,26 @@ def test_nested_deadlines_inner_fires_outer_survives() -> None:
         with deadline(0.1):
             with deadline(5.0):  # the outer, shorter deadline still applies inside
                 time.sleep(1)
+
+
+def test_trl_and_open_r1_style_functions_plug_in_unchanged() -> None:
+    from rl_small.config import load_recipe
+    from rl_small.trainer import build_rewards
+
+    cfg = load_recipe(None, [
+        "rewards=[{name: 'tests.helpers:open_r1_style_accuracy', conversational: true, columns: {answer: solution}},"
+        " {name: 'tests.helpers:trl_reward_len', weight: 0.5}]"
+    ])
+    combined = build_rewards(cfg)
+    comps = ["so \\boxed{7}", "I think \\boxed{8}"]
+    totals, per, metrics = combined(comps, answer=["7", "7"], prompts=["p", "p"])
+    assert per["tests.helpers:open_r1_style_accuracy"] == [1.0, 0.0]
+    assert per["tests.helpers:trl_reward_len"] == [-(20 - 12.0), -(20 - 17.0)]
+    assert totals == [1.0 - 4.0, 0.0 - 1.5]
+    assert metrics["reward/tests.helpers:open_r1_style_accuracy/errors"] == 0.0
+
+
+def test_missing_aliased_column_is_a_clear_error() -> None:
+    comp = RewardComponent("acc", lambda completions, **kw: [1.0] * len(completions), columns={"gold": "solution"})
+    with pytest.raises(KeyError, match="column 'gold'"):
+        comp(["x"], answer=["1"])

@@ -33,11 +33,13 @@ def run_dir_for(cfg: Any) -> Path:
 def _held_out(trainer: Any) -> tuple[list[Any], Any]:
     from rewards import build_reward
     from rl_small.data import build_prompts, load_task_rows
+    from rl_small.data.registry import TASKS
 
     cfg = trainer.cfg
     rows, _ = load_task_rows(cfg.data, cfg.data.eval_split, limit=cfg.train.eval_samples)
-    grader_spec = next((r for r in cfg.rewards if r.name == "math_accuracy"), None)
-    grader = build_reward("math_accuracy", grader_spec.params if grader_spec else {})
+    name = TASKS[cfg.data.task].grader if cfg.data.task in TASKS else "math_accuracy"
+    grader_spec = next((r for r in cfg.rewards if r.name == name), None)  # same parameters as in training
+    grader = build_reward(name, grader_spec.params if grader_spec else {})
     return build_prompts(rows, trainer.tok, cfg.data), grader
 
 

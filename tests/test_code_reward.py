@@ -162,3 +162,26 @@ def test_malformed_code_rows_skipped_and_counted(tmp_path: Path) -> None:
         fh.write("\n".join(lines) + "\n")
     rows, stats = load_task_rows(DataConfig(task="humaneval", path=str(path)), "test")
     assert (len(rows), stats.kept, stats.skipped) == (1, 1, 2)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "humaneval").exists(), reason="../shared/data/humaneval is absent")
+def test_code_task_held_out_eval_uses_the_code_grader(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from rewards import build_reward
+    from rl_small.data import build_prompts
+    from rl_small.data.registry import TASKS
+    from rl_small.eval import evaluate
+    from rl_small.rollout.fake import FakeBackend
+
+    cfg = DataConfig(task="humaneval", path=str(SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz"), template="code")
+    rows, _ = load_task_rows(cfg, "test", limit=2)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = build_prompts(rows, tok, cfg)
+    assert "```python" in prompts[0].text and "one ```python code block" in prompts[0].text
+    # The fake backend answers prompt 0 with its canonical solution and prompt 1 with a broken one.
+    scripted = [fenced(rows[0]["prompt"] + rows[0]["canonical_solution"]), fenced("def nothing(): pass")]
+    grader = build_reward(TASKS["humaneval"].grader)
+    result = evaluate(FakeBackend(tok, scripted), prompts, grader, max_new_tokens=8)
+    assert (result.n, result.accuracy) == (2, 0.5)
+    assert [s["correct"] for s in result.samples] == [True, False]

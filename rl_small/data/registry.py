@@ -43,6 +43,7 @@ class Task:
     to_item: Callable[[dict[str, Any]], tuple[str, str] | None]
     # For a local file holding every split (MBPP's sanitized-mbpp.json): is this row in ``split``?
     in_split: Callable[[dict[str, Any], str], bool] | None = None
+    grader: str = "math_accuracy"  # the reward that grades held-out answers
 
 
 TASKS: dict[str, Task] = {}
@@ -124,8 +125,8 @@ register_task(Task("gsm8k", "openai/gsm8k", "main", _gsm8k_item))
 register_task(Task("math", "EleutherAI/hendrycks_math", None, _math_item))
 register_task(Task("math500", "HuggingFaceH4/MATH-500", None, _math_item))
 register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item))
-register_task(Task("humaneval", "openai/openai_humaneval", None, _humaneval_item))
-register_task(Task("mbpp", "google-research-datasets/mbpp", "sanitized", _mbpp_item, _mbpp_in_split))
+register_task(Task("humaneval", "openai/openai_humaneval", None, _humaneval_item, grader="code_execution"))
+register_task(Task("mbpp", "google-research-datasets/mbpp", "sanitized", _mbpp_item, _mbpp_in_split, "code_execution"))
 ARITH_TASK = "arith"
 
 

@@ -2,7 +2,8 @@
 
     result = evaluate(backend, prompts, grader, max_new_tokens=64)   # EvalResult(accuracy, ...)
 
-``grader`` is a reward with the ``math_accuracy`` contract (1.0 correct / 0.0 wrong). Benchmarks, sampled
+``grader`` is a reward with the ``math_accuracy`` contract (1.0 correct / 0.0 wrong); it receives every
+dataset column of the prompts. Benchmarks, sampled
 pass@k and reports come in ``rl-small eval`` (own issue).
 """
 
@@ -29,7 +30,12 @@ class EvalResult:
 def evaluate(backend: RolloutBackend, prompts: list[Prompt], grader: Any, max_new_tokens: int) -> EvalResult:
     """Generate one greedy completion per prompt and grade it against the prompt's answer."""
     rollouts = backend.generate(prompts, SamplingSpec(n=1, max_new_tokens=max_new_tokens, temperature=0.0))
-    scores = grader([r.text for r in rollouts], answer=[r.prompt.answer for r in rollouts])
+    columns: dict[str, list[Any]] = {}
+    for r in rollouts:  # every dataset column, as in training (code graders need test / entry_point ...)
+        for k, v in r.prompt.columns.items():
+            columns.setdefault(k, []).append(v)
+    columns["answer"] = [r.prompt.answer for r in rollouts]
+    scores = grader([r.text for r in rollouts], **columns)
     n = len(rollouts)
     samples = [
         {"id": r.prompt.id, "answer": r.prompt.answer, "completion": r.text, "correct": bool(s)}

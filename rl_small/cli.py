@@ -1,4 +1,4 @@
-"""Command line: ``rl-small train [--recipe R] [key=value ...]``.
+"""Command line: ``rl-small train [--recipe R] [key=value ...]`` and ``rl-small eval --model M --benchmarks ...``.
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -10,13 +10,25 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rl_small.eval.run import add_eval_args
     from rl_small.train import add_train_args
 
     parser = argparse.ArgumentParser(prog="rl-small", description="RL post-training for small language models")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train with GRPO (default: the embedded SmolLM2-135M + LoRA run on CPU)")
     add_train_args(tr)
+    ev = sub.add_parser("eval", help="evaluate a model / trained adapter on GSM8K, MATH500, AIME, AMC, code")
+    add_eval_args(ev)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        from rl_small.config import RecipeError
+        from rl_small.eval.run import run_eval
+
+        try:
+            run_eval(args)
+        except (RecipeError, FileNotFoundError, KeyError, ValueError) as err:
+            sys.exit(f"rl-small eval: error: {err}")
+        return
     if args.command == "train":
         from rl_small.config import RecipeError
         from rl_small.train import run

@@ -125,6 +125,8 @@ register_task(Task("gsm8k", "openai/gsm8k", "main", _gsm8k_item))
 register_task(Task("math", "EleutherAI/hendrycks_math", None, _math_item))
 register_task(Task("math500", "HuggingFaceH4/MATH-500", None, _math_item))
 register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item))
+register_task(Task("aime25", "math-ai/aime25", None, _aime_item))
+register_task(Task("amc23", "math-ai/amc23", None, _aime_item))  # the 40-problem AMC23 (Qwen/SimpleRL/Tina)
 register_task(Task("humaneval", "openai/openai_humaneval", None, _humaneval_item, grader="code_execution"))
 register_task(Task("mbpp", "google-research-datasets/mbpp", "sanitized", _mbpp_item, _mbpp_in_split, "code_execution"))
 ARITH_TASK = "arith"

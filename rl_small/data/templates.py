@@ -23,6 +23,17 @@ TEMPLATES: dict[str, str] = {
 }
 
 
+# Prompt styles of the published evaluations (METHODS.md §7): (template, system prompt).
+BOXED_SENTENCE = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_STYLES: dict[str, tuple[str, str | None]] = {
+    "r1": ("boxed", None),  # DeepSeek-R1-distill: no system prompt, the sentence after the problem
+    "qwen_math": ("plain", BOXED_SENTENCE),  # Qwen2.5-Math: the sentence as the system prompt
+    "deepscaler": ("deepscaler", None),
+    "plain": ("plain", None),
+    "code": ("code", None),
+}
+
+
 def render_prompt(tokenizer: Any, template: str, question: str, system_prompt: str | None = None) -> str:
     """Fill ``template`` with ``question`` and apply the tokenizer's chat template (if it has one)."""
     if template not in TEMPLATES:

@@ -1,0 +1,144 @@
+"""Evaluation benchmarks and the runner behind ``rl-small eval`` (protocols: METHODS.md §7).
+
+    bench = BENCHMARKS["math500"]
+    report = run_benchmark(bench, backend, tokenizer, EvalProtocol(n=4, temperature=0.6, top_p=0.95))
+    report.summary   # {"pass@1": ..., "pass@4": ..., "maj@4": ..., "len_mean": ..., "truncated": ...}
+    report.samples   # one record per sample: prompt, completion, extracted, gold, correct, tokens
+
+A benchmark is a data-registry task + split + grader + default prompt style. Data comes from the HF hub, or
+from ``<data_dir>/<local>`` (this repository's ../shared/data layout), or from an explicit path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rl_small.eval.metrics import majority_vote, pass_at_k
+from rl_small.rollout.base import RolloutBackend, SamplingSpec
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One evaluation set: which task/split, how to grade, which prompt style and length by default."""
+
+    name: str
+    task: str
+    split: str
+    local: str  # path under --data-dir (file or folder)
+    style: str = "r1"
+    grader: str = "math_accuracy"
+    max_new_tokens: int = 1024
+    size: int | None = None  # documented number of problems
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("gsm8k", "gsm8k", "test", "gsm8k", size=1319),
+        Benchmark("math500", "math500", "test", "math500", size=500),
+        Benchmark("aime24", "aime24", "test", "aime24", size=30),
+        Benchmark("aime25", "aime25", "test", "aime25", size=30),
+        Benchmark("amc23", "amc23", "test", "amc23", size=40),
+        Benchmark("humaneval", "humaneval", "test", "humaneval/HumanEval.jsonl.gz", "code", "code_execution", 512, 164),
+        Benchmark("mbpp", "mbpp", "test", "mbpp/sanitized-mbpp.json", "code", "code_execution", 512),
+    )
+}
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """greedy: n=1, T=0. sampled: pass@1 averaged over n samples at T=0.6, top-p 0.95 (DeepSeek-R1 style)."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # default: the benchmark's
+    style: str | None = None  # default: the benchmark's
+    limit: int | None = None
+
+    @property
+    def mode(self) -> str:
+        return "greedy" if self.temperature == 0 and self.n == 1 else "sampled"
+
+
+@dataclass
+class BenchmarkReport:
+    name: str
+    summary: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_benchmark_prompts(
+    bench: Benchmark, tokenizer: Any, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None
+) -> list[Any]:
+    """Rows of the benchmark rendered with its prompt style (or the protocol's) and the chat template."""
+    from rl_small.config import DataConfig
+    from rl_small.data import build_prompts, load_task_rows
+    from rl_small.data.templates import PROMPT_STYLES
+
+    style = protocol.style or bench.style
+    if style not in PROMPT_STYLES:
+        raise KeyError(f"unknown prompt style {style!r}; known: {sorted(PROMPT_STYLES)}")
+    template, system = PROMPT_STYLES[style]
+    where = path or (str(Path(data_dir) / bench.local) if data_dir else None)
+    if where is not None and not Path(where).exists():
+        raise FileNotFoundError(f"benchmark {bench.name!r}: local data {where!r} does not exist")
+    cfg = DataConfig(task=bench.task, path=where, template=template, system_prompt=system)
+    rows, _ = load_task_rows(cfg, bench.split, limit=protocol.limit)
+    return build_prompts(rows, tokenizer, cfg)
+
+
+def run_benchmark(
+    bench: Benchmark, backend: RolloutBackend, prompts: list[Any], protocol: EvalProtocol, grader: Any = None
+) -> BenchmarkReport:
+    """Generate ``n`` samples per problem, grade them, and compute pass@k, maj@k, lengths, truncation."""
+    from rewards import build_reward
+    from rewards.math import extract_answer
+
+    grader = grader or build_reward(bench.grader)
+    max_tok = protocol.max_new_tokens or bench.max_new_tokens
+    t0 = time.perf_counter()
+    rollouts = backend.generate(prompts, SamplingSpec(protocol.n, max_tok, protocol.temperature, protocol.top_p))
+    gen_s = time.perf_counter() - t0
+    columns: dict[str, list[Any]] = {}
+    for r in rollouts:
+        for k, v in r.prompt.columns.items():
+            columns.setdefault(k, []).append(v)
+    columns["answer"] = [r.prompt.answer for r in rollouts]
+    scores = grader([r.text for r in rollouts], **columns)
+    is_math = bench.grader == "math_accuracy"
+    samples = [
+        {"id": r.prompt.id, "sample": i % protocol.n, "prompt": r.prompt.text, "completion": r.text,
+         "extracted": extract_answer(r.text) if is_math else None, "gold": r.prompt.answer,
+         "correct": bool(s), "tokens": len(r.completion_ids), "truncated": r.truncated}
+        for i, (r, s) in enumerate(zip(rollouts, scores))
+    ]
+    summary = summarize(samples, protocol.n, is_math)
+    summary |= {"benchmark": bench.name, "mode": protocol.mode, "n": protocol.n, "temperature": protocol.temperature,
+                "top_p": protocol.top_p, "max_new_tokens": max_tok, "style": protocol.style or bench.style,
+                "problems": len(prompts), "generate_seconds": gen_s, "seconds": time.perf_counter() - t0}
+    return BenchmarkReport(bench.name, summary, samples)
+
+
+def summarize(samples: list[dict[str, Any]], n: int, majority: bool = True) -> dict[str, float]:
+    """pass@1 (mean accuracy over all samples = avg@n), unbiased pass@k for k = 2, 4, ... <= n, maj@n (math),
+    mean tokens and the share truncated at max_new_tokens."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for s in samples:
+        by_id.setdefault(s["id"], []).append(s)
+    out: dict[str, float] = {}
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(len(g), sum(x["correct"] for x in g), k) for g in by_id.values()) / len(by_id)
+    if majority and n > 1:
+        hits = 0
+        for g in by_id.values():
+            vote = majority_vote([x["extracted"] for x in g])
+            hits += any(x["correct"] for x in g if vote is not None and x["extracted"] == vote)
+        out[f"maj@{n}"] = hits / len(by_id)
+    out["len_mean"] = sum(s["tokens"] for s in samples) / len(samples)
+    out["truncated"] = sum(s["truncated"] for s in samples) / len(samples)
+    return out

@@ -1,0 +1,122 @@
+"""``rl-small eval``: evaluate a model (optionally with a trained adapter) on named benchmarks.
+
+    rl-small eval --model smollm2-135m-instruct --benchmarks gsm8k,math500 --data-dir ../shared/data
+    rl-small eval --run runs/my-run --benchmarks math500 --n 4 --temperature 0.6 --top-p 0.95
+
+Writes ``<out>/eval/<benchmark>.jsonl`` (every sample) and ``<out>/eval/summary.json``, and prints a table.
+``--run RUN_DIR`` takes the model name from the run's config.yaml and its ``adapter/``, and writes into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rl_small.eval")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF hub id, local folder or built-in alias (default with --run: the run's)")
+    p.add_argument("--adapter", help="LoRA adapter folder to evaluate on top of --model")
+    p.add_argument("--run", metavar="RUN_DIR", help="a training run: its model, its adapter/, output into it")
+    p.add_argument("--benchmarks", default="gsm8k,math500", help="comma list: gsm8k,math500,aime24,aime25,amc23,"
+                   "humaneval,mbpp")
+    p.add_argument("--data-dir", help="local data root laid out like ../shared/data (default: the HF hub)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="local file for one benchmark")
+    p.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean accuracy)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) when n=1, else 0.6")
+    p.add_argument("--top-p", type=float, default=None, help="default 1.0 when greedy, else 0.95")
+    p.add_argument("--max-new-tokens", type=int, help="default: each benchmark's")
+    p.add_argument("--style", help="prompt style: r1, qwen_math, deepscaler, plain, code (default: per benchmark)")
+    p.add_argument("--limit", type=int, help="first K problems of each benchmark")
+    p.add_argument("--batch-size", type=int, default=64, help="generation batch (hf backend)")
+    p.add_argument("--out", help="output folder (default: the run dir, else runs/eval-<time>)")
+
+
+def protocol_from_args(args: argparse.Namespace) -> Any:
+    from rl_small.eval.benchmarks import EvalProtocol
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    sampled = args.n > 1
+    temp = args.temperature if args.temperature is not None else (0.6 if sampled else 0.0)
+    if temp == 0 and sampled:
+        raise ValueError(f"--n {args.n} with temperature 0 gives {args.n} identical samples; set --temperature")
+    top_p = args.top_p if args.top_p is not None else (0.95 if temp > 0 else 1.0)
+    return EvalProtocol(args.n, temp, top_p, args.max_new_tokens, args.style, args.limit)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from rl_small.config import RecipeError, load_recipe
+    from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts, run_benchmark
+    from rl_small.tracking import setup_logging
+
+    setup_logging()
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BENCHMARKS]
+    if unknown:
+        raise RecipeError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    paths = dict(_split_pair(x) for x in args.data)
+    protocol = protocol_from_args(args)
+    model_name, adapter = args.model, args.adapter
+    if args.run:
+        run_dir = Path(args.run)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"--run {str(run_dir)!r}: no config.yaml (not a run directory)")
+        model_name = model_name or load_recipe(run_dir / "config.yaml").model.name
+        adapter = adapter or (str(run_dir / "adapter") if (run_dir / "adapter").exists() else None)
+    if not model_name:
+        raise RecipeError("give --model (or --run RUN_DIR)")
+    out = Path(args.out or args.run or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}") / "eval"
+    model, tok = _load(model_name, adapter)
+    from rl_small.rollout.hf import HFBackend
+
+    backend = HFBackend(model, tok, batch_size=args.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"model": model_name, "adapter": adapter, "backend": "hf", "benchmarks": {}}
+    for name in names:
+        bench = BENCHMARKS[name]
+        prompts = load_benchmark_prompts(bench, tok, protocol, args.data_dir, paths.get(name))
+        log.info("%s: %d problems, %s, n=%d", name, len(prompts), protocol.mode, protocol.n)
+        report = run_benchmark(bench, backend, prompts, protocol)
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in report.samples))
+        summary["benchmarks"][name] = report.summary
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+    return summary
+
+
+def _split_pair(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ValueError(f"--data expects NAME=PATH, got {text!r}")
+    name, path = text.split("=", 1)
+    return name.strip(), path.strip()
+
+
+def _load(model_name: str, adapter: str | None) -> tuple[Any, Any]:
+    from rl_small.config import ModelConfig
+    from rl_small.models import load_adapter, load_policy
+
+    model, tok = load_policy(ModelConfig(name=model_name, lora=None))
+    if adapter:
+        model = load_adapter(model, adapter)
+    return model.eval(), tok
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{summary['model']}" + (f" + {summary['adapter']}" if summary.get("adapter") else "")
+    table = Table(title=title)
+    for col in ("benchmark", "mode", "problems", "pass@1", "more", "mean tokens", "truncated", "seconds"):
+        table.add_column(col)
+    for name, s in summary["benchmarks"].items():
+        more = ", ".join(f"{k} {100 * v:.1f}" for k, v in s.items() if k.startswith(("pass@", "maj@")) and k != "pass@1")
+        table.add_row(name, f"{s['mode']} n={s['n']}", str(s["problems"]), f"{100 * s['pass@1']:.1f}%", more,
+                      f"{s['len_mean']:.0f}", f"{100 * s['truncated']:.0f}%", f"{s['seconds']:.0f}")
+    Console().print(table)

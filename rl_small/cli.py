@@ -1,4 +1,4 @@
-"""Command line: ``rl-small train [--recipe R] [key=value ...]`` and ``rl-small eval --model M --benchmarks ...``.
+"""Command line: ``rl-small train [--recipe R] [key=value ...]`` ``rl-small eval --model M --benchmarks ...`` and ``rl-small report RUN_DIR ...``.
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -19,7 +19,24 @@ def main(argv: list[str] | None = None) -> None:
     add_train_args(tr)
     ev = sub.add_parser("eval", help="evaluate a model / trained adapter on GSM8K, MATH500, AIME, AMC, code")
     add_eval_args(ev)
+    rp = sub.add_parser("report", help="HTML report (curves + tables) of one or several runs")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="output folder (default: <first run>/report)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        import logging
+        from pathlib import Path
+
+        from rl_small.eval.report import make_report
+        from rl_small.tracking import setup_logging
+
+        setup_logging()
+        try:
+            page = make_report([Path(r) for r in args.runs], Path(args.out or Path(args.runs[0]) / "report"))
+        except (FileNotFoundError, ModuleNotFoundError) as err:
+            sys.exit(f"rl-small report: error: {err}")
+        logging.getLogger("rl_small.report").info("report: %s", page)
+        return
     if args.command == "eval":
         from rl_small.config import RecipeError
         from rl_small.eval.run import run_eval

@@ -1,0 +1,100 @@
+"""``rl-small report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page (PNGs embedded) plus the PNGs.
+
+    rl-small report runs/a runs/b --out runs/report
+
+Curves (from each run's metrics.jsonl): reward, training accuracy, completion length, KL, entropy, clip
+fraction and any ``eval/<bench>/pass@1``; tables: held-out before/after (summary.json) and benchmark results
+(eval/summary.json). Several runs are drawn on the same axes to compare them. Needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+CURVES = [
+    ("reward/total", "total reward"),
+    ("reward/math_accuracy", "training accuracy (math_accuracy)"),
+    ("rollout/len_mean", "completion length (tokens)"),
+    ("loss/kl", "KL to reference"),
+    ("loss/entropy", "entropy"),
+    ("loss/clip_frac", "clip fraction"),
+]
+
+
+def read_metrics(run: Path) -> list[dict[str, float]]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(run)!r} has no metrics.jsonl (not a run directory?)")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            continue
+    return rows
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def make_report(runs: list[Path], out: Path) -> Path:
+    """Write ``out/report.html`` and ``out/<curve>.png``; returns the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = {r: read_metrics(r) for r in runs}
+    keys = [c for c in CURVES if any(c[0] in m for rows in metrics.values() for m in rows)]
+    evals = sorted({k for rows in metrics.values() for m in rows for k in m if k.startswith("eval/")})
+    keys += [(k, k) for k in evals]
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"<h1>rl-small report</h1><p>runs: {', '.join(html.escape(str(r)) for r in runs)}</p>"]
+    parts.append(_summary_table(runs))
+    for key, title in keys:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for run, rows in metrics.items():
+            pts = [(m["step"], m[key]) for m in rows if key in m]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=run.name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        png = _png(fig)
+        plt.close(fig)
+        (out / (key.replace("/", "_") + ".png")).write_bytes(png)
+        parts.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    page = out / "report.html"
+    style = "body{font-family:sans-serif;max-width:1300px}img{margin:4px}td,th{padding:2px 8px;text-align:right}"
+    page.write_text(f"<!doctype html><meta charset='utf-8'><title>rl-small report</title><style>{style}</style>"
+                    + "\n".join(parts))
+    return page
+
+
+def _summary_table(runs: list[Path]) -> str:
+    rows = ["<table><tr><th>run</th><th>held-out before</th><th>after</th><th>change</th><th>n</th>"
+            "<th>benchmarks (pass@1)</th></tr>"]
+    for run in runs:
+        s = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        before, after = s.get("before", {}).get("accuracy"), s.get("after", {}).get("accuracy")
+        change = f"{100 * (after - before):+.1f}" if before is not None and after is not None else ""
+        ev_path = run / "eval" / "summary.json"
+        bench = json.loads(ev_path.read_text()).get("benchmarks", {}) if ev_path.exists() else {}
+        bench_txt = ", ".join(f"{k} {100 * v['pass@1']:.1f}%" for k, v in bench.items())
+        n = s.get("after", s.get("before", {})).get("n", "")
+        rows.append(f"<tr><td>{html.escape(run.name)}</td><td>{_pct(before)}</td><td>{_pct(after)}</td>"
+                    f"<td>{change}</td><td>{n}</td><td>{html.escape(bench_txt)}</td></tr>")
+    return "\n".join(rows) + "</table>"
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"

@@ -129,6 +129,13 @@ class TrainConfig(_Closed):
     eval_after: bool = Field(True, description="Evaluate the trained policy at the end.")
     eval_samples: int = Field(200, ge=0, description="Held-out problems used for the before/after evaluation.")
     eval_max_new_tokens: int | None = Field(None, description="Default: rollout.max_new_tokens.")
+    eval_every: int = Field(0, ge=0, description="In-training benchmark evaluation every N steps (0 = never).")
+    eval_benchmarks: list[str] = Field(
+        default_factory=list, description="Benchmarks for the in-training evaluation (rl_small.eval.benchmarks), "
+        "logged as eval/<benchmark>/pass@1.",
+    )
+    eval_limit: int = Field(50, ge=1, description="Fixed subset size (first N problems) of each benchmark.")
+    eval_data_dir: str | None = Field(None, description="Local data root for those benchmarks (default: HF hub).")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
     progress: bool = Field(True, description="Rich progress bar on the terminal.")
 

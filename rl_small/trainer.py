@@ -104,6 +104,19 @@ class Trainer:
         if resume:
             self._resume()
         self.tracker = Tracker(run_dir, cfg.train.tensorboard, self.acc.is_main_process)
+        self.periodic_eval = self._periodic_eval()
+
+    def _periodic_eval(self) -> Any:
+        t = self.cfg.train
+        if not (t.eval_every and t.eval_benchmarks):
+            return None
+        from rl_small.eval.benchmarks import PeriodicEval
+
+        try:
+            return PeriodicEval(t.eval_benchmarks, self.tok, t.eval_every, t.eval_limit, t.eval_max_new_tokens,
+                                t.eval_data_dir)
+        except KeyError as err:
+            raise RecipeError(str(err.args[0])) from err
 
     # ---- data -----------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -245,6 +258,9 @@ class Trainer:
         try:
             while self.step_no < t.steps:
                 metrics = self.step()
+                if self.periodic_eval is not None and self.periodic_eval.due(self.step_no):
+                    with timer(metrics, "eval"):
+                        metrics.update(self.periodic_eval(self.backend))
                 if self.step_no % t.log_every == 0:
                     self.tracker.log(self.step_no, metrics)
                     log.debug("step %d %s", self.step_no, metrics)

@@ -124,3 +124,26 @@ def test_local_benchmark_sizes(tiny_model_dir: Path, name: str, count: int) -> N
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = load_benchmark_prompts(BENCHMARKS[name], tok, EvalProtocol(), data_dir=str(SHARED_DATA))
     assert len(prompts) == count == BENCHMARKS[name].size
+
+
+def test_in_training_eval_is_logged_every_n_steps(tiny_overrides: list[str], tmp_path: Path) -> None:
+    from rl_small.config import load_recipe
+    from rl_small.trainer import Trainer
+
+    _write_gsm8k(tmp_path / "data" / "gsm8k", 5)
+    cfg = load_recipe(None, tiny_overrides + [
+        "train.steps=2", "train.eval_every=2", "train.eval_benchmarks=[gsm8k]", "train.eval_limit=3",
+        f"train.eval_data_dir={tmp_path / 'data'}", "train.eval_max_new_tokens=4",
+        "rewards=[{name: 'tests.helpers:token_reward'}]",
+    ])
+    tr = Trainer(cfg, tmp_path / "run")
+    assert len(tr.periodic_eval.prompts["gsm8k"]) == 3
+    tr.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/gsm8k/pass@1" in r for r in rows] == [False, True]
+    assert 0 <= rows[1]["eval/gsm8k/pass@1"] <= 1 and 0 < rows[1]["eval/gsm8k/len_mean"] <= 4
+    from rl_small.config import RecipeError
+
+    with pytest.raises(RecipeError, match="gsm9k"):
+        Trainer(load_recipe(None, tiny_overrides + ["train.eval_every=1", "train.eval_benchmarks=[gsm9k]"]),
+                tmp_path / "bad")

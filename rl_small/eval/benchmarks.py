@@ -142,3 +142,28 @@ def summarize(samples: list[dict[str, Any]], n: int, majority: bool = True) -> d
     out["len_mean"] = sum(s["tokens"] for s in samples) / len(samples)
     out["truncated"] = sum(s["truncated"] for s in samples) / len(samples)
     return out
+
+
+class PeriodicEval:
+    """In-training evaluation: greedy pass@1 on a fixed subset of each benchmark every ``every`` steps,
+    returned as ``eval/<benchmark>/pass@1`` (and mean length) metrics. Prompts are loaded once."""
+
+    def __init__(self, names: list[str], tokenizer: Any, every: int, limit: int, max_new_tokens: int | None,
+                 data_dir: str | None) -> None:
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            raise KeyError(f"train.eval_benchmarks: unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+        self.every = every
+        self.protocol = EvalProtocol(max_new_tokens=max_new_tokens, limit=limit)
+        self.prompts = {n: load_benchmark_prompts(BENCHMARKS[n], tokenizer, self.protocol, data_dir) for n in names}
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def __call__(self, backend: RolloutBackend) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, prompts in self.prompts.items():
+            s = run_benchmark(BENCHMARKS[name], backend, prompts, self.protocol).summary
+            out[f"eval/{name}/pass@1"] = s["pass@1"]
+            out[f"eval/{name}/len_mean"] = s["len_mean"]
+        return out

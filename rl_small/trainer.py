@@ -27,7 +27,7 @@ from rl_small.logprobs import completion_logprobs
 from rl_small.losses import aggregate, clipped_policy_loss, kl_k3
 from rl_small.rollout.base import SamplingSpec, make_backend
 from rl_small.tracking import Progress, Tracker, timer
-from rl_small.types import Prompt, Rollout, ScoredRollout
+from rl_small.types import Prompt, Rollout, ScoredRollout, batch_columns
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,7 @@ class Trainer:
 
     # ---- stages ---------------------------------------------------------------------------------
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
-        columns: dict[str, list[Any]] = {}
-        for r in rollouts:
-            for k, v in r.prompt.columns.items():
-                columns.setdefault(k, []).append(v)
+        columns = batch_columns(rollouts)
         totals, per, metrics = self.rewards(
             [r.text for r in rollouts],
             prompts=[r.prompt.text for r in rollouts],

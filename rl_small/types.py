@@ -34,6 +34,16 @@ class Rollout:
     version: int  # adapter/policy version that generated it
 
 
+def batch_columns(rollouts: list[Rollout]) -> dict[str, list[Any]]:
+    """The dataset columns of each rollout's prompt as keyword lists for rewards (``answer`` included)."""
+    columns: dict[str, list[Any]] = {}
+    for r in rollouts:
+        for k, v in r.prompt.columns.items():
+            columns.setdefault(k, []).append(v)
+    columns["answer"] = [r.prompt.answer for r in rollouts]
+    return columns
+
+
 @dataclass
 class ScoredRollout:
     """A rollout with its total reward and each component's score (None = the component abstained)."""

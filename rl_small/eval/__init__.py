@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rl_small.rollout.base import RolloutBackend, SamplingSpec
-from rl_small.types import Prompt
+from rl_small.types import Prompt, batch_columns
 
 
 @dataclass
@@ -30,12 +30,8 @@ class EvalResult:
 def evaluate(backend: RolloutBackend, prompts: list[Prompt], grader: Any, max_new_tokens: int) -> EvalResult:
     """Generate one greedy completion per prompt and grade it against the prompt's answer."""
     rollouts = backend.generate(prompts, SamplingSpec(n=1, max_new_tokens=max_new_tokens, temperature=0.0))
-    columns: dict[str, list[Any]] = {}
-    for r in rollouts:  # every dataset column, as in training (code graders need test / entry_point ...)
-        for k, v in r.prompt.columns.items():
-            columns.setdefault(k, []).append(v)
-    columns["answer"] = [r.prompt.answer for r in rollouts]
-    scores = grader([r.text for r in rollouts], **columns)
+    # every dataset column, as in training (code graders need test / entry_point ...)
+    scores = grader([r.text for r in rollouts], **batch_columns(rollouts))
     n = len(rollouts)
     samples = [
         {"id": r.prompt.id, "answer": r.prompt.answer, "completion": r.text, "correct": bool(s)}

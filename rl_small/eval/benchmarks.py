@@ -18,6 +18,7 @@ from typing import Any
 
 from rl_small.eval.metrics import majority_vote, pass_at_k
 from rl_small.rollout.base import RolloutBackend, SamplingSpec
+from rl_small.types import batch_columns
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     rollouts = backend.generate(prompts, SamplingSpec(protocol.n, max_tok, protocol.temperature, protocol.top_p))
     gen_s = time.perf_counter() - t0
-    columns: dict[str, list[Any]] = {}
-    for r in rollouts:
-        for k, v in r.prompt.columns.items():
-            columns.setdefault(k, []).append(v)
-    columns["answer"] = [r.prompt.answer for r in rollouts]
-    scores = grader([r.text for r in rollouts], **columns)
+    scores = grader([r.text for r in rollouts], **batch_columns(rollouts))
     is_math = bench.grader == "math_accuracy"
     samples = [
         {"id": r.prompt.id, "sample": i % protocol.n, "prompt": r.prompt.text, "completion": r.text,

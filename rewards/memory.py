@@ -201,10 +201,13 @@ class EpisodicMemory:
         }
         return [a + b for a, b in zip(exploit, explore)]
 
+    def centroids(self, q: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per query: the mean of the successful reasoning stored under its k nearest questions (None: none)."""
+        return [f.mean(0) if len(f) else None for f in self.success.lookup(q, self.k, self.knn)]
+
     def exploit_distance(self, e: torch.Tensor, q: torch.Tensor) -> list[float | None]:
         """Raw exploitation novelty: ||e - centroid of the successes under the k nearest questions||."""
-        found = self.success.lookup(q, self.k, self.knn)
-        return [float((e[i] - f.mean(0)).norm()) if len(f) else None for i, f in enumerate(found)]
+        return [None if c is None else float((e[i] - c).norm()) for i, c in enumerate(self.centroids(q))]
 
     def explore_novelty(self, e: torch.Tensor, q: torch.Tensor) -> list[float | None]:
         """Raw exploration novelty: 1 - max cosine to the failures under the k nearest questions."""
@@ -212,12 +215,15 @@ class EpisodicMemory:
         return [1.0 - float((f @ e[i]).max()) if len(f) else None for i, f in enumerate(found)]
 
     def _exploit(self, e: torch.Tensor, q: torch.Tensor) -> list[float]:
-        raw = self.exploit_distance(e, q)
+        cents = self.centroids(q)
+        raw = [None if c is None else float((e[i] - c).norm()) for i, c in enumerate(cents)]
         hit = [i for i, d in enumerate(raw) if d is not None]
         out = [0.0] * len(e)  # nothing retrieved: novelty 1 -> bonus 0 (authors)
         if hit:
             dist = [float(raw[i]) for i in hit]  # type: ignore[arg-type]
             self.last["memory/exploit_distance"] = sum(dist) / len(dist)
+            sims = [float(torch.nn.functional.cosine_similarity(e[i], cents[i], dim=0)) for i in hit]  # type: ignore[arg-type]
+            self.last["memory/exploit_centroid_sim"] = sum(sims) / len(sims)
             norm = self.exploit_window.normalise(dist) or dist  # no spread yet: the raw distance (authors)
             for i, d in zip(hit, norm):
                 out[i] = 1.0 - d
@@ -232,6 +238,7 @@ class EpisodicMemory:
         if hit:
             nov = [float(raw[i]) for i in hit]  # type: ignore[arg-type]
             self.last["memory/explore_novelty"] = sum(nov) / len(nov)
+            self.last["memory/explore_max_sim"] = 1.0 - sum(nov) / len(nov)  # nearest stored failure
             norm = self.explore_window.normalise(nov)
             if norm is not None:  # no spread yet: 0 and no annealing step (authors)
                 for j, (i, v) in enumerate(zip(hit, norm)):

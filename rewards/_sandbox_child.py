@@ -1,8 +1,8 @@
 """The program run inside each code-execution sandbox (``python -I -S -c <this source>``), stdlib only.
 
 It reads one job (JSON) from stdin, confines itself, runs the candidate code and then each test, and writes
-``{"passed", "total", "error"}`` to a private duplicate of stdout. The candidate's own stdout/stderr go to
-/dev/null, so printing cannot flood the trainer or forge a result line on stdout.
+``{"passed", "total", "error"}`` to ``result.json`` in its working directory (bounded by the file-size
+rlimit). Its stdout/stderr are /dev/null (set by the parent), so printing cannot flood the trainer.
 
 Confinement, in order (each layer is the kernel's, except the audit hook):
 1. rlimits: CPU seconds, address space, file size, no core files (soft = hard, so they cannot be raised);
@@ -105,14 +105,11 @@ def run(job):
 
 def main():
     job = json.loads(sys.stdin.read())
-    out = os.dup(1)
     confine(job)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
     install_hook(os.path.realpath(os.getcwd()))
     passed, error = run(job)
-    os.write(out, json.dumps({"passed": passed, "total": len(job["tests"]), "error": error}).encode())
+    with open("result.json", "w") as fh:
+        fh.write(json.dumps({"passed": passed, "total": len(job["tests"]), "error": error}))
     os._exit(0)
 
 

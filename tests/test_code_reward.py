@@ -82,6 +82,7 @@ ADVERSARIAL = {
     "exit_before_tests": "import sys\nsys.exit(0)",
     "os_exit_before_tests": "import os\nos._exit(0)",
     "subprocess": "import subprocess\nsubprocess.run(['touch', '/tmp/rl_small_pwned'])",
+    "forge_result_then_hang": "open('result.json', 'w').write('{{\"passed\": 3, \"total\": 3}}')\nwhile True:\n    pass",
 }
 
 

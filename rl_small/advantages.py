@@ -1,9 +1,12 @@
 """Advantage estimators: pure tensor functions registered by name.
 
-    adv = ADVANTAGES["grpo"](rewards, group_ids)      # rewards: (N,), group_ids: (N,) -> (N,)
+    adv = ADVANTAGES["grpo"](rewards, group_ids)                     # (N,), (N,) -> (N,)
+    adv = ADVANTAGES["reinforce_pp"](rewards, group_ids, mask=m, kl=kl, kl_coef=0.01)   # -> (N, T)
+    adv, ret = ADVANTAGES["gae"](values, rewards, mask, gamma=1.0, lam=0.95)            # -> (N, T), (N, T)
 
-Each returns one scalar per completion (broadcast over its tokens by the loss). A group whose rewards are
-all equal gets zero advantage: it carries no signal (METHODS.md §1).
+The group estimators (grpo, dr_grpo, rloo) return one scalar per completion, broadcast over its tokens by
+the loss; a group whose rewards are all equal gets zero advantage: it carries no signal (METHODS.md §1).
+reinforce_pp and gae work per token on right-padded (N, T) tensors with a 0/1 ``mask``; padding gets 0.
 """
 
 from __future__ import annotations
@@ -63,3 +66,92 @@ def rloo_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, **_: object) 
     if bool((g < 2).any()):
         raise ValueError("rloo needs at least 2 completions per group")
     return (rewards - mean) * g / (g - 1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the ``mask`` entries (population variance), 0 elsewhere; any shape."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp_advantage(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    group_baseline: bool = False,
+    eps: float = 1e-8,
+    **_: object,
+) -> torch.Tensor:
+    """REINFORCE++ (arXiv 2501.03262): A_t = r - beta * sum_{s >= t} KL_s, then normalised by the mean and
+    std over the *whole global batch* (not per group).
+
+    rewards, group_ids: (N,). Per token (``mask`` (N, T) given): ``kl`` (N, T) is the per-token KL penalty of
+    the sampling policy to the reference (k1 in the paper; None = no penalty) and the reward-to-go with
+    gamma = 1 is taken over each sequence's own tokens; the mean/std are over all masked tokens and the result
+    is (N, T), 0 on padding. Without ``mask``: one scalar per sequence, normalised over the N sequences, (N,).
+    ``group_baseline``: subtract the group mean reward first (REINFORCE++-baseline, the paper's variant for
+    reasoning tasks with several samples per prompt).
+    """
+    r = rewards
+    if group_baseline:
+        r = r - _group_stats(rewards, group_ids)[0]
+    if mask is None:
+        if kl is not None:
+            raise ValueError("reinforce_pp: a per-token kl needs the (N, T) mask")
+        return masked_whiten(r, torch.ones_like(r), eps)
+    m = mask.to(r.dtype)
+    ret = r.unsqueeze(-1).expand_as(m)
+    if kl is not None and kl_coef:
+        kl_m = kl * m
+        to_go = kl_m.flip(-1).cumsum(-1).flip(-1)  # sum_{s >= t} KL_s within each sequence
+        ret = ret - kl_coef * to_go
+    return masked_whiten(ret, m, eps)
+
+
+def last_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence rewards (N,) placed on each sequence's last completion token of a right-padded (N, T) mask."""
+    m = mask.to(rewards.dtype)
+    last = (m.sum(-1).long() - 1).clamp(min=0)
+    return torch.zeros_like(m).scatter(1, last.unsqueeze(-1), rewards.unsqueeze(-1)) * m
+
+
+@register_advantage("gae")
+def gae_advantage(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation for PPO (Schulman et al. 2016, arXiv 1506.02438).
+
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = sum_l (gamma lam)^l delta_{t+l}, returns R_t = A_t + V_t.
+    values: (N, T), V_t = value of the state *before* completion token t. rewards: (N,) sequence rewards,
+    placed on each sequence's last completion token, or (N, T) per-token rewards (e.g. reward minus a KL
+    penalty). mask: (N, T) right-padded 0/1. Bootstrapping stops at each sequence's own end (V after the last
+    token is 0) and padding contributes nothing. Returns (advantages (N, T), returns (N, T)), 0 on padding.
+    """
+    m = mask.to(values.dtype)
+    v = torch.where(m.bool(), values, torch.zeros_like(values))
+    if rewards.dim() == 1:
+        tok_r = last_token_rewards(rewards.to(v.dtype), m)
+    else:
+        tok_r = torch.where(m.bool(), rewards.to(v.dtype), torch.zeros_like(v))
+    n, t_len = v.shape
+    adv = torch.zeros_like(v)
+    running = torch.zeros(n, dtype=v.dtype)
+    for t in reversed(range(t_len)):
+        next_m = m[:, t + 1] if t + 1 < t_len else torch.zeros(n, dtype=v.dtype)
+        next_v = v[:, t + 1] * next_m if t + 1 < t_len else next_m
+        delta = tok_r[:, t] + gamma * next_v - v[:, t]
+        running = delta + gamma * lam * next_m * running
+        adv[:, t] = running
+    adv = adv * m
+    return adv, (adv + v) * m

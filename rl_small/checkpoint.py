@@ -1,8 +1,8 @@
 """Atomic checkpoints: trainable weights (+ a PEFT adapter folder), optimizer, scheduler, step, RNG,
-data cursor and reward state.
+data cursor, reward state and extra component state (PPO critic, sampling statistics).
 
-    save_checkpoint(run_dir, step, state)        # writes checkpoints/step_000020 atomically
-    state = load_latest(run_dir)                 # None when the run has no complete checkpoint
+    save_checkpoint(run_dir, step, model, opt, sched, trainer_state, reward_state, extra={"critic": ...})
+    state = load_checkpoint(list_checkpoints(run_dir)[-1], model, opt, sched)   # state["extra"]["critic"]
 
 A checkpoint is written into a temporary folder and renamed into place, so a run killed mid-save leaves the
 previous checkpoint intact and never a half-written one. Older checkpoints beyond ``keep`` are removed.
@@ -43,8 +43,14 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     reward_state: dict[str, Any],
     keep: int = 2,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune old ones; returns its folder."""
+    """Write checkpoint ``step`` atomically and prune old ones; returns its folder.
+
+    ``trainable.pt`` holds the parameters that require grad (LoRA adapters, or every weight for full
+    fine-tuning); ``extra`` (tensors allowed) goes into ``state.pt`` for components that own their state,
+    e.g. the PPO critic's value head and optimizer.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
@@ -55,7 +61,7 @@ def save_checkpoint(
         model.save_pretrained(tmp / "adapter")
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-         "rewards": reward_state},
+         "rewards": reward_state, "extra": extra or {}},
         tmp / "state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
@@ -76,7 +82,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns trainer_state (+ ``rewards``)."""
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns trainer_state (+ ``rewards``,
+    ``extra``)."""
     trainable = torch.load(path / "trainable.pt", weights_only=True)
     params = dict(model.named_parameters())
     missing = [n for n in trainable if n not in params]
@@ -91,4 +98,5 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     set_rng_state(state["rng"])
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     trainer_state["rewards"] = state.get("rewards", {})
+    trainer_state["extra"] = state.get("extra", {})
     return trainer_state

@@ -69,15 +69,61 @@ class RolloutConfig(_Closed):
 
 
 class AlgoConfig(_Closed):
-    name: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="Advantage estimator.")
+    """Policy optimisation: advantage estimator, loss terms, update schedule and batch-level sampling
+    (METHODS.md §1-3). Options named after one algorithm are ignored by the others."""
+
+    name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
+        "grpo", description="Advantage estimator; ppo = GAE with a learned critic (own LoRA adapter + value head)."
+    )
     clip: tuple[float, float] = Field((0.2, 0.2), description="(eps_low, eps_high); DAPO clip-higher: (0.2, 0.28).")
-    kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the reference (base, adapter off).")
+    dual_clip: float | None = Field(
+        None, gt=1, description="Dual-clip PPO bound c (3.0 in the paper) for A < 0: loss <= -c*A; null = off."
+    )
+    kl_coef: float = Field(0.0, ge=0, description="beta of the KL to the reference (base model, adapter off).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="KL estimator with r = pi_ref/pi: k1 = -log r, k2 = (log r)^2/2, k3 = r - 1 - log r."
+    )
+    kl_mode: Literal["loss", "reward"] = Field(
+        "loss", description="loss: beta*KL is a loss term; reward: -beta*KL_t of the sampling policy is added to "
+        "the rewards before the advantages (per token for ppo/reinforce_pp, summed per sequence otherwise).",
+    )
+    log_kl: bool = Field(
+        False, description="Compute the KL to the reference for metrics even when kl_coef = 0 (a no-grad forward)."
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: loss -= coef * aggregated token entropy.")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="Loss aggregation over tokens and sequences."
     )
     epochs: int = Field(1, ge=1, description="Passes over each rollout batch (PPO epochs, mu).")
+    minibatches: int = Field(
+        1, ge=1, description="Optimizer steps per epoch: the batch is split (by whole groups) into this many parts."
+    )
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (grad accumulation).")
     scale_rewards: bool = Field(True, description="grpo: divide by the group std.")
+    group_baseline: bool = Field(
+        False, description="reinforce_pp: subtract the group mean reward first (REINFORCE++-baseline)."
+    )
+    gamma: float = Field(1.0, gt=0, le=1, description="ppo: GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda.")
+    whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch's tokens.")
+    value_clip: float | None = Field(
+        0.2, gt=0, description="ppo: value-loss clip range around the old values; null = off."
+    )
+    critic_lr: float | None = Field(
+        None, gt=0, description="ppo: critic (adapter + head) learning rate; null = optim.lr."
+    )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups whose rewards are all equal and draw more prompts to refill the batch."
+    )
+    max_sampling_rounds: int = Field(3, ge=0, description="dynamic_sampling: cap on extra generation rounds per step.")
+    overlong_filter: bool = Field(
+        False, description="DAPO overlong filtering: truncated completions get no policy loss (masked out)."
+    )
+    difficulty_filter: bool = Field(
+        False, description="SimpleRL-Zoo: skip prompts whose running pass rate is 0 or 1 once they have been seen."
+    )
+    pass_reward: str = Field("math_accuracy", description="difficulty_filter: reward component that defines a pass.")
+    pass_threshold: float = Field(0.5, description="difficulty_filter: a completion passes if that score >= this.")
 
     @field_validator("clip")
     @classmethod

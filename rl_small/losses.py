@@ -1,10 +1,18 @@
 """Policy-gradient losses: pure tensor functions with shapes in the docstrings.
 
-All per-token tensors are (B, T) with ``mask`` (B, T) = 1 on completion tokens and 0 on padding.
+    pg, clipped = clipped_policy_loss(logp, old_logp, adv, 0.2, 0.28, dual_clip=3.0)   # (B, T) each
+    kl = KL_ESTIMATORS["k3"](logp, ref_logp)                                            # (B, T)
+    vl, vclipped = value_loss(values, old_values, returns, clip=0.2)                    # (B, T) each
+    loss = aggregate(pg, mask, "token_mean") + beta * aggregate(kl, mask, "token_mean")
+
+All per-token tensors are (B, T) with ``mask`` (B, T) = 1 on completion tokens and 0 on padding. Every
+per-token term is reduced with ``aggregate``, so micro-batches with gradient accumulation add up to the
+full-batch loss when the global ``num_seqs`` / ``num_tokens`` are passed (METHODS.md §2).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -18,18 +26,48 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO surrogate L = -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) (Schulman 2017; DAPO clip-higher
     arXiv 2503.14476 when eps_high > eps_low).
 
-    logp, old_logp: (B, T); advantages: (B,) or (B, T). Returns (loss (B, T), clipped indicator (B, T)).
+    ``dual_clip`` = c > 1 adds the dual-clip lower bound of Ye et al. 2020 (arXiv 1912.09729) for A < 0:
+    L = min(L, -c A), so a very large ratio on a negative-advantage token cannot blow the loss up.
+    logp, old_logp: (B, T); advantages: (B,) or (B, T). Returns (loss (B, T), clipped indicator (B, T)); the
+    indicator is 1 where the clipped branch (or the dual-clip bound) is the active one.
     """
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     loss = -torch.minimum(unclipped, clipped)
-    return loss, (clipped < unclipped).float()
+    active = clipped < unclipped
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+        active = active | dual
+    return loss, active.float()
+
+
+# ---- KL to the reference (Schulman, "Approximating KL Divergence", 2020) --------------------------------
+# Tokens are sampled from pi_theta; with r = pi_ref / pi_theta each estimator's expectation is KL(pi || ref):
+#   k1 = -log r (unbiased, high variance, can be negative), k2 = (log r)^2 / 2 (biased, low variance),
+#   k3 = r - 1 - log r (unbiased, low variance, always >= 0; GRPO's choice). METHODS.md §2 writes k1 = log r;
+#   with r = pi_ref / pi that is minus the KL, so k1 here is log pi - log pi_ref, the estimator of the note.
+KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = -log r = log pi - log pi_ref per token; (B, T), (B, T) -> (B, T)."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = (log r)^2 / 2 per token; (B, T), (B, T) -> (B, T)."""
+    return 0.5 * (ref_logp - logp) ** 2
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -38,12 +76,32 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_r) - 1 - log_r
 
 
+KL_ESTIMATORS: dict[str, KLFn] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped PPO value loss per token: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2).
+
+    values, old_values, returns: (B, T). ``clip`` None = the plain 0.5 (V - R)^2. Returns (loss (B, T),
+    indicator (B, T) that the clipped branch is the larger one). Clipping the value change like the ratio is
+    the PPO2 / OpenAI baselines form; verl and OpenRLHF use the same.
+    """
+    plain = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * plain, torch.zeros_like(plain)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped = (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(plain, clipped), (clipped > plain).float()
+
+
 def aggregate(
     loss: torch.Tensor,
     mask: torch.Tensor,
     mode: LossAgg,
     norm_len: int | None = None,
-    num_seqs: int | None = None,
+    num_seqs: float | None = None,
     num_tokens: float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar over the ``mask`` tokens.
@@ -57,9 +115,9 @@ def aggregate(
     mask = mask.to(loss.dtype)
     masked = loss * mask
     if mode == "token_mean":
-        denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+        denom = max(num_tokens, 1.0) if num_tokens is not None else mask.sum().clamp(min=1)
         return masked.sum() / denom
-    n = num_seqs if num_seqs is not None else loss.shape[0]
+    n = max(num_seqs if num_seqs is not None else loss.shape[0], 1)
     if mode == "seq_mean_token_mean":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n
     if mode == "seq_mean_token_sum_norm":
@@ -69,7 +127,25 @@ def aggregate(
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(target) per position: logits (B, T, V), targets (B, T) -> (B, T); logits divided by temperature."""
+    return token_logprobs_and_entropy(logits, targets, temperature, entropy=False)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(target) (B, T) and the entropy H = -sum_v p_v log p_v (B, T) of each position's distribution,
+    both from one log-softmax of ``logits`` (B, T, V) / temperature; entropy is None when not asked for.
+    With ``entropy_grad`` the entropy keeps its graph (an entropy bonus); without, it is a detached metric."""
     logits = logits.float()
     if temperature not in (0, 1):
         logits = logits / temperature
-    return torch.gather(torch.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logp, None
+    src = logp_all if entropy_grad else logp_all.detach()
+    return logp, -(src.exp() * src).sum(-1)

@@ -1,10 +1,13 @@
-"""The GRPO training loop: ``step()`` is a list of named, timed stages; ``fit()`` repeats it.
+"""The training loop: ``step()`` is a list of named, timed stages; ``fit()`` repeats it.
 
-    trainer = Trainer(cfg, run_dir)          # loads model (+LoRA), data, rewards, backend; resumes if asked
-    trainer.fit()                            # steps, checkpoints, metrics.jsonl, progress bar
+    trainer = Trainer(cfg, run_dir)      # model (+LoRA, + PPO critic), data, rewards, backend; resumes if asked
+    trainer.fit()                        # steps, checkpoints, metrics.jsonl, progress bar
 
-Stages of a step: prompts -> rollout -> reward -> advantage -> update -> sync. Runs under Accelerate, so the
-same code serves ``python -m rl_small.train`` and ``accelerate launch -m rl_small.train``.
+Stages of a step: prompts -> rollout -> reward (repeated by dynamic sampling until the batch is full) ->
+prepare (no-grad old / reference logprobs and critic values) -> advantage -> update (epochs x minibatches of
+policy and value steps) -> sync. The maths live in advantages.py and losses.py, batch selection in
+sampling.py, the critic in critic.py. Runs under Accelerate, so the same code serves
+``python -m rl_small.train`` and ``accelerate launch -m rl_small.train``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ import numpy as np
 import torch
 
 from rewards import CombinedReward, RewardComponent, build_reward
-from rl_small.advantages import ADVANTAGES
+from rl_small.batch import compute_advantages, fill_no_grad, group_indices, micro_batches, pad_batch
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl_small.config import RecipeError, RunConfig
+from rl_small.critic import Critic
 from rl_small.data import build_prompts, load_task_rows
-from rl_small.logprobs import completion_logprobs
-from rl_small.losses import aggregate, clipped_policy_loss, kl_k3
+from rl_small.logprobs import completion_logprobs_and_entropy
+from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
+from rl_small.sampling import PassRateTracker, dynamic_sample, merge_round_metrics
 from rl_small.tracking import Progress, Tracker, timer
-from rl_small.types import Prompt, Rollout, ScoredRollout, batch_columns
+from rl_small.types import Prompt, Rollout, ScoredRollout, TrainBatch, batch_columns
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.op
 
 
 class Trainer:
-    """Owns the model, optimizer, data cursor, rewards and rollout backend of one run."""
+    """Owns the model (+ critic), optimizer, data cursor, rewards, sampling state and rollout backend of a run."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, accelerator: Any = None) -> None:
         from accelerate import Accelerator
@@ -78,8 +83,19 @@ class Trainer:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        if cfg.algo.kl_coef > 0 and cfg.model.lora is None:
-            raise ValueError("algo.kl_coef > 0 needs model.lora (the reference is the base with the adapter off)")
+        a = cfg.algo
+        if (a.kl_coef > 0 or a.log_kl) and cfg.model.lora is None:
+            raise ValueError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
+        if a.name == "ppo" and cfg.model.lora is None:
+            raise ValueError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
+        single = [k for k, on in (("algo.name=ppo", a.name == "ppo"), ("algo.dynamic_sampling", a.dynamic_sampling),
+                                  ("algo.difficulty_filter", a.difficulty_filter)) if on]
+        if single and self.acc.num_processes > 1:
+            n = self.acc.num_processes
+            raise ValueError(f"{', '.join(single)}: single-process only for now, got {n} processes")
+        names = [r.name for r in cfg.rewards]
+        if a.difficulty_filter and a.pass_reward not in names:
+            raise RecipeError(f"algo.pass_reward {a.pass_reward!r} is not one of the recipe's rewards {names}")
         # Rewards and data first: a bad reward name or dataset path fails before the model loads.
         self.rewards = build_rewards(cfg)
         try:
@@ -88,12 +104,20 @@ class Trainer:
             raise RecipeError(f"data: {err.args[0]}") from err
         seed_everything(cfg.train.seed)
         self.model, self.tok = load_policy(cfg.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.policy_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+            self.policy_params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
         )
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.critic: Critic | None = None
+        if a.name == "ppo":
+            assert cfg.model.lora is not None
+            self.critic = Critic(
+                self.acc.unwrap_model(self.model), cfg.model.lora, a.critic_lr or cfg.optim.lr, cfg.optim.betas,
+                cfg.optim.weight_decay, scheduler=lambda opt: make_scheduler(opt, cfg),
+            )
+        self.pass_rates = PassRateTracker() if a.difficulty_filter else None
         self.train_prompts = build_prompts(rows, self.tok, cfg.data)
         for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
             if hasattr(comp.fn, "bind_policy"):
@@ -101,6 +125,8 @@ class Trainer:
         self.backend = make_backend(cfg.rollout, self.acc.unwrap_model(self.model), self.tok)
         self.step_no = 0
         self.cursor = {"epoch": 0, "index": 0}
+        self._orders: dict[int, list[int]] = {}
+        self._skipped = 0
         if resume:
             self._resume()
         self.tracker = Tracker(run_dir, cfg.train.tensorboard, self.acc.is_main_process)
@@ -120,26 +146,39 @@ class Trainer:
 
     # ---- data -----------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
-        rng = random.Random(f"{self.cfg.data.seed}/{epoch}")
-        order = list(range(len(self.train_prompts)))
-        rng.shuffle(order)
-        return order
+        if epoch not in self._orders:
+            rng = random.Random(f"{self.cfg.data.seed}/{epoch}")
+            order = list(range(len(self.train_prompts)))
+            rng.shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
 
-    def next_prompts(self) -> list[Prompt]:
-        """This process's share of the next global batch of a seeded per-epoch permutation.
+    def next_prompts(self, n: int | None = None) -> list[Prompt]:
+        """This process's share of the next ``n`` (default ``prompts_per_step``) x processes prompts of a seeded
+        per-epoch permutation.
 
-        The global batch is ``prompts_per_step`` x processes; every process advances the same cursor (which
-        is checkpointed) and keeps its own slice, so ranks never train on the same prompt in a step.
+        Every process advances the same cursor (which is checkpointed) and keeps its own slice, so ranks never
+        train on the same prompt in a step. With the difficulty filter, prompts whose running pass rate is 0 or
+        1 are passed over (and counted); a whole epoch of them is an error, not an endless loop.
         """
         out: list[Prompt] = []
-        n = self.cfg.rollout.prompts_per_step * self.acc.num_processes
-        while len(out) < n:
+        want = (n or self.cfg.rollout.prompts_per_step) * self.acc.num_processes
+        run = 0
+        while len(out) < want:
             order = self._order(self.cursor["epoch"])
-            take = order[self.cursor["index"] : self.cursor["index"] + n - len(out)]
-            out.extend(self.train_prompts[i] for i in take)
-            self.cursor["index"] += len(take)
+            prompt = self.train_prompts[order[self.cursor["index"]]]
+            self.cursor["index"] += 1
             if self.cursor["index"] >= len(order):
                 self.cursor = {"epoch": self.cursor["epoch"] + 1, "index": 0}
+            if self.pass_rates is not None and self.pass_rates.skip(prompt.id):
+                self._skipped += 1
+                run += 1
+                if run >= len(order):
+                    msg = f"difficulty_filter: all {len(order)} training prompts have a pass rate of 0 or 1"
+                    raise RuntimeError(msg)
+                continue
+            run = 0
+            out.append(prompt)
         return out[self.acc.process_index :: self.acc.num_processes]
 
     # ---- stages ---------------------------------------------------------------------------------
@@ -160,92 +199,140 @@ class Trainer:
         metrics["reward/total"] = float(np.mean(totals))
         return scored, metrics
 
-    def advantages(self, scored: list[ScoredRollout]) -> dict[str, float]:
-        rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32)
-        gids = torch.tensor([s.rollout.group_id for s in scored])
-        adv = ADVANTAGES[self.cfg.algo.name](rewards, gids, scale=self.cfg.algo.scale_rewards)
-        for s, a in zip(scored, adv.tolist()):
-            s.advantage = a
-        _, inv, counts = torch.unique(gids, return_inverse=True, return_counts=True)
-        spread = torch.zeros(len(counts)).index_add_(0, inv, (adv.abs() > 1e-6).float())
-        return {"rollout/zero_adv_groups": float((spread == 0).float().mean())}
+    def collect(self, m: dict[str, float]) -> list[ScoredRollout]:
+        """Generate and score this step's groups (stages prompts, rollout, reward, timed into ``m``); with
+        dynamic sampling, tied groups are dropped and more prompts drawn (rl_small.sampling)."""
+        r, a = self.cfg.rollout, self.cfg.algo
+        spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p)
+        rounds: list[tuple[int, dict[str, float]]] = []
 
-    def update(self, scored: list[ScoredRollout]) -> dict[str, float]:
-        """Clipped policy-gradient update over micro-batches with gradient accumulation."""
-        a, mb = self.cfg.algo, self.cfg.algo.micro_batch_size
-        temp = self.cfg.rollout.temperature or 1.0
-        rollouts = [s.rollout for s in scored]
-        adv_all = torch.tensor([s.advantage for s in scored], dtype=torch.float32)
-        n_tok = float(sum(len(r.completion_ids) for r in rollouts))
-        norm_len = self.cfg.rollout.max_new_tokens
-        chunks = self._micro_batches(rollouts, mb)
-        pad = self.tok.pad_token_id
-        old: dict[int, torch.Tensor] = {}
-        if a.epochs > 1:  # pi_old must be frozen before the first update
-            with torch.no_grad():
-                for idx in chunks:
-                    old[idx[0]] = completion_logprobs(self.model, [rollouts[i] for i in idx], pad, temp)[0]
-        stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0, "loss/clip_frac": 0.0}
+        def draw(n: int) -> list[ScoredRollout]:
+            t: dict[str, float] = {}
+            with timer(t, "prompts"):
+                prompts = self.next_prompts(n)
+            with timer(t, "rollout"):
+                rollouts = self.backend.generate(prompts, spec)
+            with timer(t, "reward"):
+                scored, rm = self.score(rollouts)
+            for k, v in t.items():
+                m[k] = m.get(k, 0.0) + v
+            rounds.append((len(scored), rm))
+            if self.pass_rates is not None:
+                comps = [s.components.get(a.pass_reward) for s in scored]
+                passed = [None if c is None else c >= a.pass_threshold for c in comps]
+                self.pass_rates.update([s.rollout.prompt.id for s in scored], passed)
+            return scored
+
+        self._skipped = 0
+        if a.dynamic_sampling:
+            scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds)
+        else:
+            scored, sm = draw(r.prompts_per_step), {}
+        m.update(merge_round_metrics(rounds) | sm)
+        if self.pass_rates is not None:
+            m["sampling/skipped_prompts"] = float(self._skipped)
+        return scored
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """``epochs`` x ``minibatches`` optimizer steps (groups shuffled per epoch when split), each over
+        micro-batches with gradient accumulation; the critic (ppo) steps alongside the policy."""
+        a = self.cfg.algo
+        groups = group_indices(batch.rollouts)
+        if a.minibatches > len(groups):
+            raise ValueError(f"algo.minibatches={a.minibatches} exceeds the {len(groups)} groups of the batch")
+        stats = dict.fromkeys(("loss/policy", "loss/kl", "loss/total", "loss/clip_frac", "optim/grad_norm"), 0.0)
         self.model.train()
-        for _ in range(a.epochs):
-            for idx in chunks:
-                batch = [rollouts[i] for i in idx]
-                logp, cmask = completion_logprobs(self.model, batch, pad, temp)
-                old_logp = old[idx[0]] if idx[0] in old else logp.detach()
-                pg, clipped = clipped_policy_loss(logp, old_logp, adv_all[idx], a.clip[0], a.clip[1])
-                loss = aggregate(pg, cmask, a.loss_agg, norm_len, len(rollouts), n_tok)
-                stats["loss/policy"] += loss.item() / a.epochs
-                if a.kl_coef > 0:
-                    with torch.no_grad(), self.acc.unwrap_model(self.model).disable_adapter():
-                        ref, _ = completion_logprobs(self.model, batch, pad, temp)
-                    kl = aggregate(kl_k3(logp, ref), cmask, a.loss_agg, norm_len, len(rollouts), n_tok)
-                    loss = loss + a.kl_coef * kl
-                    stats["loss/kl"] += kl.item() / a.epochs
-                self.acc.backward(loss)
-                stats["loss/total"] += loss.item() / a.epochs
-                stats["loss/clip_frac"] += (clipped * cmask).sum().item() / n_tok / a.epochs
-            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        n_opt = a.epochs * a.minibatches
+        for epoch in range(a.epochs):
+            order = list(groups)
+            if a.minibatches > 1:
+                random.Random(f"{self.cfg.train.seed}/{self.step_no}/{epoch}").shuffle(order)
+            for k in range(a.minibatches):
+                part = order[k * len(order) // a.minibatches : (k + 1) * len(order) // a.minibatches]
+                self._minibatch_step(batch, sorted(i for g in part for i in g), stats, n_opt)
         self.scheduler.step()
-        stats["optim/grad_norm"] = float(norm)
+        if self.critic is not None and self.critic.scheduler is not None:
+            self.critic.scheduler.step()
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
         return stats
 
-    @staticmethod
-    def _micro_batches(rollouts: list[Rollout], size: int) -> list[list[int]]:
-        """Indices in chunks of about ``size`` that never split a group (its prompt prefix is shared)."""
-        chunks: list[list[int]] = [[]]
-        for i, r in enumerate(rollouts):
-            new_group = i == 0 or r.group_id != rollouts[i - 1].group_id
-            if new_group and len(chunks[-1]) >= size:
-                chunks.append([])
-            chunks[-1].append(i)
-        return chunks
+    def _minibatch_step(self, batch: TrainBatch, idx: list[int], stats: dict[str, float], n_opt: int) -> None:
+        """One optimizer step on the sequences ``idx``; per-token terms are normalised by this minibatch's
+        sequence / token counts, so the micro-batches add up to the minibatch loss (metrics: mean per step)."""
+        a, mgn = self.cfg.algo, self.cfg.optim.max_grad_norm
+        temp, pad = self.cfg.rollout.temperature or 1.0, self.tok.pad_token_id
+        norm_len = self.cfg.rollout.max_new_tokens
+        sel = torch.tensor(idx)
+        keep = batch.loss_weight[sel]
+        n_seq, n_tok = float(keep.sum()), float((batch.mask[sel] * keep.unsqueeze(-1)).sum())
+        n_tok_v = float(batch.mask[sel].sum())
+        assert batch.advantages is not None
+
+        def add(key: str, value: float) -> None:
+            stats[key] = stats.get(key, 0.0) + value / n_opt
+
+        for chunk in micro_batches([batch.rollouts[i] for i in idx], a.micro_batch_size):
+            rows = sel[chunk]
+            rs = [batch.rollouts[i] for i in rows.tolist()]
+            logp, _, ent = completion_logprobs_and_entropy(self.model, rs, pad, temp, entropy_grad=a.entropy_coef > 0)
+            w = logp.shape[1]
+            m = batch.mask[rows, :w] * batch.loss_weight[rows].unsqueeze(-1)
+
+            def agg(x: torch.Tensor, m: torch.Tensor = m) -> torch.Tensor:
+                return aggregate(x, m, a.loss_agg, norm_len, n_seq, n_tok)
+
+            old = batch.old_logp[rows, :w] if batch.old_logp is not None else logp.detach()
+            pg, clipped = clipped_policy_loss(logp, old, batch.advantages[rows, :w], *a.clip, dual_clip=a.dual_clip)
+            loss = agg(pg)
+            add("loss/policy", loss.item())
+            if batch.ref_logp is not None:
+                kl = agg(KL_ESTIMATORS[a.kl_estimator](logp, batch.ref_logp[rows, :w]))
+                add("policy/kl", kl.item())
+                if a.kl_mode == "loss" and a.kl_coef > 0:
+                    loss = loss + a.kl_coef * kl
+                    add("loss/kl", kl.item())
+            if a.entropy_coef > 0:
+                loss = loss - a.entropy_coef * agg(ent)
+            add("policy/entropy", float((ent.detach() * m).sum()) / max(n_tok, 1.0))
+            self.acc.backward(loss)
+            add("loss/total", loss.item())
+            add("loss/clip_frac", float((clipped * m).sum()) / max(n_tok, 1.0))
+            if self.critic is not None:
+                assert batch.old_values is not None and batch.returns is not None
+                vm = batch.mask[rows, :w]
+                v = self.critic.values(rs, pad)
+                vl, vclip = value_loss(v, batch.old_values[rows, :w], batch.returns[rows, :w], a.value_clip)
+                vloss = aggregate(vl, vm, "token_mean", num_tokens=n_tok_v)
+                self.acc.backward(vloss)
+                add("loss/value", vloss.item())
+                add("loss/value_clip_frac", float((vclip * vm).sum()) / max(n_tok_v, 1.0))
+        add("optim/grad_norm", float(self.acc.clip_grad_norm_(self.policy_params, mgn)))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            add("critic/grad_norm", self.critic.step(mgn))
 
     def step(self) -> dict[str, float]:
-        """One optimizer step; returns its metrics."""
+        """One training step (``epochs`` x ``minibatches`` optimizer steps); returns its metrics."""
         m: dict[str, float] = {}
-        r = self.cfg.rollout
         with timer(m, "step"):
-            with timer(m, "prompts"):
-                prompts = self.next_prompts()
-            with timer(m, "rollout"):
-                spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p)
-                rollouts = self.backend.generate(prompts, spec)
-            with timer(m, "reward"):
-                scored, rm = self.score(rollouts)
+            scored = self.collect(m)
+            with timer(m, "prepare"):
+                batch = pad_batch(scored, self.cfg.algo.overlong_filter)
+                temp, pad = self.cfg.rollout.temperature or 1.0, self.tok.pad_token_id
+                unwrapped = self.acc.unwrap_model(self.model)
+                fill_no_grad(batch, self.model, self.critic, self.cfg.algo, pad, temp, unwrapped)
             with timer(m, "advantage"):
-                am = self.advantages(scored)
+                m.update(compute_advantages(batch, self.cfg.algo))
             with timer(m, "update"):
-                um = self.update(scored)
+                m.update(self.update(batch))
             self.step_no += 1
             with timer(m, "sync"):
                 self.backend.sync(self.acc.unwrap_model(self.model), self.step_no)
-        lens = [len(x.completion_ids) for x in rollouts]
-        m.update(rm | am | um)
-        m["rollout/len_mean"] = float(np.mean(lens))
-        m["rollout/clip_frac"] = float(np.mean([x.truncated for x in rollouts]))
+        m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in batch.rollouts]))
+        m["rollout/clip_frac"] = float(np.mean([r.truncated for r in batch.rollouts]))
+        if self.cfg.algo.overlong_filter:
+            m["sampling/overlong_masked"] = float(1 - batch.loss_weight.mean())
         return m
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -271,10 +358,15 @@ class Trainer:
     def save(self) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            extra: dict[str, Any] = {}
+            if self.critic is not None:
+                extra["critic"] = self.critic.state_dict()
+            if self.pass_rates is not None:
+                extra["pass_rates"] = self.pass_rates.state_dict()
             path = save_checkpoint(
                 self.run_dir, self.step_no, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                 {"cursor": self.cursor, "version": self.backend.version}, self.rewards.state_dict(),
-                keep=self.cfg.train.keep_checkpoints,
+                keep=self.cfg.train.keep_checkpoints, extra=extra,
             )
             log.info("checkpoint %s", path)
 
@@ -286,5 +378,12 @@ class Trainer:
         self.step_no = state["step"]
         self.cursor = state["cursor"]
         self.rewards.load_state_dict(state["rewards"])
+        extra = state["extra"]
+        if self.critic is not None:
+            if "critic" not in extra:
+                raise KeyError(f"checkpoint {str(ckpts[-1])!r} has no critic state: it is not from a ppo run")
+            self.critic.load_state_dict(extra["critic"])
+        if self.pass_rates is not None and "pass_rates" in extra:
+            self.pass_rates.load_state_dict(extra["pass_rates"])
         self.backend.sync(self.acc.unwrap_model(self.model), state.get("version", self.step_no))
         log.info("resumed from %s (step %d)", ckpts[-1], self.step_no)

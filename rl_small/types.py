@@ -1,13 +1,16 @@
 """Typed records passed between the stages of a training step.
 
-Prompt -> (rollout backend) -> Rollout -> (rewards) -> ScoredRollout -> (advantages) -> TrainBatch.
+Prompt -> (rollout backend) -> Rollout -> (rewards) -> ScoredRollout -> (old/ref/values, advantages) -> TrainBatch.
 Token ids and sampler logprobs travel with every rollout, so any backend (hf, vLLM) fits the same loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -60,3 +63,24 @@ class StepMetrics:
 
     step: int
     values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainBatch:
+    """One step's scored rollouts as right-padded per-token tensors (N sequences, T = longest completion).
+
+    Filled stage by stage: ``mask``/``rewards``/``loss_weight`` when built, ``old_logp``/``ref_logp``/
+    ``old_values`` by the no-grad pass, ``advantages``/``returns`` by the advantage stage. Tensors the run does
+    not need stay None. Completions are left-aligned, so a micro-batch's (b, t) tensors are ``x[rows, :t]``.
+    """
+
+    rollouts: list[Rollout]
+    rewards: torch.Tensor  # (N,) float
+    group_ids: torch.Tensor  # (N,) long
+    mask: torch.Tensor  # (N, T) 1 on completion tokens
+    loss_weight: torch.Tensor  # (N,) 0 for sequences left out of the policy loss (overlong filtering), else 1
+    old_logp: torch.Tensor | None = None  # (N, T) log pi_old, frozen before the first update
+    ref_logp: torch.Tensor | None = None  # (N, T) log pi_ref (base model, adapter off)
+    old_values: torch.Tensor | None = None  # (N, T) critic values before the update (ppo)
+    advantages: torch.Tensor | None = None  # (N, T)
+    returns: torch.Tensor | None = None  # (N, T) value targets (ppo)

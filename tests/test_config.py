@@ -80,3 +80,30 @@ def test_arith_recipe_is_the_default_run() -> None:
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/smollm2-135m/grpo/arith.yaml")
     default = load_recipe(None)
     assert recipe.model_dump(exclude={"name"}) == default.model_dump(exclude={"name"})
+
+
+def test_algorithm_recipes_carry_the_papers_settings() -> None:
+    root = Path(__file__).resolve().parents[1] / "recipes/smollm2-135m"
+    dr = load_recipe(root / "dr_grpo/arith.yaml").algo
+    assert dr.name == "dr_grpo" and dr.loss_agg == "seq_mean_token_sum_norm" and dr.kl_coef == 0
+    dapo = load_recipe(root / "dapo/arith.yaml").algo
+    assert dapo.clip == (0.2, 0.28) and dapo.loss_agg == "token_mean" and dapo.kl_coef == 0
+    assert dapo.dynamic_sampling and dapo.overlong_filter
+    ppo = load_recipe(root / "ppo/arith.yaml").algo
+    assert ppo.name == "ppo" and (ppo.gamma, ppo.lam, ppo.value_clip) == (1.0, 0.95, 0.2)
+    assert ppo.minibatches * ppo.epochs > 1
+
+
+def test_every_algo_option_is_described_and_bad_values_are_named() -> None:
+    from rl_small.config import AlgoConfig
+
+    for name, field in AlgoConfig.model_fields.items():
+        assert field.description, f"AlgoConfig.{name} has no description"
+    with pytest.raises(RecipeError, match=r"algo.dual_clip.*got 0.5"):
+        load_recipe(None, ["algo.dual_clip=0.5"])
+    with pytest.raises(RecipeError, match=r"algo.kl_estimator.*got 'k4'"):
+        load_recipe(None, ["algo.kl_estimator=k4"])
+    with pytest.raises(RecipeError, match=r"algo.lam.*got 1.5"):
+        load_recipe(None, ["algo.lam=1.5"])
+    with pytest.raises(RecipeError, match="unknown key 'algo.dynamic_sampler'"):
+        load_recipe(None, ["algo.dynamic_sampler=true"])

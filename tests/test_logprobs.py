@@ -40,3 +40,38 @@ def test_shared_prefix_matches_full_forward(tiny_model_dir: Path) -> None:
     assert sum(g.abs().sum() for g in g1) > 0
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_entropy_and_value_states_come_from_the_same_shared_prefix_pass(tiny_model_dir: Path) -> None:
+    """Entropy from the shared-prefix pass equals the full-forward entropy (value and gradient); the bare
+    decoder's hidden states at the same positions (what the PPO value head reads) equal a full forward's."""
+    from rl_small.logprobs import completion_logprobs_and_entropy, shared_prefix_forward
+    from rl_small.losses import token_logprobs_and_entropy
+
+    cfg = load_recipe(None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"])
+    model, tok = load_policy(cfg.model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    rs = _rollouts()
+    lp, mask, ent = completion_logprobs_and_entropy(model, rs, tok.pad_token_id, temperature=0.7)
+    ref_lp, _ = completion_logprobs(model, rs, tok.pad_token_id, temperature=0.7)
+    torch.testing.assert_close(lp, ref_lp)
+    naive_ent = torch.zeros_like(ent)
+    decoder = model.get_base_model().base_model
+    hidden, _, _ = shared_prefix_forward(decoder, rs, tok.pad_token_id, hidden=True)
+    for i, r in enumerate(rs):
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        sl = slice(len(r.prompt_ids) - 1, ids.shape[1] - 1)
+        _, e = token_logprobs_and_entropy(model(input_ids=ids).logits[:, sl], ids[:, sl], temperature=0.7)
+        naive_ent[i, : len(r.completion_ids)] = e[0]
+        h = decoder(input_ids=ids).last_hidden_state[0, sl]
+        torch.testing.assert_close(hidden[i, : len(r.completion_ids)], h, atol=1e-5, rtol=1e-5)
+    assert float(ent.detach()[mask.bool()].min()) > 0
+    torch.testing.assert_close(ent * mask, naive_ent * mask, atol=1e-5, rtol=1e-5)
+    lora = [p for n, p in model.named_parameters() if "lora_A" in n]
+    g1 = torch.autograd.grad((ent * mask).sum(), lora)
+    g2 = torch.autograd.grad((naive_ent * mask).sum(), lora)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

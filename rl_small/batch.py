@@ -1,0 +1,135 @@
+"""From scored rollouts to a per-token ``TrainBatch``: padding, the no-grad passes, and the advantages.
+
+    batch = pad_batch(scored, overlong_filter=False)                 # mask, rewards, group ids, loss weights
+    fill_no_grad(batch, model, critic, cfg.algo, pad_id, temperature)  # pi_old / pi_ref / old values as needed
+    metrics = compute_advantages(batch, cfg.algo)                    # batch.advantages (+ batch.returns for ppo)
+
+``compute_advantages`` is the one place that maps ``algo.name`` (and the KL-in-reward option) to the pure
+estimators of rl_small.advantages; the trainer only calls these three functions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rl_small.advantages import ADVANTAGES, last_token_rewards, masked_whiten
+from rl_small.logprobs import completion_logprobs
+from rl_small.losses import KL_ESTIMATORS
+from rl_small.sampling import overlong_keep
+from rl_small.types import Rollout, ScoredRollout, TrainBatch
+
+if TYPE_CHECKING:
+    from rl_small.config import AlgoConfig
+    from rl_small.critic import Critic
+
+
+def group_indices(rollouts: list[Rollout]) -> list[list[int]]:
+    """Index lists of consecutive rollouts that share a group id."""
+    out: list[list[int]] = []
+    for i, r in enumerate(rollouts):
+        if i == 0 or r.group_id != rollouts[i - 1].group_id:
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
+def micro_batches(rollouts: list[Rollout], size: int) -> list[list[int]]:
+    """Indices in chunks of about ``size`` that never split a group (its prompt prefix is shared)."""
+    chunks: list[list[int]] = [[]]
+    for i, r in enumerate(rollouts):
+        new_group = i == 0 or r.group_id != rollouts[i - 1].group_id
+        if new_group and len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
+
+
+def pad_batch(scored: list[ScoredRollout], overlong_filter: bool = False) -> TrainBatch:
+    """(N, T) completion mask (T = longest completion), rewards (N,), group ids (N,), and the policy-loss
+    weight (N,) that overlong filtering sets to 0 for truncated completions."""
+    rollouts = [s.rollout for s in scored]
+    n, width = len(rollouts), max(max(len(r.completion_ids) for r in rollouts), 1)
+    mask = torch.zeros(n, width)
+    for i, r in enumerate(rollouts):
+        mask[i, : len(r.completion_ids)] = 1
+    keep = overlong_keep([r.truncated for r in rollouts]) if overlong_filter else torch.ones(n)
+    rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32)
+    return TrainBatch(rollouts, rewards, torch.tensor([r.group_id for r in rollouts]), mask, keep)
+
+
+def fill_no_grad(
+    batch: TrainBatch,
+    model: Any,
+    critic: Critic | None,
+    algo: AlgoConfig,
+    pad_id: int,
+    temperature: float,
+    peft_model: Any = None,
+) -> None:
+    """The passes before any update, each only when needed: log pi_old (several optimizer steps per batch, or a
+    KL reward), log pi_ref (any KL: ``peft_model`` with its adapters disabled), the critic's values (ppo).
+    ``model`` may be Accelerate-wrapped; ``peft_model`` is the unwrapped PEFT model (default: ``model``)."""
+    need_ref = algo.kl_coef > 0 or algo.log_kl
+    need_old = algo.epochs > 1 or algo.minibatches > 1 or (algo.kl_coef > 0 and algo.kl_mode == "reward")
+    n, width = batch.mask.shape
+    batch.old_logp = torch.zeros(n, width) if need_old else None
+    batch.ref_logp = torch.zeros(n, width) if need_ref else None
+    batch.old_values = torch.zeros(n, width) if critic is not None else None
+    if not (need_old or need_ref or critic is not None):
+        return
+    peft_model = model if peft_model is None else peft_model
+    with torch.no_grad():
+        for idx in micro_batches(batch.rollouts, algo.micro_batch_size):
+            chunk, rows = [batch.rollouts[i] for i in idx], torch.tensor(idx)
+            if batch.old_logp is not None:
+                lp, _ = completion_logprobs(model, chunk, pad_id, temperature)
+                batch.old_logp[rows, : lp.shape[1]] = lp
+            if batch.ref_logp is not None:
+                with peft_model.disable_adapter():
+                    lp, _ = completion_logprobs(model, chunk, pad_id, temperature)
+                batch.ref_logp[rows, : lp.shape[1]] = lp
+            if critic is not None and batch.old_values is not None:
+                v = critic.values(chunk, pad_id)
+                batch.old_values[rows, : v.shape[1]] = v
+
+
+def compute_advantages(batch: TrainBatch, algo: AlgoConfig) -> dict[str, float]:
+    """Set ``batch.advantages`` (N, T) (and ``batch.returns`` for ppo) with the estimator ``algo.name``.
+
+    With ``kl_mode: reward`` the per-token KL of pi_old to pi_ref (estimator ``kl_estimator``) becomes a
+    penalty: -beta KL_t per token for ppo (as token rewards into GAE) and reinforce_pp (its reward-to-go), and
+    -beta sum_t KL_t on the sequence reward for the group estimators.
+    """
+    m = batch.mask
+    out: dict[str, float] = {}
+    kl_tok = None
+    if algo.kl_coef > 0 and algo.kl_mode == "reward":
+        if batch.old_logp is None or batch.ref_logp is None:
+            raise ValueError("kl_mode=reward needs batch.old_logp and batch.ref_logp (run fill_no_grad first)")
+        kl_tok = KL_ESTIMATORS[algo.kl_estimator](batch.old_logp, batch.ref_logp) * m
+        out["reward/kl_penalty"] = algo.kl_coef * float(kl_tok.sum(-1).mean())
+    if algo.name == "ppo":
+        if batch.old_values is None:
+            raise ValueError("ppo needs batch.old_values (run fill_no_grad with the critic first)")
+        tok_r = last_token_rewards(batch.rewards, m)
+        if kl_tok is not None:
+            tok_r = tok_r - algo.kl_coef * kl_tok
+        adv, batch.returns = ADVANTAGES["gae"](batch.old_values, tok_r, m, gamma=algo.gamma, lam=algo.lam)
+        adv = masked_whiten(adv, m) if algo.whiten_advantages else adv
+        n_tok = float(m.sum())
+        out["critic/value_mean"] = float((batch.old_values * m).sum()) / n_tok
+        out["critic/return_mean"] = float(batch.returns.sum()) / n_tok
+    elif algo.name == "reinforce_pp":
+        adv = ADVANTAGES["reinforce_pp"](
+            batch.rewards, batch.group_ids, mask=m, kl=kl_tok, kl_coef=algo.kl_coef, group_baseline=algo.group_baseline
+        )
+    else:
+        r = batch.rewards if kl_tok is None else batch.rewards - algo.kl_coef * kl_tok.sum(-1)
+        adv = ADVANTAGES[algo.name](r, batch.group_ids, scale=algo.scale_rewards).unsqueeze(-1) * m
+    batch.advantages = adv
+    _, inv, counts = torch.unique(batch.group_ids, return_inverse=True, return_counts=True)
+    spread = torch.zeros(len(counts)).index_add_(0, inv, ((adv.abs() * m).sum(-1) > 1e-6).float())
+    out["rollout/zero_adv_groups"] = float((spread == 0).float().mean())
+    return out

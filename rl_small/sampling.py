@@ -1,0 +1,156 @@
+"""Batch-level sampling (METHODS.md §3): which prompts and groups a training step uses.
+
+    scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)   # DAPO: drop tied groups, refill
+    keep = overlong_keep(truncated)                                  # DAPO overlong filtering: (N,) 0/1
+    tracker = PassRateTracker(); tracker.update(ids, passed); tracker.skip(pid)   # SimpleRL-Zoo difficulty
+    w = domain_weights(ewma(prev, batch_means, 0.5), target=1.0, tau=0.8)       # RuleReasoner DADS
+
+``draw(n)`` is any callable that generates and scores ``n`` prompts' groups, so the loop is tested without a
+model. The pass-rate tracker has ``state_dict`` / ``load_state_dict`` and is saved with checkpoints.
+Domain weighting is the pure function only: a recipe cannot mix tasks yet, so the trainer does not use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rl_small.types import ScoredRollout
+
+
+def split_groups(scored: list[ScoredRollout]) -> list[list[ScoredRollout]]:
+    """Consecutive runs of the same ``group_id`` (backends return prompt-major groups)."""
+    groups: list[list[ScoredRollout]] = []
+    for s in scored:
+        if not groups or groups[-1][0].rollout.group_id != s.rollout.group_id:
+            groups.append([])
+        groups[-1].append(s)
+    return groups
+
+
+def is_informative(group: list[ScoredRollout], tol: float = 1e-6) -> bool:
+    """A group teaches something only if its rewards differ (otherwise every advantage is 0)."""
+    rewards = [s.reward for s in group]
+    return max(rewards) - min(rewards) > tol
+
+
+def dynamic_sample(
+    draw: Callable[[int], list[ScoredRollout]], target: int, max_extra_rounds: int
+) -> tuple[list[ScoredRollout], dict[str, float]]:
+    """DAPO dynamic sampling (arXiv 2503.14476 §3.2): keep only groups whose rewards are not all equal and draw
+    more prompts until ``target`` groups are kept or ``max_extra_rounds`` extra rounds were spent.
+
+    Each extra round asks for the missing groups divided by the keep rate seen so far (at most ``target``).
+    Extra kept groups beyond ``target`` are discarded; if no group at all was informative the first round is
+    returned as is (a zero-advantage batch) rather than nothing. Group ids are renumbered 0..K-1 in the
+    returned list. Metrics: sampling/rounds, sampling/dropped_groups, sampling/kept_groups, sampling/batch_fill.
+    """
+    if target < 1 or max_extra_rounds < 0:
+        msg = f"dynamic_sample: target must be >= 1 and max_extra_rounds >= 0, got {target}, {max_extra_rounds}"
+        raise ValueError(msg)
+    kept: list[list[ScoredRollout]] = []
+    first: list[list[ScoredRollout]] | None = None
+    rounds = dropped = seen = 0
+    n = target
+    while True:
+        groups = split_groups(draw(n))
+        rounds += 1
+        seen += len(groups)
+        first = groups if first is None else first
+        for g in groups:
+            if is_informative(g):
+                kept.append(g)
+            else:
+                dropped += 1
+        missing = target - len(kept)
+        if missing <= 0 or rounds > max_extra_rounds:
+            break
+        n = min(target, math.ceil(missing * seen / len(kept))) if kept else target
+    fill = min(len(kept), target) / target
+    batch = kept[:target] if kept else first
+    out = []
+    for gid, g in enumerate(batch):
+        for s in g:
+            s.rollout.group_id = gid
+            out.append(s)
+    metrics = {
+        "sampling/rounds": float(rounds),
+        "sampling/dropped_groups": float(dropped),
+        "sampling/kept_groups": float(min(len(kept), target)),
+        "sampling/batch_fill": fill,
+    }
+    return out, metrics
+
+
+def merge_round_metrics(rounds: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Combine the reward metrics of several generation rounds of ``n`` rollouts each: counters (``*/errors``,
+    ``*/timeouts``, ``*/abstained``) and ``timing/*`` add up, everything else is a rollout-weighted mean."""
+    out: dict[str, float] = {}
+    total = sum(n for n, _ in rounds)
+    for n, m in rounds:
+        for k, v in m.items():
+            additive = k.startswith("timing/") or k.endswith(("/errors", "/timeouts", "/abstained"))
+            out[k] = out.get(k, 0.0) + (v if additive else v * n / max(total, 1))
+    return out
+
+
+def overlong_keep(truncated: list[bool] | torch.Tensor) -> torch.Tensor:
+    """DAPO overlong filtering: loss weight (N,) = 0 for completions cut by the length limit, 1 otherwise."""
+    t = torch.as_tensor(truncated, dtype=torch.bool)
+    return (~t).float()
+
+
+class PassRateTracker:
+    """Running pass rate per prompt id (SimpleRL-Zoo difficulty control, arXiv 2503.18892): a prompt whose
+    completions so far were all right or all wrong is skipped when it comes round again."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[int]] = {}  # prompt id -> [passed, seen]
+
+    def update(self, prompt_ids: list[str], passed: list[bool | None]) -> None:
+        """Count one completion per entry; None (the grader abstained) is not counted."""
+        for pid, ok in zip(prompt_ids, passed, strict=True):
+            if ok is None:
+                continue
+            st = self.stats.setdefault(pid, [0, 0])
+            st[0] += int(ok)
+            st[1] += 1
+
+    def rate(self, prompt_id: str) -> float | None:
+        """Pass rate so far, or None for a prompt not seen yet."""
+        st = self.stats.get(prompt_id)
+        return None if st is None or st[1] == 0 else st[0] / st[1]
+
+    def skip(self, prompt_id: str) -> bool:
+        rate = self.rate(prompt_id)
+        return rate is not None and rate in (0.0, 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": {k: list(v) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = {k: list(v) for k, v in state["stats"].items()}
+
+
+def ewma(previous: torch.Tensor | None, current: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Exponential moving average of per-domain mean rewards: alpha * previous + (1 - alpha) * current; (D,)."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"ewma alpha must be in [0, 1), got {alpha}")
+    return current if previous is None else alpha * previous + (1 - alpha) * current
+
+
+def domain_weights(mean_rewards: torch.Tensor, target: float = 1.0, tau: float = 0.8) -> torch.Tensor:
+    """RuleReasoner domain-aware dynamic sampling (arXiv 2506.08672; defaults from its released config):
+    v_d = max(0, target - rbar_d) (how far a domain is from the target reward), w = softmax(v / tau).
+
+    mean_rewards: (D,) historical mean reward per domain (e.g. ``ewma`` of batch means) -> (D,) sampling
+    weights summing to 1; a lower reward gets more weight, a smaller ``tau`` sharpens the preference. (The
+    released code adds a constant eps inside the exponent; it cancels in the softmax.)
+    """
+    if tau <= 0:
+        raise ValueError(f"domain_weights: tau must be > 0, got {tau}")
+    value = (target - mean_rewards).clamp(min=0)
+    return torch.softmax(value / tau, dim=0)

@@ -1,0 +1,106 @@
+"""Batch-level sampling (rl_small.sampling) with scripted groups: no model needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rl_small.sampling import (
+    PassRateTracker,
+    domain_weights,
+    dynamic_sample,
+    ewma,
+    merge_round_metrics,
+    overlong_keep,
+)
+from rl_small.types import Prompt, Rollout, ScoredRollout
+
+TIED, MIXED = [1.0, 1.0, 1.0], [1.0, 0.0, 1.0]
+
+
+def _scripted(rounds: list[list[list[float]]]) -> tuple[list[int], object]:
+    """A ``draw`` that returns the next round's groups (one list of rewards per group) and records ``n``."""
+    calls: list[int] = []
+
+    def draw(n: int) -> list[ScoredRollout]:
+        calls.append(n)
+        groups = rounds[len(calls) - 1][:n]
+        out = []
+        for gid, rewards in enumerate(groups):
+            p = Prompt(f"r{len(calls)}g{gid}", "", "")
+            out += [ScoredRollout(Rollout(p, gid, [1], [2], "", None, False, 0), r, {}) for r in rewards]
+        return out
+
+    return calls, draw
+
+
+def test_dynamic_sampling_drops_tied_groups_and_refills() -> None:
+    calls, draw = _scripted([[TIED, MIXED, TIED, TIED], [MIXED, MIXED, TIED, MIXED]])
+    scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)
+    # round 1 keeps 1 of 4; round 2 asks for min(4, ceil(3 missing * 4 seen / 1 kept)) = 4 and keeps 3 more
+    assert calls == [4, 4]
+    assert m == {"sampling/rounds": 2.0, "sampling/dropped_groups": 4.0, "sampling/kept_groups": 4.0,
+                 "sampling/batch_fill": 1.0}
+    ids = [s.rollout.prompt.id for s in scored[::3]]
+    assert ids == ["r1g1", "r2g0", "r2g1", "r2g3"]
+    assert [s.rollout.group_id for s in scored] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # renumbered
+
+
+def test_dynamic_sampling_asks_for_the_missing_groups_at_the_observed_keep_rate() -> None:
+    calls, draw = _scripted([[MIXED, MIXED, MIXED, TIED], [MIXED, MIXED]])
+    scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)
+    assert calls == [4, 2]  # 1 missing / keep rate 3/4 -> ceil(1.33) = 2 prompts
+    assert len(scored) == 12 and m["sampling/dropped_groups"] == 1.0  # the extra kept group is discarded
+
+
+def test_dynamic_sampling_caps_rounds_and_never_returns_nothing() -> None:
+    calls, draw = _scripted([[TIED, TIED]] * 5)
+    scored, m = dynamic_sample(draw, target=2, max_extra_rounds=2)
+    assert calls == [2, 2, 2]  # 1 round + 2 extra
+    assert m["sampling/rounds"] == 3 and m["sampling/dropped_groups"] == 6 and m["sampling/batch_fill"] == 0.0
+    assert len(scored) == 6  # the first round, tied (zero advantage) rather than an empty batch
+    with pytest.raises(ValueError, match="max_extra_rounds >= 0, got 2, -1"):
+        dynamic_sample(draw, target=2, max_extra_rounds=-1)
+
+
+def test_merge_round_metrics_weights_means_and_adds_counters() -> None:
+    merged = merge_round_metrics([
+        (8, {"reward/total": 1.0, "reward/x/errors": 1.0, "timing/reward/x": 0.5}),
+        (24, {"reward/total": 0.0, "reward/x/errors": 2.0, "timing/reward/x": 0.25}),
+    ])
+    assert merged == {"reward/total": 0.25, "reward/x/errors": 3.0, "timing/reward/x": 0.75}
+
+
+def test_overlong_keep() -> None:
+    assert torch.equal(overlong_keep([True, False, True]), torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_pass_rate_tracker_skips_solved_and_unsolved_prompts_and_round_trips() -> None:
+    t = PassRateTracker()
+    t.update(["a"] * 4 + ["b"] * 4 + ["c"] * 4, [True] * 4 + [False] * 4 + [True, False, None, None])
+    assert t.rate("a") == 1.0 and t.rate("b") == 0.0 and t.rate("c") == 0.5 and t.rate("new") is None
+    assert t.skip("a") and t.skip("b") and not t.skip("c") and not t.skip("new")
+    t.update(["c"], [True])
+    assert t.rate("c") == pytest.approx(2 / 3)
+    u = PassRateTracker()
+    u.load_state_dict(t.state_dict())
+    assert u.stats == t.stats == {"a": [4, 4], "b": [0, 4], "c": [2, 3]}
+
+
+def test_domain_weights_by_hand() -> None:
+    w = domain_weights(torch.tensor([0.2, 0.8, 1.0]), target=1.0, tau=0.8)
+    # v = [0.8, 0.2, 0] -> v/tau = [1, 0.25, 0] -> softmax = e^[1, .25, 0] / 5.002307
+    torch.testing.assert_close(w, torch.tensor([0.543406, 0.256687, 0.199908]), atol=1e-6, rtol=0)
+    # above the target is as good as at it; a larger tau flattens
+    torch.testing.assert_close(domain_weights(torch.tensor([1.0, 1.5])), torch.tensor([0.5, 0.5]))
+    flat = domain_weights(torch.tensor([0.2, 0.8, 1.0]), tau=10.0)
+    assert flat.max() - flat.min() < w.max() - w.min()
+    with pytest.raises(ValueError, match="tau must be > 0, got 0"):
+        domain_weights(torch.tensor([0.5]), tau=0)
+
+
+def test_ewma() -> None:
+    assert torch.equal(ewma(None, torch.tensor([0.4, 0.0])), torch.tensor([0.4, 0.0]))
+    torch.testing.assert_close(ewma(torch.tensor([0.2, 0.6]), torch.tensor([0.4, 0.0]), 0.5), torch.tensor([0.3, 0.3]))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        ewma(None, torch.tensor([0.1]), alpha=1.0)

@@ -40,6 +40,16 @@ class ModelConfig(_Closed):
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
 
 
+class MixSpec(_Closed):
+    """One task of a mixture (``data.mix``); unset fields take the values of ``data``."""
+
+    task: str = Field(description="Task registry name.")
+    name: str | None = Field(None, description="Domain name in metrics and the 'domain' column (default: task).")
+    weight: float = Field(1.0, gt=0, description="Share of the prompts (the start under algo.domain_sampling).")
+    path: str | None = Field(None, description="Local file/folder of this task.")
+    difficulty: int | None = Field(None, ge=1, le=6, description="arith: operations per problem.")
+
+
 class DataConfig(_Closed):
     task: str = Field("arith", description="Task registry name: arith, gsm8k, math, ... (rl_small.data).")
     split: str = Field("train", description="Training split.")
@@ -53,6 +63,19 @@ class DataConfig(_Closed):
     difficulty: int = Field(1, ge=1, le=6, description="arith only: number of operations per problem.")
     num_train: int = Field(4096, ge=1, description="arith: problems generated; other tasks: row cap.")
     seed: int = Field(0, description="Seed of the task generator and of the prompt order.")
+    mix: list[MixSpec] = Field(
+        default_factory=list, description="Train on several tasks (domains) instead of data.task; each prompt "
+        "carries its domain in the 'domain' column. The held-out evaluation stays on data.task.",
+    )
+
+    @field_validator("mix")
+    @classmethod
+    def _unique_domains(cls, v: list[MixSpec]) -> list[MixSpec]:
+        names = [m.name or m.task for m in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.mix: domain names must be unique, repeated: {dupes} (set 'name')")
+        return v
 
 
 class RolloutConfig(_Closed):
@@ -124,6 +147,13 @@ class AlgoConfig(_Closed):
     )
     pass_reward: str = Field("math_accuracy", description="difficulty_filter: reward component that defines a pass.")
     pass_threshold: float = Field(0.5, description="difficulty_filter: a completion passes if that score >= this.")
+    domain_sampling: bool = Field(
+        False, description="RuleReasoner domain-aware dynamic sampling over data.mix: domains with a lower "
+        "running reward are drawn more often (w = softmax(max(0, target - rbar) / tau)).",
+    )
+    domain_target: float = Field(1.0, description="domain_sampling: the reward a domain is measured against.")
+    domain_tau: float = Field(0.8, gt=0, description="domain_sampling: softmax temperature (smaller = sharper).")
+    domain_ewma: float = Field(0.5, ge=0, lt=1, description="domain_sampling: weight of the old reward estimate.")
 
     @field_validator("clip")
     @classmethod

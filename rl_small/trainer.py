@@ -24,9 +24,11 @@ import torch
 from rewards import CombinedReward, RewardComponent, build_reward
 from rl_small.batch import compute_advantages, fill_no_grad, group_indices, micro_batches, pad_batch
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from rl_small.config import RecipeError, RunConfig
+from rl_small.config import DataConfig, RecipeError, RunConfig
 from rl_small.critic import Critic
 from rl_small.data import build_prompts, load_task_rows
+from rl_small.data.mixture import DomainMixture, DynamicWeights
+from rl_small.data.registry import LoadStats
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
@@ -89,19 +91,19 @@ class Trainer:
         if a.name == "ppo" and cfg.model.lora is None:
             raise ValueError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
         single = [k for k, on in (("algo.name=ppo", a.name == "ppo"), ("algo.dynamic_sampling", a.dynamic_sampling),
-                                  ("algo.difficulty_filter", a.difficulty_filter)) if on]
+                                  ("algo.difficulty_filter", a.difficulty_filter),
+                                  ("algo.domain_sampling", a.domain_sampling)) if on]
         if single and self.acc.num_processes > 1:
             n = self.acc.num_processes
             raise ValueError(f"{', '.join(single)}: single-process only for now, got {n} processes")
+        if a.domain_sampling and len(cfg.data.mix) < 2:
+            raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")
         names = [r.name for r in cfg.rewards]
         if a.difficulty_filter and a.pass_reward not in names:
             raise RecipeError(f"algo.pass_reward {a.pass_reward!r} is not one of the recipe's rewards {names}")
         # Rewards and data first: a bad reward name or dataset path fails before the model loads.
         self.rewards = build_rewards(cfg)
-        try:
-            rows, self.data_stats = load_task_rows(cfg.data, cfg.data.split)
-        except KeyError as err:  # unknown task: a config error, not a crash
-            raise RecipeError(f"data: {err.args[0]}") from err
+        domain_rows = self._load_domains()
         seed_everything(cfg.train.seed)
         self.model, self.tok = load_policy(cfg.model)
         self.policy_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -118,14 +120,13 @@ class Trainer:
                 cfg.optim.weight_decay, scheduler=lambda opt: make_scheduler(opt, cfg),
             )
         self.pass_rates = PassRateTracker() if a.difficulty_filter else None
-        self.train_prompts = build_prompts(rows, self.tok, cfg.data)
+        self.mixture = self._build_mixture(domain_rows)
+        self.train_prompts = [p for d in self.mixture.names for p in self.mixture.prompts[d]]
         for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
             if hasattr(comp.fn, "bind_policy"):
                 comp.fn.bind_policy(self.acc.unwrap_model(self.model), self.tok)
         self.backend = make_backend(cfg.rollout, self.acc.unwrap_model(self.model), self.tok)
         self.step_no = 0
-        self.cursor = {"epoch": 0, "index": 0}
-        self._orders: dict[int, list[int]] = {}
         self._skipped = 0
         if resume:
             self._resume()
@@ -145,40 +146,46 @@ class Trainer:
             raise RecipeError(str(err.args[0])) from err
 
     # ---- data -----------------------------------------------------------------------------------
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            rng = random.Random(f"{self.cfg.data.seed}/{epoch}")
-            order = list(range(len(self.train_prompts)))
-            rng.shuffle(order)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
+    def _load_domains(self) -> dict[str, tuple[DataConfig, list[dict[str, Any]]]]:
+        """Rows of data.task, or of each task of data.mix (its own config); load counts in ``data_stats``."""
+        d = self.cfg.data
+        subs = [(m.name or m.task, d.model_copy(update={"task": m.task, "path": m.path, "mix": [],
+                                                          "difficulty": m.difficulty or d.difficulty}))
+                for m in d.mix] or [(d.task, d)]
+        out, self.data_stats = {}, LoadStats()
+        for name, sub in subs:
+            try:
+                rows, stats = load_task_rows(sub, sub.split)
+            except KeyError as err:  # unknown task: a config error, not a crash
+                raise RecipeError(f"data{'.mix' if d.mix else ''}: {err.args[0]}") from err
+            self.data_stats.kept += stats.kept
+            self.data_stats.skipped += stats.skipped
+            out[name] = (sub, rows)
+        return out
+
+    def _build_mixture(self, domain_rows: dict[str, tuple[DataConfig, list[dict[str, Any]]]]) -> DomainMixture:
+        """Prompts per domain, each tagged with its domain, and the sampler over them."""
+        a, d = self.cfg.algo, self.cfg.data
+        domains: dict[str, list[Prompt]] = {}
+        for name, (sub, rows) in domain_rows.items():
+            domains[name] = build_prompts(rows, self.tok, sub)
+            for p in domains[name]:
+                p.columns["domain"] = name
+        dynamic = DynamicWeights(a.domain_target, a.domain_tau, a.domain_ewma) if a.domain_sampling else None
+        return DomainMixture(domains, {(m.name or m.task): m.weight for m in d.mix}, d.seed, dynamic)
 
     def next_prompts(self, n: int | None = None) -> list[Prompt]:
-        """This process's share of the next ``n`` (default ``prompts_per_step``) x processes prompts of a seeded
-        per-epoch permutation.
+        """This process's share of the next ``n`` (default ``prompts_per_step``) x processes prompts
+        (rl_small.data.mixture: seeded per-epoch permutations, per domain when data.mix is set).
 
-        Every process advances the same cursor (which is checkpointed) and keeps its own slice, so ranks never
+        Every process advances the same cursors (which are checkpointed) and keeps its own slice, so ranks never
         train on the same prompt in a step. With the difficulty filter, prompts whose running pass rate is 0 or
         1 are passed over (and counted); a whole epoch of them is an error, not an endless loop.
         """
-        out: list[Prompt] = []
         want = (n or self.cfg.rollout.prompts_per_step) * self.acc.num_processes
-        run = 0
-        while len(out) < want:
-            order = self._order(self.cursor["epoch"])
-            prompt = self.train_prompts[order[self.cursor["index"]]]
-            self.cursor["index"] += 1
-            if self.cursor["index"] >= len(order):
-                self.cursor = {"epoch": self.cursor["epoch"] + 1, "index": 0}
-            if self.pass_rates is not None and self.pass_rates.skip(prompt.id):
-                self._skipped += 1
-                run += 1
-                if run >= len(order):
-                    msg = f"difficulty_filter: all {len(order)} training prompts have a pass rate of 0 or 1"
-                    raise RuntimeError(msg)
-                continue
-            run = 0
-            out.append(prompt)
+        skip = self.pass_rates.skip if self.pass_rates is not None else None
+        out, skipped = self.mixture.draw(want, (lambda p: skip(p.id)) if skip else None)
+        self._skipped += skipped
         return out[self.acc.process_index :: self.acc.num_processes]
 
     # ---- stages ---------------------------------------------------------------------------------
@@ -229,6 +236,7 @@ class Trainer:
         else:
             scored, sm = draw(r.prompts_per_step), {}
         m.update(merge_round_metrics(rounds) | sm)
+        m.update(self.mixture.observe([s.rollout.prompt.columns["domain"] for s in scored], [s.reward for s in scored]))
         if self.pass_rates is not None:
             m["sampling/skipped_prompts"] = float(self._skipped)
         return scored
@@ -365,7 +373,7 @@ class Trainer:
                 extra["pass_rates"] = self.pass_rates.state_dict()
             path = save_checkpoint(
                 self.run_dir, self.step_no, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                {"cursor": self.cursor, "version": self.backend.version}, self.rewards.state_dict(),
+                {"cursor": self.mixture.state_dict(), "version": self.backend.version}, self.rewards.state_dict(),
                 keep=self.cfg.train.keep_checkpoints, extra=extra,
             )
             log.info("checkpoint %s", path)
@@ -376,7 +384,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {str(self.run_dir / 'checkpoints')!r}")
         state = load_checkpoint(ckpts[-1], self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
         self.step_no = state["step"]
-        self.cursor = state["cursor"]
+        self.mixture.load_state_dict(state["cursor"])
         self.rewards.load_state_dict(state["rewards"])
         extra = state["extra"]
         if self.critic is not None:

@@ -25,3 +25,8 @@ def open_r1_style_accuracy(completions, solution, **kwargs):  # noqa: ANN001, AN
 def trl_reward_len(completions, **kwargs):  # noqa: ANN001, ANN201
     """TRL's documented standard-format example: prefer completions close to 20 characters."""
     return [-abs(20 - len(completion)) for completion in completions]
+
+
+def easy_domain_reward(completions, domain, **kwargs):  # noqa: ANN001, ANN201
+    """1 for every completion of an 'easy'-domain prompt, 0 otherwise (drives the domain weights)."""
+    return [float(d == "easy") for d in domain]

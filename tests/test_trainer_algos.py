@@ -118,9 +118,9 @@ def test_dynamic_sampling_refills_with_informative_groups(tiny_overrides: list[s
     # round 1: 2 prompts, 1 tied group dropped; round 2 asks for ceil(1 * 2 / 1) = 2 more, keeps 1 -> full
     assert m["sampling/rounds"] == 2 and m["sampling/dropped_groups"] == 2 and m["sampling/kept_groups"] == 2
     assert m["sampling/batch_fill"] == 1.0 and m["rollout/zero_adv_groups"] == 0.0
-    assert tr.cursor["index"] == 4  # four prompts drawn for a two-prompt batch
+    assert tr.mixture.cursor["arith"]["index"] == 4  # four prompts drawn for a two-prompt batch
     off = _trainer(tiny_overrides + fake + [TOKEN_REWARD], tmp_path / "off")
-    assert off.step()["rollout/zero_adv_groups"] == 0.5 and off.cursor["index"] == 2
+    assert off.step()["rollout/zero_adv_groups"] == 0.5 and off.mixture.cursor["arith"]["index"] == 2
 
 
 def test_overlong_filter_masks_truncated_completions(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -146,10 +146,10 @@ def test_difficulty_filter_skips_decided_prompts_and_is_checkpointed(
     m = tr.step()  # rewards: math_accuracy + boxed_format; a pass is math_accuracy >= 0.5
     assert len(tr.pass_rates.stats) == 2 and all(st[1] == 4 for st in tr.pass_rates.stats.values())
     assert m["sampling/skipped_prompts"] == 0
-    order = [tr.train_prompts[i].id for i in tr._order(1)]
+    order = [tr.train_prompts[i].id for i in tr.mixture._order("arith", 1)]
     # order[0] is mixed, order[1] unseen, order[2] always solved, order[3] never solved
     tr.pass_rates.stats = {order[0]: [1, 2], order[2]: [4, 4], order[3]: [0, 4]}
-    tr.cursor = {"epoch": 1, "index": 0}
+    tr.mixture.cursor["arith"] = {"epoch": 1, "index": 0}
     assert [p.id for p in tr.next_prompts()] == order[0:2]
     assert [p.id for p in tr.next_prompts()] == order[4:6] and tr._skipped == 2
     tr.save()

@@ -208,7 +208,8 @@ class Trainer:
 
     def collect(self, m: dict[str, float]) -> list[ScoredRollout]:
         """Generate and score this step's groups (stages prompts, rollout, reward, timed into ``m``); with
-        dynamic sampling, tied groups are dropped and more prompts drawn (rl_small.sampling)."""
+        dynamic sampling, tied groups are dropped and more prompts drawn (rl_small.sampling). The reward
+        metrics average over every generated completion of every round, not only the kept ones."""
         r, a = self.cfg.rollout, self.cfg.algo
         spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p)
         rounds: list[tuple[int, dict[str, float]]] = []

@@ -21,7 +21,13 @@ def test_every_recipe_parses_and_builds_its_rewards(path: Path) -> None:
 
     cfg = load_recipe(path)
     assert cfg.name == path.stem
-    assert len(build_rewards(cfg).components) == len(cfg.rewards)
+    try:
+        rewards = build_rewards(cfg)
+    except RecipeError as err:
+        if isinstance(err.__cause__, ModuleNotFoundError):  # an optional package (MiniLM encoder): CI phase 2
+            pytest.skip(f"{path.name}: {err.__cause__}")
+        raise
+    assert len(rewards.components) == len(cfg.rewards)
 
 
 def test_defaults_are_the_embedded_run() -> None:

@@ -59,12 +59,13 @@ def shared_prefix_forward(
     extra = {} if hidden else {"logits_to_keep": 1}
     out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, **extra)
     idx = torch.tensor(rows, dtype=torch.long)
-    cache = out.cache
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 renamed it
     cache.batch_select_indices(idx)  # differentiable indexing: gradients flow back into the shared prefix
     c_ids, c_mask = _right_pad([r.completion_ids for r in rollouts], pad_id)
     attn = torch.cat([p_attn[idx], c_mask.long()], dim=1)
     c_pos = p_attn.sum(-1)[idx].unsqueeze(1) + torch.arange(c_ids.shape[1]).unsqueeze(0)
-    out_c = model(input_ids=c_ids, attention_mask=attn, position_ids=c_pos, cache=cache, use_cache=False)
+    cache_kw = "cache" if hasattr(out, "cache") else "past_key_values"
+    out_c = model(input_ids=c_ids, attention_mask=attn, position_ids=c_pos, use_cache=False, **{cache_kw: cache})
     # The prompt's last position predicts completion token 0; completion position t predicts token t+1.
     if hidden:
         states = torch.cat([out.last_hidden_state[:, -1:][idx], out_c.last_hidden_state[:, :-1]], dim=1)

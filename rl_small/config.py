@@ -79,7 +79,10 @@ class DataConfig(_Closed):
 
 
 class RolloutConfig(_Closed):
-    backend: Literal["hf", "fake"] = Field("hf", description="Generation backend (rl_small.rollout).")
+    backend: Literal["auto", "hf", "fake", "vllm_server", "vllm_engine"] = Field(
+        "hf", description="Generation backend (rl_small.rollout); auto = vllm_server spawned by the trainer when "
+        "vllm is installed, else hf.",
+    )
     group_size: int = Field(8, ge=2, description="Completions per prompt (G).")
     prompts_per_step: int = Field(4, ge=1, description="Prompts per optimizer step (global batch = this x G).")
     max_new_tokens: int = Field(48, ge=1, description="Completion length limit.")
@@ -89,6 +92,40 @@ class RolloutConfig(_Closed):
     fake_completions: list[str] = Field(
         default_factory=list, description="fake backend: scripted completions, cycled in order."
     )
+    server_urls: list[str] = Field(
+        default_factory=list, description="vllm_server: running servers (http://host:port); requests are spread "
+        "over them (least in flight). Empty with spawn = the trainer starts its own.",
+    )
+    spawn: bool = Field(False, description="vllm_server: start num_servers local servers and stop them at exit.")
+    num_servers: int = Field(1, ge=1, description="vllm_server with spawn: servers started (ports port, port+1..).")
+    port: int = Field(8100, ge=1, le=65535, description="First port of the spawned servers.")
+    server_python: str | None = Field(
+        None, description="Interpreter that runs spawned servers (a venv with vllm); null = this one."
+    )
+    server_args: list[str] = Field(
+        default_factory=list, description="Extra `vllm serve` arguments for spawned servers and `rl-small serve`."
+    )
+    request_timeout: float = Field(600.0, gt=0, description="vllm_server: seconds before a request is retried.")
+    max_retries: int = Field(3, ge=0, description="vllm_server: retries of one request (after a restart if dead).")
+    startup_timeout: float = Field(900.0, gt=0, description="Seconds a spawned server may take to become healthy.")
+    sync_every: int = Field(
+        1, ge=1, description="Push the adapter to the sampler every k optimizer steps (k > 1: rollouts are up to "
+        "k-1 versions stale; algo.tis_cap corrects for it).",
+    )
+    keep_versions: int = Field(2, ge=1, description="Adapter versions kept loaded on the servers (older unloaded).")
+    max_model_len: int = Field(2048, ge=64, description="vLLM: context length (prompt + completion).")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM: memory share (GPU); 0.3 leaves room for a colocated trainer."
+    )
+    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="vLLM weights dtype; float32 keeps sampler and trainer logprobs comparable."
+    )
+    enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs / torch.compile (fast start, CPU).")
+    async_generation: bool = Field(
+        False, description="Generate step t+1's rollouts while step t trains (one step off-policy; see tis_cap)."
+    )
+    seed: int = Field(0, description="vLLM sampling seed.")
 
 
 class AlgoConfig(_Closed):
@@ -122,6 +159,10 @@ class AlgoConfig(_Closed):
         1, ge=1, description="Optimizer steps per epoch: the batch is split (by whole groups) into this many parts."
     )
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (grad accumulation).")
+    tis_cap: float | None = Field(
+        2.0, gt=0, description="Truncated importance sampling (Yao et al. 2025): when the backend reports sampler "
+        "logprobs, each token's loss is weighted by min(pi_old / pi_sampler, cap); null = off.",
+    )
     scale_rewards: bool = Field(True, description="grpo: divide by the group std.")
     group_baseline: bool = Field(
         False, description="reinforce_pp: subtract the group mean reward first (REINFORCE++-baseline)."

@@ -11,6 +11,7 @@ per-token logprobs when the backend has them, and the policy version that produc
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,14 +44,68 @@ class RolloutBackend(Protocol):
     def close(self) -> None: ...
 
 
-def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any) -> RolloutBackend:
-    """Build the backend named by ``cfg.backend``."""
-    if cfg.backend == "hf":
+def export_weights(weights: Path | Any, root: Path, version: int, tokenizer: Any) -> tuple[Path, bool]:
+    """Write the policy where a sampler can read it: ``root/v{version}`` (the LoRA adapter only, MBs) for a
+    PEFT model, ``root/full-v{version}`` (full weights + tokenizer) otherwise; a folder is used as it is.
+    Returns (folder, is_adapter)."""
+    if isinstance(weights, (str, Path)):
+        path = Path(weights)
+        return path, (path / "adapter_config.json").exists()
+    if hasattr(weights, "peft_config"):
+        path = root / f"v{version}"
+        tmp = root / f".v{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        weights.save_pretrained(tmp, selected_adapters=["default"])  # not a PPO critic adapter
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)  # a server never sees a half-written adapter
+        return path, True
+    path = root / f"full-v{version}"
+    weights.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, False
+
+
+def expand_requests(n_prompts: int, sampling: SamplingSpec) -> list[tuple[int, int]]:
+    """(prompt index, completions) per request: one request of n per prompt; vLLM refuses n > 1 when greedy,
+    so greedy groups become n requests of one."""
+    if sampling.temperature == 0 and sampling.n > 1:
+        return [(i, 1) for i in range(n_prompts) for _ in range(sampling.n)]
+    return [(i, sampling.n) for i in range(n_prompts)]
+
+
+def make_rollout(
+    prompt: Prompt, gid: int, prompt_ids: list[int], ids: list[int], logprobs: list[float] | None,
+    finish_reason: str | None, version: int, tokenizer: Any,
+) -> Rollout:
+    """A rollout from a vLLM completion (token ids include the EOS token when it stopped there)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return Rollout(prompt, gid, list(prompt_ids), list(ids), text, logprobs, finish_reason == "length", version)
+
+
+def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any) -> RolloutBackend:
+    """Build the backend named by ``cfg.backend``. ``context`` (vLLM backends): ``model_name`` (the base model
+    folder the sampler loads), ``lora_rank``, ``run_dir`` (adapter versions and server logs), ``is_main``."""
+    backend = cfg.backend
+    if backend == "auto":
+        import importlib.util
+
+        backend = "vllm_server" if importlib.util.find_spec("vllm") is not None else "hf"
+        if backend == "vllm_server" and not cfg.server_urls:
+            cfg = cfg.model_copy(update={"spawn": True})
+    if backend == "hf":
         from rl_small.rollout.hf import HFBackend
 
         return HFBackend(model, tokenizer, batch_size=cfg.generation_batch_size)
-    if cfg.backend == "fake":
+    if backend == "fake":
         from rl_small.rollout.fake import FakeBackend
 
         return FakeBackend(tokenizer, cfg.fake_completions)
+    if backend == "vllm_server":
+        from rl_small.rollout.client import VLLMServerBackend
+
+        return VLLMServerBackend.from_config(cfg, tokenizer, **context)
+    if backend == "vllm_engine":
+        from rl_small.rollout.engine import VLLMEngineBackend
+
+        return VLLMEngineBackend.from_config(cfg, tokenizer, **context)
     raise ValueError(f"unknown rollout backend {cfg.backend!r}")

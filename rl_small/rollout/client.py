@@ -1,0 +1,281 @@
+"""``vllm_server`` backend: an HTTP client for one or several vLLM servers, with adapter hot-swap and faults.
+
+    backend = VLLMServerBackend.from_config(cfg.rollout, tokenizer, model_name=..., lora_rank=16, run_dir=...)
+    rollouts = backend.generate(prompts, SamplingSpec(n=8, ...))   # token ids + sampler logprobs + version
+    backend.sync(peft_model, version=3)    # save adapter -> /v1/load_lora_adapter "v3" on every server
+
+Each prompt is one ``/v1/completions`` request (token ids in, ``n`` completions with token ids and the sampled
+tokens' logprobs out), sent to the server with the fewest requests in flight. A request that fails (timeout,
+connection refused, 5xx) is retried; before the retry the server's health is checked, and a dead server that
+this backend spawned is restarted and given the current adapter again. Results are stored by request index,
+so every prompt is answered exactly once whatever was retried. Adapter versions are served as ``v{version}``
+(the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rl_small.rollout.base import SamplingSpec, expand_requests, export_weights, make_rollout
+from rl_small.rollout.vllm_server import BASE_NAME, VLLMServer, healthy
+from rl_small.types import Prompt, Rollout
+
+if TYPE_CHECKING:
+    from rl_small.config import RolloutConfig
+
+log = logging.getLogger("rl_small.rollout")
+_RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not (yet / again) on that server
+
+
+class RolloutError(RuntimeError):
+    """Generation failed for good (after retries) or the request itself is wrong."""
+
+
+class VLLMServerBackend:
+    """Client of ``urls``; ``servers`` are the ones this process owns (restartable)."""
+
+    def __init__(
+        self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
+        request_timeout: float = 600.0, max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
+        is_main: bool = True, seed: int | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.tok = tokenizer
+        self.adapter_root = Path(adapter_root)
+        self.servers = {s.url: s for s in servers or []}
+        self.request_timeout, self.max_retries, self.keep = request_timeout, max_retries, keep_versions
+        self.max_workers, self.is_main, self.seed = max_workers, is_main, seed
+        self.version = 0
+        self.loaded: list[int] = []  # adapter versions on the servers, oldest first
+        self.paths: dict[int, Path] = {}
+        self.full = False  # full fine-tuning: the servers serve new weights as "base"
+        self.stats = {"requests": 0, "retries": 0, "restarts": 0}
+        self._inflight = dict.fromkeys(self.urls, 0)
+        self._down: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._restart_locks = {u: threading.Lock() for u in self.urls}
+
+    @classmethod
+    def from_config(
+        cls, cfg: RolloutConfig, tokenizer: Any, model_name: str | None = None, lora_rank: int | None = None,
+        run_dir: Path | None = None, is_main: bool = True,
+    ) -> VLLMServerBackend:
+        root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="rl_small_rollout_"))
+        servers: list[VLLMServer] = []
+        urls = list(cfg.server_urls)
+        if cfg.spawn:
+            if model_name is None:
+                raise ValueError("rollout.spawn needs the model folder to serve")
+            servers = [VLLMServer.from_rollout(cfg, model_name, lora_rank, cfg.port + k, root)
+                       for k in range(cfg.num_servers)]
+            urls += [s.url for s in servers]
+            if is_main:
+                atexit.register(lambda: [s.stop() for s in servers])
+                try:
+                    for s in servers:
+                        s.start()
+                    for s in servers:
+                        s.wait_healthy()
+                except BaseException:
+                    for s in servers:
+                        s.stop()
+                    raise
+            else:
+                servers = []  # the main process owns and restarts them
+        backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
+                      cfg.keep_versions, is_main=is_main, seed=cfg.seed)
+        backend.wait_ready(cfg.startup_timeout)
+        return backend
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[Prompt], sampling: SamplingSpec) -> list[Rollout]:
+        prompt_ids = [self.tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        reqs = expand_requests(len(prompts), sampling)
+        version, model = self.version, self._name(self.version)
+        if not reqs:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
+            futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model, j) for j, (i, k) in enumerate(reqs)]
+            results = [f.result() for f in futures]
+        out = []
+        for (i, _), choices in zip(reqs, results, strict=True):
+            for ids, logprobs, finish in choices:
+                out.append(make_rollout(prompts[i], i, prompt_ids[i], ids, logprobs, finish, version, self.tok))
+        return out
+
+    def _complete(
+        self, ids: list[int], n: int, sampling: SamplingSpec, model: str, j: int
+    ) -> list[tuple[list[int], list[float], str]]:
+        body: dict[str, Any] = {
+            "model": model, "prompt": ids, "n": n, "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0, "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if self.seed is not None and sampling.temperature > 0:
+            body["seed"] = self.seed * 1_000_003 + self.stats["requests"] + j  # reproducible, distinct per request
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            url = self._pick()
+            try:
+                resp = self._post(url, "/v1/completions", body, self.request_timeout)
+                with self._lock:
+                    self.stats["requests"] += 1
+                return [_choice(c) for c in sorted(resp["choices"], key=lambda c: c["index"])]
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode(errors="replace")[:500]
+                if err.code not in _RETRYABLE_HTTP:
+                    raise RolloutError(f"{url} refused the request (HTTP {err.code}): {detail}") from err
+                last = RuntimeError(f"HTTP {err.code}: {detail}")
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last = err
+            finally:
+                with self._lock:
+                    self._inflight[url] -= 1
+            with self._lock:
+                self.stats["retries"] += 1
+            log.warning("request to %s failed (%s), attempt %d of %d", url, last, attempt + 1, self.max_retries + 1)
+            self._recover(url)
+        raise RolloutError(f"generation failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _pick(self) -> str:
+        """The live server with the fewest requests in flight (a down one again once it answers /health)."""
+        with self._lock:
+            now = time.monotonic()
+            for url, since in list(self._down.items()):
+                if now - since > 10 and healthy(url):
+                    del self._down[url]
+            live = [u for u in self.urls if u not in self._down] or self.urls
+            url = min(live, key=lambda u: self._inflight[u])
+            self._inflight[url] += 1
+            return url
+
+    def _recover(self, url: str) -> None:
+        """After a failed request: restart the server if it is ours and dead, or set it aside; re-add the
+        current adapter to it (a restarted server has none)."""
+        with self._restart_locks[url]:
+            if healthy(url):
+                self._ensure_adapter(url)
+                return
+            server = self.servers.get(url)
+            if server is None:
+                with self._lock:
+                    self._down.setdefault(url, time.monotonic())
+                    all_down = len(self._down) == len(self.urls)
+                if all_down:
+                    time.sleep(5.0)  # nothing else to send to: give the servers time to come back
+                return
+            log.warning("vLLM server %s is not answering /health: restarting it", url)
+            with self._lock:
+                self.stats["restarts"] += 1
+            server.restart()
+            self._ensure_adapter(url)
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def sync(self, weights: Path | Any, version: int) -> None:
+        """Serve ``weights`` (PEFT model, adapter folder, or full model) as ``version``."""
+        if not self.is_main:
+            self.version = version  # the main process exported and loaded it (the trainer waits for it)
+            return
+        path, is_adapter = export_weights(weights, self.adapter_root, version, self.tok)
+        if not is_adapter:
+            self._reload_full(path)
+            self.version = version
+            return
+        self.paths[version] = path
+        for url in self.urls:
+            self._load(url, version)
+        self.loaded.append(version)
+        self.version = version
+        while len(self.loaded) > self.keep:
+            old = self.loaded.pop(0)
+            for url in self.urls:
+                self._unload(url, old)
+            old_path = self.paths.pop(old)
+            if self.adapter_root in old_path.parents:
+                shutil.rmtree(old_path, ignore_errors=True)
+
+    def _reload_full(self, path: Path) -> None:
+        """Full fine-tuning on CPU: restart our servers on the saved weights (an NCCL push is GPU-only)."""
+        if len(self.servers) != len(self.urls):
+            raise RolloutError("full fine-tuning (model.lora: null) with vllm_server needs rollout.spawn: true: "
+                               "external servers cannot be given new full weights by this build")
+        for server in self.servers.values():
+            old = server.model
+            server.model = str(path)
+            server.restart()
+            if self.full and self.adapter_root in Path(old).parents:
+                shutil.rmtree(old, ignore_errors=True)
+        self.full = True
+
+    def _name(self, version: int) -> str:
+        return f"v{version}" if version in self.paths and not self.full else BASE_NAME
+
+    def _load(self, url: str, version: int) -> None:
+        body = {"lora_name": f"v{version}", "lora_path": str(self.paths[version].resolve())}
+        try:
+            self._post(url, "/v1/load_lora_adapter", body, 120.0, raw=True)
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            if "already" not in detail:
+                raise RolloutError(f"{url} could not load adapter v{version} from {body['lora_path']}: "
+                                   f"HTTP {err.code}: {detail}") from err
+
+    def _unload(self, url: str, version: int) -> None:
+        try:
+            self._post(url, "/v1/unload_lora_adapter", {"lora_name": f"v{version}"}, 60.0, raw=True)
+        except (urllib.error.URLError, OSError) as err:
+            log.warning("could not unload adapter v%d from %s: %s", version, url, err)
+
+    def _ensure_adapter(self, url: str) -> None:
+        if self.version not in self.paths or self.full:
+            return
+        try:
+            models = {m["id"] for m in self._get(url, "/v1/models")["data"]}
+        except (urllib.error.URLError, OSError, KeyError, ValueError):
+            return
+        if f"v{self.version}" not in models:
+            log.info("loading adapter v%d into %s again", self.version, url)
+            self._load(url, self.version)
+
+    # ---- plumbing ------------------------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for url in self.urls:
+            while not healthy(url):
+                if time.monotonic() > deadline:
+                    raise RolloutError(f"vLLM server {url} not healthy after {timeout:.0f} s (is it running? "
+                                       "start one with `rl-small serve --recipe R` or set rollout.spawn: true)")
+                time.sleep(1.0)
+
+    def _post(self, url: str, route: str, body: dict[str, Any], timeout: float, raw: bool = False) -> Any:
+        req = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = r.read()
+        return data if raw else json.loads(data)
+
+    def _get(self, url: str, route: str) -> Any:
+        with urllib.request.urlopen(f"{url}{route}", timeout=10.0) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+def _choice(c: dict[str, Any]) -> tuple[list[int], list[float], str]:
+    lp = c.get("logprobs") or {}
+    return list(c["token_ids"]), [float(x) for x in lp.get("token_logprobs") or []], c.get("finish_reason") or ""

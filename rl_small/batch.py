@@ -47,8 +47,9 @@ def micro_batches(rollouts: list[Rollout], size: int) -> list[list[int]]:
 
 
 def pad_batch(scored: list[ScoredRollout], overlong_filter: bool = False) -> TrainBatch:
-    """(N, T) completion mask (T = longest completion), rewards (N,), group ids (N,), and the policy-loss
-    weight (N,) that overlong filtering sets to 0 for truncated completions."""
+    """(N, T) completion mask (T = longest completion), rewards (N,), group ids (N,), the policy-loss
+    weight (N,) that overlong filtering sets to 0 for truncated completions, and the sampler's logprobs (N, T)
+    when the backend reported them for every rollout."""
     rollouts = [s.rollout for s in scored]
     n, width = len(rollouts), max(max(len(r.completion_ids) for r in rollouts), 1)
     mask = torch.zeros(n, width)
@@ -56,7 +57,12 @@ def pad_batch(scored: list[ScoredRollout], overlong_filter: bool = False) -> Tra
         mask[i, : len(r.completion_ids)] = 1
     keep = overlong_keep([r.truncated for r in rollouts]) if overlong_filter else torch.ones(n)
     rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32)
-    return TrainBatch(rollouts, rewards, torch.tensor([r.group_id for r in rollouts]), mask, keep)
+    batch = TrainBatch(rollouts, rewards, torch.tensor([r.group_id for r in rollouts]), mask, keep)
+    if all(r.sampler_logprobs is not None and len(r.sampler_logprobs) == len(r.completion_ids) for r in rollouts):
+        batch.sampler_logp = torch.zeros(n, width)
+        for i, r in enumerate(rollouts):
+            batch.sampler_logp[i, : len(r.completion_ids)] = torch.tensor(r.sampler_logprobs or [])
+    return batch
 
 
 def fill_no_grad(

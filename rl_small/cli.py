@@ -1,4 +1,5 @@
-"""Command line: ``rl-small train [--recipe R] [key=value ...]`` ``rl-small eval --model M --benchmarks ...`` and ``rl-small report RUN_DIR ...``.
+"""Command line: ``rl-small train [--recipe R] [key=value ...]``, ``rl-small serve --recipe R``,
+``rl-small eval --model M --benchmarks ...`` and ``rl-small report RUN_DIR ...``.
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     add_train_args(tr)
     ev = sub.add_parser("eval", help="evaluate a model / trained adapter on GSM8K, MATH500, AIME, AMC, code")
     add_eval_args(ev)
+    sv = sub.add_parser("serve", help="run a vLLM server (LoRA hot-swap) for a recipe's model; vllm_server connects")
+    from rl_small.rollout.vllm_server import add_serve_args
+
+    add_serve_args(sv)
     rp = sub.add_parser("report", help="HTML report (curves + tables) of one or several runs")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", help="output folder (default: <first run>/report)")
@@ -36,6 +41,15 @@ def main(argv: list[str] | None = None) -> None:
         except (FileNotFoundError, ModuleNotFoundError) as err:
             sys.exit(f"rl-small report: error: {err}")
         logging.getLogger("rl_small.report").info("report: %s", page)
+        return
+    if args.command == "serve":
+        from rl_small.config import RecipeError
+        from rl_small.rollout.vllm_server import ServerStartError, serve
+
+        try:
+            serve(args)
+        except (RecipeError, ServerStartError) as err:
+            sys.exit(f"rl-small serve: error: {err}")
         return
     if args.command == "eval":
         from rl_small.config import RecipeError

@@ -80,7 +80,7 @@ class DataConfig(_Closed):
 
 class RolloutConfig(_Closed):
     backend: Literal["auto", "hf", "fake", "vllm_server", "vllm_engine"] = Field(
-        "hf", description="Generation backend (rl_small.rollout); auto = vllm_server spawned by the trainer when "
+        "auto", description="Generation backend (rl_small.rollout); auto = vllm_server spawned by the trainer when "
         "vllm is installed, else hf.",
     )
     group_size: int = Field(8, ge=2, description="Completions per prompt (G).")
@@ -117,7 +117,7 @@ class RolloutConfig(_Closed):
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vLLM: memory share (GPU); 0.3 leaves room for a colocated trainer."
     )
-    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: int = Field(2, ge=1, description="vLLM on CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB).")
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="vLLM weights dtype; float32 keeps sampler and trainer logprobs comparable."
     )

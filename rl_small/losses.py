@@ -20,6 +20,15 @@ import torch
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights w = min(pi_old / pi_sampler, cap) per token (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"): corrects the policy-gradient for
+    rollouts whose sampler differs from the trainer's old policy (other kernels, a stale adapter version).
+    Both (B, T); returns (detached weights (B, T), 1 where the cap bound)."""
+    ratio = torch.exp((old_logp - sampler_logp).detach())
+    return ratio.clamp(max=cap), (ratio > cap).float()
+
+
 def clipped_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -77,13 +77,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("held-out accuracy before training: %.3f (n=%d)", before.accuracy, before.n)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # survives a killed run
     t0 = time.time()
-    trainer.fit()
-    summary["train_seconds"] = time.time() - t0
-    if cfg.train.eval_after and prompts:
-        after = evaluate(trainer.backend, prompts, grader, max_tok)
-        summary["after"] = {"accuracy": after.accuracy, "len_mean": after.len_mean, "n": after.n}
-        if main:
-            (run_dir / "eval_after.jsonl").write_text("\n".join(json.dumps(s) for s in after.samples) + "\n")
+    try:
+        trainer.fit()
+        summary["train_seconds"] = time.time() - t0
+        if cfg.train.eval_after and prompts:
+            after = evaluate(trainer.backend, prompts, grader, max_tok)
+            summary["after"] = {"accuracy": after.accuracy, "len_mean": after.len_mean, "n": after.n}
+            if main:
+                (run_dir / "eval_after.jsonl").write_text("\n".join(json.dumps(s) for s in after.samples) + "\n")
+    finally:
+        trainer.backend.close()  # stops servers the run spawned
     if main:
         adapter_dir = run_dir / "adapter"
         model = trainer.acc.unwrap_model(trainer.model)

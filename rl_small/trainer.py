@@ -12,17 +12,18 @@ sampling.py, the critic in critic.py. Runs under Accelerate, so the same code se
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rewards import CombinedReward, RewardComponent, build_reward
 from rl_small.batch import compute_advantages, fill_no_grad, group_indices, micro_batches, pad_batch
+from rl_small.builders import build_rewards, make_scheduler, seed_everything
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl_small.config import DataConfig, RecipeError, RunConfig
 from rl_small.critic import Critic
@@ -30,7 +31,7 @@ from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
 from rl_small.logprobs import completion_logprobs_and_entropy
-from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, value_loss
+from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
 from rl_small.sampling import PassRateTracker, dynamic_sample, merge_round_metrics
 from rl_small.tracking import Progress, Tracker, timer
@@ -39,47 +40,13 @@ from rl_small.types import Prompt, Rollout, ScoredRollout, TrainBatch, batch_col
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_rewards(cfg: RunConfig) -> CombinedReward:
-    """Instantiate the recipe's reward components (each with its own parameters, weight and deadline)."""
-    comps = []
-    for i, spec in enumerate(cfg.rewards):
-        try:
-            fn = build_reward(spec.name, spec.params)
-        except (KeyError, TypeError, AttributeError, ImportError, FileNotFoundError, ValueError) as err:
-            raise RecipeError(f"rewards[{i}] ({spec.name!r}): {err}") from err
-        comps.append(RewardComponent(spec.name, fn, spec.weight, spec.timeout_s, spec.conversational, spec.columns))
-    return CombinedReward(comps)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    o, total = cfg.optim, max(cfg.train.steps, 1)
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        frac = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
-        if o.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        if o.schedule == "linear":
-            return max(1.0 - frac, 0.0)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 class Trainer:
     """Owns the model (+ critic), optimizer, data cursor, rewards, sampling state and rollout backend of a run."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, accelerator: Any = None) -> None:
         from accelerate import Accelerator
 
-        from rl_small.models import load_policy
+        from rl_small.models import load_policy, resolve_model
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -125,7 +92,20 @@ class Trainer:
         for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
             if hasattr(comp.fn, "bind_policy"):
                 comp.fn.bind_policy(self.acc.unwrap_model(self.model), self.tok)
-        self.backend = make_backend(cfg.rollout, self.acc.unwrap_model(self.model), self.tok)
+        if cfg.rollout.async_generation and cfg.rollout.backend not in ("vllm_server", "auto"):
+            raise RecipeError(f"rollout.async_generation needs the vllm_server backend, not {cfg.rollout.backend!r}")
+        lora = cfg.model.lora
+        self.backend = make_backend(
+            cfg.rollout, self.acc.unwrap_model(self.model), self.tok, model_name=resolve_model(cfg.model.name),
+            lora_rank=lora.r if lora else None, run_dir=run_dir, is_main=self.acc.is_main_process,
+        )
+        if cfg.rollout.async_generation and not getattr(self.backend, "thread_safe", False):
+            self.backend.close()
+            raise RecipeError("rollout.async_generation needs the vllm_server backend (vllm installed), not "
+                              f"{type(self.backend).__name__}")
+        self._prefetch: tuple[list[Prompt], Future[list[Rollout]]] | None = None
+        self._cursor_snapshot: dict[str, Any] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.step_no = 0
         self._skipped = 0
         if resume:
@@ -216,10 +196,12 @@ class Trainer:
 
         def draw(n: int) -> list[ScoredRollout]:
             t: dict[str, float] = {}
+            pre = self._prefetch if self._prefetch is not None and len(self._prefetch[0]) == n else None
             with timer(t, "prompts"):
-                prompts = self.next_prompts(n)
+                prompts = pre[0] if pre else self.next_prompts(n)
             with timer(t, "rollout"):
-                rollouts = self.backend.generate(prompts, spec)
+                rollouts = pre[1].result() if pre else self.backend.generate(prompts, spec)
+                self._prefetch = None if pre else self._prefetch
             with timer(t, "reward"):
                 scored, rm = self.score(rollouts)
             for k, v in t.items():
@@ -236,6 +218,10 @@ class Trainer:
             scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds)
         else:
             scored, sm = draw(r.prompts_per_step), {}
+        if r.async_generation and self.step_no + 1 < self.cfg.train.steps:  # next step's rollouts, during update
+            self._cursor_snapshot = copy.deepcopy(self.mixture.state_dict())  # what a checkpoint resumes from
+            nxt = self.next_prompts(r.prompts_per_step)
+            self._prefetch = (nxt, self._pool.submit(self.backend.generate, nxt, spec))
         m.update(merge_round_metrics(rounds) | sm)
         m.update(self.mixture.observe([s.rollout.prompt.columns["domain"] for s in scored], [s.reward for s in scored]))
         if self.pass_rates is not None:
@@ -292,6 +278,13 @@ class Trainer:
 
             old = batch.old_logp[rows, :w] if batch.old_logp is not None else logp.detach()
             pg, clipped = clipped_policy_loss(logp, old, batch.advantages[rows, :w], *a.clip, dual_clip=a.dual_clip)
+            if batch.sampler_logp is not None:  # sampler/trainer mismatch (vLLM kernels, stale adapter version)
+                samp = batch.sampler_logp[rows, :w]
+                add("rollout/sampler_logp_absdiff", float(((old - samp).abs() * m).sum()) / max(n_tok, 1.0))
+                if a.tis_cap is not None:
+                    w_is, capped = tis_weights(old, samp, a.tis_cap)
+                    pg = pg * w_is
+                    add("rollout/tis_cap_frac", float((capped * m).sum()) / max(n_tok, 1.0))
             loss = agg(pg)
             add("loss/policy", loss.item())
             if batch.ref_logp is not None:
@@ -336,8 +329,9 @@ class Trainer:
             with timer(m, "update"):
                 m.update(self.update(batch))
             self.step_no += 1
-            with timer(m, "sync"):
-                self.backend.sync(self.acc.unwrap_model(self.model), self.step_no)
+            if self.step_no % self.cfg.rollout.sync_every == 0:
+                with timer(m, "sync"):
+                    self.sync()
         m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in batch.rollouts]))
         m["rollout/clip_frac"] = float(np.mean([r.truncated for r in batch.rollouts]))
         if self.cfg.algo.overlong_filter:
@@ -360,9 +354,16 @@ class Trainer:
                 bar.update(metrics)
                 if (t.save_every and self.step_no % t.save_every == 0) or self.step_no == t.steps:
                     self.save()
+            if self.backend.version != self.step_no:  # sync_every > 1: what follows uses the final policy
+                self.sync()
         finally:
             bar.close()
             self.tracker.close()
+
+    def sync(self) -> None:
+        """Push the policy to the sampler as version ``step_no`` (every process waits until it is served)."""
+        self.backend.sync(self.acc.unwrap_model(self.model), self.step_no)
+        self.acc.wait_for_everyone()
 
     def save(self) -> None:
         self.acc.wait_for_everyone()
@@ -374,7 +375,8 @@ class Trainer:
                 extra["pass_rates"] = self.pass_rates.state_dict()
             path = save_checkpoint(
                 self.run_dir, self.step_no, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                {"cursor": self.mixture.state_dict(), "version": self.backend.version}, self.rewards.state_dict(),
+                {"cursor": self._cursor_snapshot if self._prefetch else self.mixture.state_dict(),
+                 "version": self.backend.version}, self.rewards.state_dict(),
                 keep=self.cfg.train.keep_checkpoints, extra=extra,
             )
             log.info("checkpoint %s", path)

@@ -82,5 +82,6 @@ class TrainBatch:
     old_logp: torch.Tensor | None = None  # (N, T) log pi_old, frozen before the first update
     ref_logp: torch.Tensor | None = None  # (N, T) log pi_ref (base model, adapter off)
     old_values: torch.Tensor | None = None  # (N, T) critic values before the update (ppo)
+    sampler_logp: torch.Tensor | None = None  # (N, T) log pi_sampler reported by the backend (vLLM), else None
     advantages: torch.Tensor | None = None  # (N, T)
     returns: torch.Tensor | None = None  # (N, T) value targets (ppo)

@@ -58,6 +58,7 @@ def tiny_overrides(tiny_model_dir: Path, tmp_path: Path) -> list[str]:
     return [
         f"model.name={tiny_model_dir}",
         "model.lora.r=4",
+        "rollout.backend=hf",  # not auto: where vllm is installed, auto would spawn a server per test
         "model.lora.targets=[q_proj, v_proj]",
         "data.num_train=64",
         "rollout.group_size=4",

@@ -214,3 +214,51 @@ def test_engine_backend_versions_and_logprobs(smol, tmp_path: Path) -> None:  # 
         assert backend.loaded == [2] and not (tmp_path / "adapters" / "v1").exists()
     finally:
         backend.close()
+
+
+@needs_vllm
+def test_trainer_on_spawned_server_async_tis_and_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Training through a server the run spawns (tiny Llama, head_dim 32): one-step-ahead generation,
+    sampler logprobs in the loss (TIS), adapter versions, a checkpoint that resumes at the prefetched prompts."""
+    import json
+
+    from rl_small.config import load_recipe
+    from rl_small.rollout.vllm_server import port_free
+    from rl_small.trainer import Trainer
+
+    port = _free_port()
+    over = tiny_overrides + [
+        "rewards=[{name: 'tests.helpers:token_reward'}]", "rollout.backend=vllm_server", "rollout.spawn=true",
+        f"rollout.port={port}", "rollout.max_model_len=256", "rollout.kv_cache_gib=1",
+        "rollout.async_generation=true", "rollout.temperature=1.0", "train.steps=3", "train.save_every=2",
+    ]
+    run_dir = tmp_path / "run"
+    tr = Trainer(load_recipe(None, over), run_dir)
+    try:
+        served: list[list[str]] = []
+        metrics = []
+        for _ in range(3):
+            metrics.append(tr.step())
+            served.append(sorted(m["id"] for m in tr.backend._get(tr.backend.urls[0], "/v1/models")["data"]))
+            if tr.step_no == 2:
+                tr.save()
+                cursor_at_save = json.dumps(json.loads(json.dumps(tr._cursor_snapshot)), sort_keys=True)
+                prefetched = [p.id for p in tr._prefetch[0]]
+    finally:
+        tr.backend.close()
+    assert port_free("127.0.0.1", port), "the spawned server outlived close()"
+    assert served == [["base", "v1"], ["base", "v1", "v2"], ["base", "v2", "v3"]]  # keep_versions = 2
+    # step 1 samples from the policy it trains (vLLM vs transformers kernels only); steps 2-3 were generated
+    # during the previous update, one adapter version behind, which the sampler logprobs reveal
+    assert metrics[0]["rollout/sampler_logp_absdiff"] < 1e-3
+    assert metrics[1]["rollout/sampler_logp_absdiff"] > 10 * metrics[0]["rollout/sampler_logp_absdiff"]
+    assert all("rollout/tis_cap_frac" in m for m in metrics)
+
+    from rl_small.checkpoint import list_checkpoints
+
+    state = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
+    assert json.dumps(state["cursor"], sort_keys=True) == cursor_at_save
+    resumed = Trainer(load_recipe(None, over[:-4] + ["rollout.backend=fake", "rollout.fake_completions=[a]",
+                                                      "train.steps=3", "train.save_every=2"]), run_dir, resume=True)
+    assert [p.id for p in resumed.next_prompts(2)] == prefetched  # the prompts in flight at the save are not lost
+

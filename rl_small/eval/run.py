@@ -34,6 +34,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", help="prompt style: r1, qwen_math, deepscaler, plain, code (default: per benchmark)")
     p.add_argument("--limit", type=int, help="first K problems of each benchmark")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (hf backend)")
+    p.add_argument("--backend", choices=["auto", "hf", "vllm_engine", "vllm_server"], default="auto",
+                   help="auto: vllm_engine when vllm is installed, else hf")
+    p.add_argument("--server-url", action="append", default=[], help="vllm_server: a running server (repeatable)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length (prompt + completion)")
     p.add_argument("--out", help="output folder (default: the run dir, else runs/eval-<time>)")
 
 
@@ -52,7 +56,7 @@ def protocol_from_args(args: argparse.Namespace) -> Any:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from rl_small.config import RecipeError, load_recipe
-    from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts, run_benchmark
+    from rl_small.eval.benchmarks import BENCHMARKS
     from rl_small.tracking import setup_logging
 
     setup_logging()
@@ -72,12 +76,26 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not model_name:
         raise RecipeError("give --model (or --run RUN_DIR)")
     out = Path(args.out or args.run or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}") / "eval"
-    model, tok = _load(model_name, adapter)
-    from rl_small.rollout.hf import HFBackend
+    kind = args.backend
+    if kind == "auto":
+        import importlib.util
 
-    backend = HFBackend(model, tok, batch_size=args.batch_size)
+        kind = "vllm_engine" if importlib.util.find_spec("vllm") is not None else "hf"
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"model": model_name, "adapter": adapter, "backend": "hf", "benchmarks": {}}
+    backend, tok = _backend(kind, model_name, adapter, args, out)
+    summary: dict[str, Any] = {"model": model_name, "adapter": adapter, "backend": kind, "benchmarks": {}}
+    try:
+        _run_all(names, backend, tok, protocol, args, paths, out, summary)
+    finally:
+        backend.close()
+    print_table(summary)
+    return summary
+
+
+def _run_all(names: list[str], backend: Any, tok: Any, protocol: Any, args: argparse.Namespace,
+             paths: dict[str, str], out: Path, summary: dict[str, Any]) -> None:
+    from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts, run_benchmark
+
     for name in names:
         bench = BENCHMARKS[name]
         prompts = load_benchmark_prompts(bench, tok, protocol, args.data_dir, paths.get(name))
@@ -86,8 +104,28 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         (out / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in report.samples))
         summary["benchmarks"][name] = report.summary
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(summary)
-    return summary
+
+
+def _backend(kind: str, model_name: str, adapter: str | None, args: argparse.Namespace, out: Path) -> tuple[Any, Any]:
+    """The generation backend for ``kind`` with ``adapter`` (if any) served as version 1."""
+    if kind == "hf":
+        from rl_small.rollout.hf import HFBackend
+
+        model, tok = _load(model_name, adapter)
+        return HFBackend(model, tok, batch_size=args.batch_size), tok
+    from rl_small.config import RolloutConfig
+    from rl_small.models import load_tokenizer, resolve_model
+    from rl_small.rollout.base import make_backend
+
+    path = resolve_model(model_name)
+    tok = load_tokenizer(path)
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if adapter else None
+    spawn = kind == "vllm_server" and not args.server_url
+    cfg = RolloutConfig(backend=kind, server_urls=args.server_url, spawn=spawn, max_model_len=args.max_model_len)
+    backend = make_backend(cfg, None, tok, model_name=path, lora_rank=rank, run_dir=out)
+    if adapter:
+        backend.sync(Path(adapter), version=1)
+    return backend, tok
 
 
 def _split_pair(text: str) -> tuple[str, str]:

@@ -45,6 +45,8 @@ class RolloutError(RuntimeError):
 class VLLMServerBackend:
     """Client of ``urls``; ``servers`` are the ones this process owns (restartable)."""
 
+    thread_safe = True  # generate may run in a background thread while sync loads the next version
+
     def __init__(
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
         request_timeout: float = 600.0, max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,

@@ -45,7 +45,7 @@ class VLLMEngineBackend:
         if model_name is None:
             raise ValueError("vllm_engine needs the model folder to load")
         if on_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_gib:g}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="rl_small_rollout_"))
         return cls(model_name, tokenizer, root / "adapters", lora_rank, cfg.keep_versions, cfg.seed,
                    max_model_len=cfg.max_model_len, dtype=cfg.vllm_dtype,

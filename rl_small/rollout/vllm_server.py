@@ -91,7 +91,7 @@ class VLLMServer:
     max_model_len: int = 2048
     dtype: str = "float32"
     gpu_memory_utilization: float = 0.3
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: int = 2
     enforce_eager: bool = True
     seed: int = 0
     python: str = field(default_factory=lambda: sys.executable)
@@ -131,7 +131,7 @@ class VLLMServer:
     def env(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
         if on_cpu():
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_gib:g}")
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         return env
 
     def start(self) -> None:

@@ -40,7 +40,7 @@ def _prompts(tok: Any, k: int) -> list[Any]:
     from rl_small.data import build_prompts, load_task_rows
 
     if (SHARED / "gsm8k").exists():
-        cfg = DataConfig(task="gsm8k", path=str(SHARED / "gsm8k"), template="r1", eval_split="test")
+        cfg = DataConfig(task="gsm8k", path=str(SHARED / "gsm8k"), template="boxed", eval_split="test")
         rows, _ = load_task_rows(cfg, "test", limit=k)
     else:
         cfg = DataConfig(task="arith")
@@ -102,8 +102,7 @@ def bench_engine(model_dir: str, tok: Any, peft_model: Any, adapter: Path, promp
         backend.sync(adapter, version=1)
         ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         lora = LoRARequest("raw", 999, str(adapter))
-        params = SamplingParams(n=args.n, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, logprobs=0,
-                                seed=0)
+        params = SamplingParams(n=args.n, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, logprobs=0)
 
         def raw() -> int:
             outs = backend.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, lora_request=lora,

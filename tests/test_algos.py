@@ -260,3 +260,15 @@ def test_micro_batches_match_full_batch_gradient_with_all_terms(mode: str) -> No
     # padding and the truncated rows get no policy-side gradient at all; only the value loss reaches the latter
     assert full[0][pmask == 0].abs().sum() == 0 and full[0][pmask == 1].abs().sum() > 0
     assert full[1][mask == 0].abs().sum() == 0 and full[1][1].abs().sum() > 0
+
+
+def test_tis_weights_truncate_the_ratio_of_trainer_to_sampler() -> None:
+    from rl_small.losses import tis_weights
+
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))
+    w, capped = tis_weights(old, sampler, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[2.0, 0.5, 2.0]]))  # ratios 2, 0.5, 9 -> 9 capped at 2
+    assert capped.tolist() == [[0.0, 0.0, 1.0]]
+    old.requires_grad_(True)
+    assert not tis_weights(old, sampler, 2.0)[0].requires_grad  # a weight, not a path for gradients

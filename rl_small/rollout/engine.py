@@ -36,7 +36,6 @@ class VLLMEngineBackend:
         self.version = 0
         self.loaded: list[int] = []
         self.paths: dict[int, Path] = {}
-        self._calls = 0
         self.llm = self._build(model)
 
     @classmethod
@@ -67,11 +66,10 @@ class VLLMEngineBackend:
         if not reqs:
             return []
         greedy = sampling.temperature == 0
+        # no per-request seed (see client.py): the engine's seed makes runs reproducible up to batching
         params = [SamplingParams(n=k, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                 top_p=1.0 if greedy else sampling.top_p, logprobs=0, skip_special_tokens=True,
-                                 seed=None if greedy else self.seed * 1_000_003 + self._calls * 100_003 + j)
-                  for j, (_, k) in enumerate(reqs)]
-        self._calls += 1
+                                 top_p=1.0 if greedy else sampling.top_p, logprobs=0, skip_special_tokens=True)
+                  for _, k in reqs]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i, _ in reqs], params,
                                     lora_request=self._lora(self.version), use_tqdm=False)
         out = []

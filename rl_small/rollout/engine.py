@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_small.rollout.base import SamplingSpec, expand_requests, export_weights, make_rollout
-from rl_small.rollout.vllm_server import _lora_rank_bucket, on_cpu
+from rl_small.rollout.vllm_server import _lora_rank_bucket, cpu_env, on_cpu
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class VLLMEngineBackend:
         if model_name is None:
             raise ValueError("vllm_engine needs the model folder to load")
         if on_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+            os.environ.update(cpu_env(cfg.kv_cache_gib))
         root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="rl_small_rollout_"))
         return cls(model_name, tokenizer, root / "adapters", lora_rank, cfg.keep_versions, cfg.seed,
                    max_model_len=cfg.max_model_len, dtype=cfg.vllm_dtype,

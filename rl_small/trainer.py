@@ -218,14 +218,14 @@ class Trainer:
             scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds)
         else:
             scored, sm = draw(r.prompts_per_step), {}
-        if r.async_generation and self.step_no + 1 < self.cfg.train.steps:  # next step's rollouts, during update
-            self._cursor_snapshot = copy.deepcopy(self.mixture.state_dict())  # what a checkpoint resumes from
-            nxt = self.next_prompts(r.prompts_per_step)
-            self._prefetch = (nxt, self._pool.submit(self.backend.generate, nxt, spec))
         m.update(merge_round_metrics(rounds) | sm)
         m.update(self.mixture.observe([s.rollout.prompt.columns["domain"] for s in scored], [s.reward for s in scored]))
         if self.pass_rates is not None:
             m["sampling/skipped_prompts"] = float(self._skipped)
+        if r.async_generation and self.step_no + 1 < self.cfg.train.steps:  # next step's rollouts, during update
+            self._cursor_snapshot = copy.deepcopy(self.mixture.state_dict())  # what a checkpoint resumes from
+            nxt = self.next_prompts(r.prompts_per_step)
+            self._prefetch = (nxt, self._pool.submit(self.backend.generate, nxt, spec))
         return scored
 
     def update(self, batch: TrainBatch) -> dict[str, float]:

@@ -319,3 +319,33 @@ def test_two_servers_share_requests_and_survive_one_kill(tiny_model_dir: Path, t
             assert torch.allclose(logp[i, : len(r.completion_ids)], torch.tensor(r.sampler_logprobs), atol=1e-3)
     finally:
         backend.close()
+
+
+@needs_vllm
+def test_eval_with_vllm_engine_merges_an_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`rl-small eval --backend vllm_engine --adapter A` on the tiny Llama: the adapter is merged for vLLM,
+    every problem gets a graded sample, and the merged weights are not left behind."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rl_small.cli import main
+
+    data = tmp_path / "gsm8k_test.jsonl"  # short GSM8K-format rows: the tiny model's context is 512 tokens
+    data.write_text("".join(json.dumps({"question": f"{i} + {i} =", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
+                            + "\n" for i in range(1, 4)))
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "ev"
+    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--benchmarks", "gsm8k",
+          "--data", f"gsm8k={data}", "--limit", "3", "--max-new-tokens", "16", "--backend", "vllm_engine",
+          "--max-model-len", "512", "--out", str(out)])
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["backend"] == "vllm_engine" and summary["benchmarks"]["gsm8k"]["problems"] == 3
+    rows = [json.loads(line) for line in (out / "eval" / "gsm8k.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < r["tokens"] <= 16 for r in rows)
+    assert not (out / "eval" / "merged-model").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         _run_all(names, backend, tok, protocol, args, paths, out, summary)
     finally:
         backend.close()
+        shutil.rmtree(out / "merged-model", ignore_errors=True)  # a merged adapter: full weights, not kept
     print_table(summary)
     return summary
 

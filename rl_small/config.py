@@ -88,6 +88,10 @@ class RolloutConfig(_Closed):
     max_new_tokens: int = Field(48, ge=1, description="Completion length limit.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    ignore_eos: bool = Field(
+        False, description="Never stop at EOS: every completion is exactly max_new_tokens long (benchmarks of "
+        "step time against completion length; not for training).",
+    )
     generation_batch_size: int = Field(64, ge=1, description="Completions generated per forward batch (hf).")
     fake_completions: list[str] = Field(
         default_factory=list, description="fake backend: scripted completions, cycled in order."

@@ -191,7 +191,7 @@ class Trainer:
         dynamic sampling, tied groups are dropped and more prompts drawn (rl_small.sampling). The reward
         metrics average over every generated completion of every round, not only the kept ones."""
         r, a = self.cfg.rollout, self.cfg.algo
-        spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p)
+        spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.ignore_eos)
         rounds: list[tuple[int, dict[str, float]]] = []
 
         def draw(n: int) -> list[ScoredRollout]:

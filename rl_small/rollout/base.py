@@ -30,6 +30,7 @@ class SamplingSpec:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks: fixed completion lengths)
 
 
 class RolloutBackend(Protocol):

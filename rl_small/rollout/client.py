@@ -127,7 +127,7 @@ class VLLMServerBackend:
         body: dict[str, Any] = {
             "model": model, "prompt": ids, "n": n, "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0, "return_token_ids": True,
-            "skip_special_tokens": True,
+            "skip_special_tokens": True, "ignore_eos": sampling.ignore_eos,
         }
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):

@@ -68,7 +68,8 @@ class VLLMEngineBackend:
         greedy = sampling.temperature == 0
         # no per-request seed (see client.py): the engine's seed makes runs reproducible up to batching
         params = [SamplingParams(n=k, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                 top_p=1.0 if greedy else sampling.top_p, logprobs=0, skip_special_tokens=True)
+                                 top_p=1.0 if greedy else sampling.top_p, logprobs=0, skip_special_tokens=True,
+                                 ignore_eos=sampling.ignore_eos)
                   for _, k in reqs]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i, _ in reqs], params,
                                     lora_request=self._lora(self.version), use_tqdm=False)

@@ -54,6 +54,7 @@ class HFBackend:
             top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else 0,
             pad_token_id=tok.pad_token_id,
+            suppress_tokens=sorted(self.stop_ids) if sampling.ignore_eos else None,
         )
         width = enc["input_ids"].shape[1]
         rollouts = []

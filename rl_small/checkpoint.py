@@ -1,8 +1,14 @@
 """Atomic checkpoints: trainable weights (+ a PEFT adapter folder), optimizer, scheduler, step, RNG,
 data cursor, reward state and extra component state (PPO critic, sampling statistics).
 
-    save_checkpoint(run_dir, step, model, opt, sched, trainer_state, reward_state, extra={"critic": ...})
-    state = load_checkpoint(list_checkpoints(run_dir)[-1], model, opt, sched)   # state["extra"]["critic"]
+    save_checkpoint(run_dir, step, model, opt, sched, trainer_state, reward_state, extra={"critic": ...},
+                    ranks=[{"rng": ..., "rewards": ...}, ...])             # one entry per data-parallel process
+    state = load_checkpoint(list_checkpoints(run_dir)[-1], model, opt, sched, rank=1, world=2)
+
+With several processes each rank samples from its own RNG stream and its rewards may keep their own state
+(an episodic memory fills with that rank's rollouts), so rank 0 writes every rank's RNG and reward state and
+each rank resumes its own. Resuming with a different number of processes falls back to rank 0's, with a
+warning: the run continues, but not as the uninterrupted run would have.
 
 A checkpoint is written into a temporary folder and renamed into place, so a run killed mid-save leaves the
 previous checkpoint intact and never a half-written one. Older checkpoints beyond ``keep`` are removed.
@@ -11,6 +17,7 @@ previous checkpoint intact and never a half-written one. Older checkpoints beyon
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 
 PREFIX = "step_"
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -44,12 +52,14 @@ def save_checkpoint(
     reward_state: dict[str, Any],
     keep: int = 2,
     extra: dict[str, Any] | None = None,
+    ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones; returns its folder.
 
     ``trainable.pt`` holds the parameters that require grad (LoRA adapters, or every weight for full
     fine-tuning); ``extra`` (tensors allowed) goes into ``state.pt`` for components that own their state,
-    e.g. the PPO critic's value head and optimizer.
+    e.g. the PPO critic's value head and optimizer; ``ranks`` holds each data-parallel process's ``rng`` and
+    ``rewards`` state (index = process index).
     """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -61,7 +71,7 @@ def save_checkpoint(
         model.save_pretrained(tmp / "adapter")
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-         "rewards": reward_state, "extra": extra or {}},
+         "rewards": reward_state, "extra": extra or {}, "ranks": ranks or []},
         tmp / "state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
@@ -81,9 +91,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "trainer_state.json").exists())
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns trainer_state (+ ``rewards``,
-    ``extra``)."""
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0, world: int = 1
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; returns trainer_state (+ this
+    rank's ``rewards``, ``extra``)."""
     trainable = torch.load(path / "trainable.pt", weights_only=True)
     params = dict(model.named_parameters())
     missing = [n for n in trainable if n not in params]
@@ -95,8 +107,14 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    ranks = state.get("ranks") or []
+    own = ranks[rank] if len(ranks) == world else {"rng": state["rng"], "rewards": state.get("rewards", {})}
+    if world > 1 and len(ranks) != world:
+        log.warning("checkpoint %s was written by %d process(es), resumed by %d: every rank takes rank 0's RNG "
+                    "and reward state, so sampling will not continue as the uninterrupted run", path,
+                    max(len(ranks), 1), world)
+    set_rng_state(own["rng"])
     trainer_state = json.loads((path / "trainer_state.json").read_text())
-    trainer_state["rewards"] = state.get("rewards", {})
+    trainer_state["rewards"] = own["rewards"]
     trainer_state["extra"] = state.get("extra", {})
     return trainer_state

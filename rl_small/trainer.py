@@ -24,13 +24,13 @@ import torch
 
 from rl_small.batch import compute_advantages, fill_no_grad, group_indices, micro_batches, pad_batch
 from rl_small.builders import build_rewards, make_scheduler, seed_everything
-from rl_small.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rl_small.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from rl_small.config import DataConfig, RecipeError, RunConfig
 from rl_small.critic import Critic
 from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
-from rl_small.distributed import reduce_metrics
+from rl_small.distributed import gather_object, reduce_metrics
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
@@ -367,6 +367,7 @@ class Trainer:
 
     def save(self) -> None:
         self.acc.wait_for_everyone()
+        ranks = gather_object(self.acc, [{"rng": rng_state(), "rewards": self.rewards.state_dict()}])  # every rank's own
         if self.acc.is_main_process:
             extra: dict[str, Any] = {}
             if self.critic is not None:
@@ -377,7 +378,7 @@ class Trainer:
                 self.run_dir, self.step_no, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                 {"cursor": self._cursor_snapshot if self._prefetch else self.mixture.state_dict(),
                  "version": self.backend.version}, self.rewards.state_dict(),
-                keep=self.cfg.train.keep_checkpoints, extra=extra,
+                keep=self.cfg.train.keep_checkpoints, extra=extra, ranks=ranks,
             )
             log.info("checkpoint %s", path)
 
@@ -385,7 +386,8 @@ class Trainer:
         ckpts = list_checkpoints(self.run_dir)
         if not ckpts:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {str(self.run_dir / 'checkpoints')!r}")
-        state = load_checkpoint(ckpts[-1], self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        state = load_checkpoint(ckpts[-1], self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                self.acc.process_index, self.acc.num_processes)
         self.step_no = state["step"]
         self.mixture.load_state_dict(state["cursor"])
         self.rewards.load_state_dict(state["rewards"])

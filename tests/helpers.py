@@ -30,3 +30,22 @@ def trl_reward_len(completions, **kwargs):  # noqa: ANN001, ANN201
 def easy_domain_reward(completions, domain, **kwargs):  # noqa: ANN001, ANN201
     """1 for every completion of an 'easy'-domain prompt, 0 otherwise (drives the domain weights)."""
     return [float(d == "easy") for d in domain]
+
+
+class RunningSumReward:
+    """A reward with per-process state (like an episodic memory): the scores depend on the token ids this
+    instance has scored before, so a rank resumed with another rank's state scores differently."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __call__(self, completions: list[str], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+        mult = 1 + self.total % 7
+        self.total += sum(sum(ids) for ids in completion_ids)
+        return [(sum(ids) * mult % 97) / 97 for ids in completion_ids]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total = state["total"]

@@ -53,3 +53,33 @@ def test_two_gloo_processes_match_one_process(tiny_overrides: list[str], tmp_pat
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     moved = max(float(one[k].abs().max()) for k in one if "lora_B" in k)  # lora_B starts at zero
     assert moved > 1e-3, f"lora_B moved only {moved}: the comparison would say nothing"
+
+
+def _launch2(args: list[str], repo: Path, port: int) -> None:
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+          "-m", "rl_small.train", *args], repo)
+
+
+def test_two_processes_resume_as_the_uninterrupted_run(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Sampled rollouts (hf backend, T=1) scored by a reward whose state differs per rank (as an episodic
+    memory's does): the resumed run matches the uninterrupted one only if every rank gets back its own reward
+    state (and RNG stream), not rank 0's."""
+    repo = Path(__file__).resolve().parents[1]
+    keep = [o for o in tiny_overrides if not o.startswith(("train.output_dir", "train.run_name", "train.steps"))]
+    common = [*keep, "rollout.temperature=1.0", "rollout.prompts_per_step=1", "algo.micro_batch_size=2",
+              "rewards=[{name: 'tests.helpers:RunningSumReward'}]", "optim.lr=0.05", f"train.output_dir={tmp_path}"]
+    _launch2([*common, "train.steps=3", "train.run_name=full"], repo, 29521)
+    _launch2([*common, "train.steps=2", "train.run_name=cut"], repo, 29522)  # stops after the step-2 checkpoint
+    _launch2(["--resume", str(tmp_path / "cut"), "train.steps=3"], repo, 29523)
+    full, resumed = _lora(tmp_path / "full"), _lora(tmp_path / "cut")
+    diffs = {k: float((full[k] - resumed[k]).abs().max()) for k in full}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    ranks = torch.load(tmp_path / "cut" / "checkpoints" / "step_000003" / "state.pt", weights_only=False)["ranks"]
+    states = [r["rewards"]["tests.helpers:RunningSumReward"]["fn"]["total"] for r in ranks]
+    assert len(ranks) == 2 and states[0] != states[1], states
+    import json
+
+    lens = [[json.loads(line)["rollout/len_mean"] for line in (tmp_path / r / "metrics.jsonl").open()] for r in
+            ("full", "cut")]
+    assert lens[0] == lens[1] and len(lens[0]) == 3  # step 3's sampled completions are the same after resuming

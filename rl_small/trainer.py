@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rl_small.batch import compute_advantages, fill_no_grad, group_indices, micro_batches, pad_batch
-from rl_small.builders import build_rewards, make_scheduler, seed_everything
+from rl_small.builders import build_rewards, check_run, make_scheduler, seed_everything
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from rl_small.config import DataConfig, RecipeError, RunConfig
 from rl_small.critic import Critic
@@ -54,21 +54,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         a = cfg.algo
-        if (a.kl_coef > 0 or a.log_kl) and cfg.model.lora is None:
-            raise ValueError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
-        if a.name == "ppo" and cfg.model.lora is None:
-            raise ValueError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
-        single = [k for k, on in (("algo.name=ppo", a.name == "ppo"), ("algo.dynamic_sampling", a.dynamic_sampling),
-                                  ("algo.difficulty_filter", a.difficulty_filter),
-                                  ("algo.domain_sampling", a.domain_sampling)) if on]
-        if single and self.acc.num_processes > 1:
-            n = self.acc.num_processes
-            raise ValueError(f"{', '.join(single)}: single-process only for now, got {n} processes")
-        if a.domain_sampling and len(cfg.data.mix) < 2:
-            raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")
-        names = [r.name for r in cfg.rewards]
-        if a.difficulty_filter and a.pass_reward not in names:
-            raise RecipeError(f"algo.pass_reward {a.pass_reward!r} is not one of the recipe's rewards {names}")
+        check_run(cfg, self.acc)
         # Rewards and data first: a bad reward name or dataset path fails before the model loads.
         self.rewards = build_rewards(cfg)
         domain_rows = self._load_domains()
@@ -367,11 +353,10 @@ class Trainer:
 
     def save(self) -> None:
         self.acc.wait_for_everyone()
-        ranks = gather_object(self.acc, [{"rng": rng_state(), "rewards": self.rewards.state_dict()}])  # every rank's own
+        # every rank's own RNG and reward state (an episodic memory holds that rank's rollouts)
+        ranks = gather_object(self.acc, [{"rng": rng_state(), "rewards": self.rewards.state_dict()}])
         if self.acc.is_main_process:
-            extra: dict[str, Any] = {}
-            if self.critic is not None:
-                extra["critic"] = self.critic.state_dict()
+            extra: dict[str, Any] = {"critic": self.critic.state_dict()} if self.critic is not None else {}
             if self.pass_rates is not None:
                 extra["pass_rates"] = self.pass_rates.state_dict()
             path = save_checkpoint(

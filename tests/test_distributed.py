@@ -83,3 +83,22 @@ def test_two_processes_resume_as_the_uninterrupted_run(tiny_overrides: list[str]
     lens = [[json.loads(line)["rollout/len_mean"] for line in (tmp_path / r / "metrics.jsonl").open()] for r in
             ("full", "cut")]
     assert lens[0] == lens[1] and len(lens[0]) == 3  # step 3's sampled completions are the same after resuming
+
+
+def test_sharded_launches_are_refused_with_the_config_named() -> None:
+    from types import SimpleNamespace
+
+    import pytest
+    from accelerate.utils import DistributedType
+
+    from rl_small.builders import check_run
+    from rl_small.config import load_recipe
+
+    cfg = load_recipe(None, [])
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"{kind.value} is not supported.*ddp.yaml"):
+            check_run(cfg, SimpleNamespace(num_processes=2, distributed_type=kind))
+    check_run(cfg, SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))  # DDP: fine
+    with pytest.raises(ValueError, match="algo.dynamic_sampling: single-process only for now, got 2 processes"):
+        check_run(load_recipe(None, ["algo.dynamic_sampling=true"]),
+                  SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))

@@ -69,8 +69,27 @@ def run_worker(python: str, script: Path, args: list[str], out: Path, timeout_s:
     command and ends with its output tail."""
     cmd = [python, str(script), *args, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(script.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return json.loads(out.read_text())
+
+
+def noisy_lora_policy(model_dir: str, out: Path | None = None) -> Any:
+    """The model in fp32 with a non-trivial r=16 all-linear LoRA adapter (B filled with small noise, seed 0),
+    in eval mode; saved to ``out`` when given."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    if out is not None:
+        model.save_pretrained(out)
+    return model.eval()

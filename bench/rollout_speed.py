@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import noisy_lora_policy
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -46,23 +48,6 @@ def _prompts(tok: Any, k: int) -> list[Any]:
         cfg = DataConfig(task="arith")
         rows, _ = load_task_rows(cfg, "eval", limit=k)
     return build_prompts(rows, tok, cfg)
-
-
-def _adapter(model_dir: str, out: Path) -> Any:
-    """A PEFT model with a non-trivial r=16 all-linear adapter (LoRA B filled with small noise)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    model.save_pretrained(out)
-    return model.eval()
 
 
 def _time_generate(fn: Any, reps: int) -> tuple[float, int, list[float]]:
@@ -213,7 +198,7 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     prompts = _prompts(tok, args.prompts)
     work = Path(tempfile.mkdtemp(prefix="rollout_bench_"))
-    peft_model = _adapter(model_dir, work / "adapter")
+    peft_model = noisy_lora_policy(model_dir, work / "adapter")
     results: dict[str, Any] = {}
     results.update(bench_engine(model_dir, tok, peft_model, work / "adapter", prompts, args, work))
     results.update(bench_server(model_dir, tok, peft_model, prompts, args, work))

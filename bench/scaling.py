@@ -1,6 +1,6 @@
 """Benchmark: how a training step's cost grows with the group size and the completion length.
 
-    python bench/scaling.py [--steps 3] [--prompts 2] [--groups 4,8,16] [--lengths 128,256,512]
+    python bench/scaling.py [--steps 3] [--warmup 1] [--prompts 2] [--groups 4,8,16] [--lengths 128,256,512]
                             [--base-group 8] [--base-length 128] [--no-memory] [key=value overrides ...]
 
 rl-small with the ``hf`` backend (the CPU default) on SmolLM2-135M-Instruct + LoRA r=16, GRPO, GSM8K train
@@ -12,7 +12,7 @@ Memory-R+ recipe (``recipes/smollm2-135m/memory_r_plus/arith.yaml``: math_accura
 episodic_memory with the MiniLM encoder) at its own settings, for the share of the step that rewards take
 with the heaviest reward we ship.
 
-Each configuration is a fresh process: one untimed warm-up step, then --steps timed steps (the repetitions;
+Each configuration is a fresh process: --warmup untimed steps, then --steps timed steps (the repetitions;
 spread reported). Ratios are against the smallest configuration of the same sweep, measured in the same
 invocation. Prints a table and writes bench/results/scaling.json.
 """
@@ -33,16 +33,16 @@ GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 STAGES = ("step", "rollout", "reward", "prepare", "update")
 
 
-def worker(recipe: str | None, steps: int, overrides: list[str], work: Path) -> dict[str, Any]:
+def worker(recipe: str | None, steps: int, warmup: int, overrides: list[str], work: Path) -> dict[str, Any]:
     from rl_small.config import load_recipe
     from rl_small.trainer import Trainer
 
     fixed = ["rollout.backend=hf", "train.eval_before=false", "train.eval_after=false", "train.progress=false",
              "train.save_every=0", "train.tensorboard=false", f"train.output_dir={work}", "train.run_name=r",
-             f"train.steps={steps + 1}"]
+             f"train.steps={steps + warmup}"]
     tr = Trainer(load_recipe(recipe, fixed + overrides), work / "r")
     try:
-        rows = [tr.step() for _ in range(steps + 1)][1:]  # the first step warms up
+        rows = [tr.step() for _ in range(steps + warmup)][warmup:]  # untimed warm-up steps first
     finally:
         tr.backend.close()
     keep = [f"timing/{s}" for s in STAGES]
@@ -58,11 +58,12 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--recipe", default=None)
     ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--warmup", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
-        res = worker(a.recipe, a.steps, a.overrides, Path(tmp))
+        res = worker(a.recipe, a.steps, a.warmup, a.overrides, Path(tmp))
     Path(a.out).write_text(json.dumps(res))
 
 
@@ -124,6 +125,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--groups", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16])
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256, 512])
@@ -137,7 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
         for i, c in enumerate(configs(args)):
             res = run_worker(sys.executable, Path(__file__).resolve(), ["--worker", "--steps", str(args.steps),
-                             *c["args"]], Path(tmp) / f"{i}.json", args.timeout)
+                             "--warmup", str(args.warmup), *c["args"]], Path(tmp) / f"{i}.json", args.timeout)
             results.append({**c, **res})
             print(f"{c['sweep']} G={c['G']} L={c['L']}: steps {[round(s['step'], 1) for s in res['steps']]} s",
                   flush=True)

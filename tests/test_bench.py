@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rl_small.cli import BENCH_DIR, benchmarks, main, run_bench
 
 sys.path.insert(0, str(BENCH_DIR))
-import common  # noqa: E402
-import scaling  # noqa: E402
-import trl_compare  # noqa: E402
+import common
+import scaling
+import trl_compare
 
 
 def test_listing_names_every_benchmark_with_its_summary(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,7 +76,7 @@ def test_trl_compare_summary_drops_the_warmup_and_pairs_repetitions() -> None:
 
 
 def test_scaling_summary_ratios_within_each_sweep() -> None:
-    def run(sweep: str, g: int, length: int, steps: list[float], tokens: float) -> dict:  # noqa: ANN401
+    def run(sweep: str, g: int, length: int, steps: list[float], tokens: float) -> dict[str, Any]:
         return {"sweep": sweep, "G": g, "L": length, "steps": [
             {"step": s, "rollout": s / 2, "reward": s / 10, "prepare": 0.0, "update": s * 0.4, "tokens": tokens,
              "reward/math_accuracy": s / 10} for s in steps]}
@@ -96,3 +97,23 @@ def test_scaling_configs_cover_both_sweeps() -> None:
         ("group", 4, 128), ("group", 8, 128), ("group", 16, 128), ("length", 8, 128), ("length", 8, 256),
         ("length", 8, 512), ("memory_r_plus", 8, 48)]
     assert all("rollout.ignore_eos=true" in c["args"] for c in cfgs[:6])
+
+
+def test_trl_gpu_head_stand_in_equals_trls_chunked_logprob() -> None:
+    """The trl_gpu_head system replaces TRL's chunked LM-head kernel with dense maths: same values and
+    gradients as TRL's own CPU implementation."""
+    import torch
+
+    kernels = pytest.importorskip("trl.kernels")
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (12,))
+    outs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    ref = kernels.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 8, None, 1.0, outs)
+    ours = trl_compare.DenseLogProb.apply(hidden, weight, None, targets, 0.7, 8, None, 1.0, outs)
+    for a, b in zip(ref, ours, strict=True):
+        assert torch.allclose(a.double(), b.double(), atol=1e-5)  # TRL accumulates in fp32
+    g_ref = torch.autograd.grad((ref[0] * torch.arange(12.0)).sum() + ref[1].sum(), hidden)[0]
+    g_ours = torch.autograd.grad((ours[0] * torch.arange(12.0)).sum() + ours[1].sum(), hidden)[0]
+    assert torch.allclose(g_ref.double(), g_ours.double(), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,7 +12,7 @@ from rl_small.rollout.hf import HFBackend
 from rl_small.types import Prompt
 
 
-def _eager_to_stop(model_dir: Path):  # noqa: ANN202
+def _eager_to_stop(model_dir: Path) -> tuple[Any, Any]:
     """The tiny model with EOS made the greedy choice at every position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

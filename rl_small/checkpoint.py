@@ -109,7 +109,7 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     ranks = state.get("ranks") or []
     own = ranks[rank] if len(ranks) == world else {"rng": state["rng"], "rewards": state.get("rewards", {})}
-    if world > 1 and len(ranks) != world:
+    if len(ranks) != world and (ranks or world > 1):  # a different process count (old checkpoints: no ranks)
         log.warning("checkpoint %s was written by %d process(es), resumed by %d: every rank takes rank 0's RNG "
                     "and reward state, so sampling will not continue as the uninterrupted run", path,
                     max(len(ranks), 1), world)

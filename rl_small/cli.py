@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
     if args.command == "report":
         import logging
-        from pathlib import Path
 
         from rl_small.eval.report import make_report
         from rl_small.tracking import setup_logging

@@ -102,3 +102,25 @@ def test_sharded_launches_are_refused_with_the_config_named() -> None:
     with pytest.raises(ValueError, match="algo.dynamic_sampling: single-process only for now, got 2 processes"):
         check_run(load_recipe(None, ["algo.dynamic_sampling=true"]),
                   SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_each_rank_loads_its_own_state_and_a_new_process_count_warns(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import logging
+
+    from rl_small.checkpoint import load_checkpoint, rng_state, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.manual_seed(1)
+    r0 = rng_state()
+    torch.manual_seed(2)
+    r1 = rng_state()
+    path = save_checkpoint(tmp_path, 3, model, opt, sched, {}, {"m": "rank0"},
+                           ranks=[{"rng": r0, "rewards": {"m": "rank0"}}, {"rng": r1, "rewards": {"m": "rank1"}}])
+    with caplog.at_level(logging.WARNING, logger="rl_small.checkpoint"):
+        assert load_checkpoint(path, model, opt, sched, rank=1, world=2)["rewards"] == {"m": "rank1"}
+        assert torch.equal(torch.get_rng_state(), r1["torch"])
+        assert not caplog.records
+        assert load_checkpoint(path, model, opt, sched, rank=0, world=1)["rewards"] == {"m": "rank0"}
+    assert "written by 2 process(es), resumed by 1" in caplog.text

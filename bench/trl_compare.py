@@ -275,6 +275,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
         keep = Path(args.keep or tmp)
         keep.mkdir(parents=True, exist_ok=True)
+        job = {"steps": args.steps, "overrides": args.overrides}
+        marker = keep / "job.json"
+        if marker.exists() and json.loads(marker.read_text()) != job:
+            sys.exit(f"trl_compare: error: {keep} holds results of another job {marker.read_text()}, not {job}")
+        marker.write_text(json.dumps(job))
         for rep in range(args.reps):
             for name in systems:
                 out = keep / f"{name}-{rep}.json"
@@ -287,8 +292,6 @@ def main() -> None:
                                      str(args.steps), *args.overrides], out, args.timeout)
                     res["wall_s"] = time.perf_counter() - t0
                     out.write_text(json.dumps(res))
-                if len(res["steps"]) != args.steps:
-                    sys.exit(f"trl_compare: error: {out} has {len(res['steps'])} steps, not --steps {args.steps}")
                 runs[name].append(res)
                 steps = [round(s["step"], 1) for s in res["steps"]]
                 print(f"rep {rep} {name}: steps {steps} s, reward {[round(s['reward_mean'], 3) for s in res['steps']]}",

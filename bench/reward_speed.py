@@ -24,13 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import spread
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "results" / "reward_speed.json"
-
-
-def spread(xs: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def bench_code(reps: int) -> dict[str, Any]:

@@ -68,12 +68,23 @@ def rloo_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, **_: object) 
     return (rewards - mean) * g / (g - 1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the ``mask`` entries (population variance), 0 elsewhere; any shape."""
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    sum_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the ``mask`` entries (population variance), 0 elsewhere; any shape.
+
+    ``sum_fn`` sums a 1-D tensor over the data-parallel processes (rl_small.distributed.World.sum): mean and
+    variance are then those of the global batch, as one process holding all of it would compute them.
+    """
+    total = sum_fn or (lambda t: t)
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
+    n, s = total(torch.stack([m.sum(), (x * m).sum()]))
+    n = n.clamp(min=1)
+    mean = s / n
+    var = total((((x - mean) * m) ** 2).sum().reshape(1))[0] / n
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
@@ -86,6 +97,7 @@ def reinforce_pp_advantage(
     kl_coef: float = 0.0,
     group_baseline: bool = False,
     eps: float = 1e-8,
+    sum_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **_: object,
 ) -> torch.Tensor:
     """REINFORCE++ (arXiv 2501.03262): A_t = r - beta * sum_{s >= t} KL_s, then normalised by the mean and
@@ -96,7 +108,7 @@ def reinforce_pp_advantage(
     gamma = 1 is taken over each sequence's own tokens; the mean/std are over all masked tokens and the result
     is (N, T), 0 on padding. Without ``mask``: one scalar per sequence, normalised over the N sequences, (N,).
     ``group_baseline``: subtract the group mean reward first (REINFORCE++-baseline, the paper's variant for
-    reasoning tasks with several samples per prompt).
+    reasoning tasks with several samples per prompt). ``sum_fn``: see ``masked_whiten`` (data parallelism).
     """
     r = rewards
     if group_baseline:
@@ -104,14 +116,14 @@ def reinforce_pp_advantage(
     if mask is None:
         if kl is not None:
             raise ValueError("reinforce_pp: a per-token kl needs the (N, T) mask")
-        return masked_whiten(r, torch.ones_like(r), eps)
+        return masked_whiten(r, torch.ones_like(r), eps, sum_fn)
     m = mask.to(r.dtype)
     ret = r.unsqueeze(-1).expand_as(m)
     if kl is not None and kl_coef:
         kl_m = kl * m
         to_go = kl_m.flip(-1).cumsum(-1).flip(-1)  # sum_{s >= t} KL_s within each sequence
         ret = ret - kl_coef * to_go
-    return masked_whiten(ret, m, eps)
+    return masked_whiten(ret, m, eps, sum_fn)
 
 
 def last_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ estimators of rl_small.advantages; the trainer only calls these three functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,14 +49,15 @@ def micro_batches(rollouts: list[Rollout], size: int) -> list[list[int]]:
 
 def pad_batch(scored: list[ScoredRollout], overlong_filter: bool = False) -> TrainBatch:
     """(N, T) completion mask (T = longest completion), rewards (N,), group ids (N,), the policy-loss
-    weight (N,) that overlong filtering sets to 0 for truncated completions, and the sampler's logprobs (N, T)
-    when the backend reported them for every rollout."""
+    weight (N,) (0 for filler groups, and with overlong filtering for truncated completions), and the sampler's
+    logprobs (N, T) when the backend reported them for every rollout."""
     rollouts = [s.rollout for s in scored]
     n, width = len(rollouts), max(max(len(r.completion_ids) for r in rollouts), 1)
     mask = torch.zeros(n, width)
     for i, r in enumerate(rollouts):
         mask[i, : len(r.completion_ids)] = 1
     keep = overlong_keep([r.truncated for r in rollouts]) if overlong_filter else torch.ones(n)
+    keep = keep * torch.tensor([s.weight for s in scored], dtype=keep.dtype)
     rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32)
     batch = TrainBatch(rollouts, rewards, torch.tensor([r.group_id for r in rollouts]), mask, keep)
     if all(r.sampler_logprobs is not None and len(r.sampler_logprobs) == len(r.completion_ids) for r in rollouts):
@@ -101,8 +103,12 @@ def fill_no_grad(
                 batch.old_values[rows, : v.shape[1]] = v
 
 
-def compute_advantages(batch: TrainBatch, algo: AlgoConfig) -> dict[str, float]:
+def compute_advantages(
+    batch: TrainBatch, algo: AlgoConfig, sum_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, float]:
     """Set ``batch.advantages`` (N, T) (and ``batch.returns`` for ppo) with the estimator ``algo.name``.
+    Batch-wide statistics (ppo's whitening, reinforce_pp's normalisation) sum over the processes with ``sum_fn``
+    (rl_small.distributed.World.sum); group statistics need none, a group stays on one process.
 
     With ``kl_mode: reward`` the per-token KL of pi_old to pi_ref (estimator ``kl_estimator``) becomes a
     penalty: -beta KL_t per token for ppo (as token rewards into GAE) and reinforce_pp (its reward-to-go), and
@@ -123,13 +129,14 @@ def compute_advantages(batch: TrainBatch, algo: AlgoConfig) -> dict[str, float]:
         if kl_tok is not None:
             tok_r = tok_r - algo.kl_coef * kl_tok
         adv, batch.returns = ADVANTAGES["gae"](batch.old_values, tok_r, m, gamma=algo.gamma, lam=algo.lam)
-        adv = masked_whiten(adv, m) if algo.whiten_advantages else adv
-        n_tok = float(m.sum())
-        out["critic/value_mean"] = float((batch.old_values * m).sum()) / n_tok
-        out["critic/return_mean"] = float(batch.returns.sum()) / n_tok
+        adv = masked_whiten(adv, m, sum_fn=sum_fn) if algo.whiten_advantages else adv
+        values, returns, n_tok = (sum_fn or (lambda t: t))(torch.stack([(batch.old_values * m).sum(),
+                                                                         batch.returns.sum(), m.sum()])).tolist()
+        out["critic/value_mean"], out["critic/return_mean"] = values / n_tok, returns / n_tok
     elif algo.name == "reinforce_pp":
         adv = ADVANTAGES["reinforce_pp"](
-            batch.rewards, batch.group_ids, mask=m, kl=kl_tok, kl_coef=algo.kl_coef, group_baseline=algo.group_baseline
+            batch.rewards, batch.group_ids, mask=m, kl=kl_tok, kl_coef=algo.kl_coef,
+            group_baseline=algo.group_baseline, sum_fn=sum_fn,
         )
     else:
         r = batch.rewards if kl_tok is None else batch.rewards - algo.kl_coef * kl_tok.sum(-1)

@@ -18,18 +18,13 @@ from rl_small.config import RecipeError, RunConfig
 
 
 def check_run(cfg: RunConfig, acc: Any) -> None:
-    """Refuse, naming the setting, what this trainer cannot run: KL or PPO without LoRA, single-process
-    algorithms under several processes, sharded training (FSDP / DeepSpeed), inconsistent sampling options."""
+    """Refuse, naming the setting, what this trainer cannot run: KL or PPO without LoRA, sharded training
+    (FSDP / DeepSpeed), inconsistent sampling options."""
     a = cfg.algo
     if (a.kl_coef > 0 or a.log_kl) and cfg.model.lora is None:
         raise ValueError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
     if a.name == "ppo" and cfg.model.lora is None:
         raise ValueError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
-    single = [k for k, on in (("algo.name=ppo", a.name == "ppo"), ("algo.dynamic_sampling", a.dynamic_sampling),
-                              ("algo.difficulty_filter", a.difficulty_filter),
-                              ("algo.domain_sampling", a.domain_sampling)) if on]
-    if single and acc.num_processes > 1:
-        raise ValueError(f"{', '.join(single)}: single-process only for now, got {acc.num_processes} processes")
     kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
     if kind in ("FSDP", "DEEPSPEED"):
         # The adapter save, the rollout sync and hf generation read unwrap_model()'s parameters, which are

@@ -119,14 +119,16 @@ def aggregate(
     token mean (GRPO). seq_mean_token_sum_norm: sum / (B * norm_len), a constant normaliser independent of
     the responses' lengths (Dr. GRPO); ``norm_len`` defaults to T.
     For gradient accumulation pass the *global* ``num_seqs`` / ``num_tokens`` of the whole batch: the
-    micro-batch results then add up exactly to the full-batch value.
+    micro-batch results then add up exactly to the full-batch value. Under data parallelism they are the
+    global counts divided by the process count (DDP averages gradients), so they may be fractions; a count of 0
+    (nothing in the loss) divides by 1.
     """
     mask = mask.to(loss.dtype)
     masked = loss * mask
     if mode == "token_mean":
-        denom = max(num_tokens, 1.0) if num_tokens is not None else mask.sum().clamp(min=1)
+        denom = (num_tokens or 1.0) if num_tokens is not None else mask.sum().clamp(min=1)
         return masked.sum() / denom
-    n = max(num_seqs if num_seqs is not None else loss.shape[0], 1)
+    n = (num_seqs or 1.0) if num_seqs is not None else max(loss.shape[0], 1)
     if mode == "seq_mean_token_mean":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n
     if mode == "seq_mean_token_sum_norm":

@@ -6,18 +6,21 @@
     w = domain_weights(ewma(prev, batch_means, 0.5), target=1.0, tau=0.8)       # RuleReasoner DADS
 
 ``draw(n)`` is any callable that generates and scores ``n`` prompts' groups, so the loop is tested without a
-model. The pass-rate tracker has ``state_dict`` / ``load_state_dict`` and is saved with checkpoints.
-Domain weighting is the pure function only: a recipe cannot mix tasks yet, so the trainer does not use it.
+model (and across simulated processes). The pass-rate tracker has ``state_dict`` / ``load_state_dict`` and is
+saved with checkpoints. The domain weights are applied by rl_small.data.mixture.DomainMixture.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from rl_small.distributed import World
 from rl_small.types import ScoredRollout
 
 
@@ -38,7 +41,7 @@ def is_informative(group: list[ScoredRollout], tol: float = 1e-6) -> bool:
 
 
 def dynamic_sample(
-    draw: Callable[[int], list[ScoredRollout]], target: int, max_extra_rounds: int
+    draw: Callable[[int], list[ScoredRollout]], target: int, max_extra_rounds: int, world: World | None = None
 ) -> tuple[list[ScoredRollout], dict[str, float]]:
     """DAPO dynamic sampling (arXiv 2503.14476 §3.2): keep only groups whose rewards are not all equal and draw
     more prompts until ``target`` groups are kept or ``max_extra_rounds`` extra rounds were spent.
@@ -47,41 +50,63 @@ def dynamic_sample(
     Extra kept groups beyond ``target`` are discarded; if no group at all was informative the first round is
     returned as is (a zero-advantage batch) rather than nothing. Group ids are renumbered 0..K-1 in the
     returned list. Metrics: sampling/rounds, sampling/dropped_groups, sampling/kept_groups, sampling/batch_fill.
+
+    Data parallel (``world`` of several processes, ``target`` groups each, ``draw(n)`` returning this process's
+    slice ``global[rank::size]`` of a global draw of ``n * size`` prompts): the counts are summed over the
+    processes, so every process takes the same decisions and draws alike; the kept groups are then pooled in
+    global draw order and dealt out ``target`` per process, the batch one process would keep from the same
+    draws. If fewer than ``target * size`` were kept, they are dealt round-robin and each process fills up to
+    ``target`` groups with groups of its first round at ``weight`` 0 (same shapes everywhere for DDP, no
+    effect on the loss); ``sampling/filler_groups`` counts them. The counts in the metrics are global.
     """
     if target < 1 or max_extra_rounds < 0:
         msg = f"dynamic_sample: target must be >= 1 and max_extra_rounds >= 0, got {target}, {max_extra_rounds}"
         raise ValueError(msg)
-    kept: list[list[ScoredRollout]] = []
+    world = world or World()
+    size, rank = world.size, world.rank
+    kept: list[tuple[tuple[int, int], list[ScoredRollout]]] = []  # (round, index in the global draw), group
     first: list[list[ScoredRollout]] | None = None
-    rounds = dropped = seen = 0
+    rounds = 0
+    totals = torch.zeros(3, dtype=torch.float64)  # global groups seen, kept, dropped
     n = target
     while True:
         groups = split_groups(draw(n))
-        rounds += 1
-        seen += len(groups)
         first = groups if first is None else first
-        for g in groups:
-            if is_informative(g):
-                kept.append(g)
-            else:
-                dropped += 1
-        missing = target - len(kept)
+        informative = [is_informative(g) for g in groups]
+        kept += [((rounds, i * size + rank), g) for i, (g, ok) in enumerate(zip(groups, informative)) if ok]
+        n_kept = sum(informative)
+        totals += world.sum(torch.tensor([len(groups), n_kept, len(groups) - n_kept], dtype=torch.float64))
+        rounds += 1
+        seen_g, kept_g = int(totals[0]), int(totals[1])
+        missing = target * size - kept_g
         if missing <= 0 or rounds > max_extra_rounds:
             break
-        n = min(target, math.ceil(missing * seen / len(kept))) if kept else target
-    fill = min(len(kept), target) / target
-    batch = kept[:target] if kept else first
+        want = min(target * size, math.ceil(missing * seen_g / kept_g)) if kept_g else target * size
+        n = math.ceil(want / size)
+    kept_g = int(totals[1])
+    fillers: list[list[ScoredRollout]] = []
+    if kept_g == 0:
+        batch = first
+    elif size == 1:
+        batch = [g for _, g in kept[:target]]
+    else:
+        pooled = [g for _, g in sorted(world.gather(kept), key=lambda kg: kg[0])][: target * size]
+        batch = pooled[rank * target : (rank + 1) * target] if len(pooled) == target * size else pooled[rank::size]
+        fillers = [[dataclasses.replace(s, rollout=copy.copy(s.rollout), weight=0.0) for s in g]
+                   for g in first[: target - len(batch)]]
     out = []
-    for gid, g in enumerate(batch):
+    for gid, g in enumerate(batch + fillers):
         for s in g:
             s.rollout.group_id = gid
             out.append(s)
     metrics = {
         "sampling/rounds": float(rounds),
-        "sampling/dropped_groups": float(dropped),
-        "sampling/kept_groups": float(min(len(kept), target)),
-        "sampling/batch_fill": fill,
+        "sampling/dropped_groups": float(totals[2]),
+        "sampling/kept_groups": float(min(kept_g, target * size)),
+        "sampling/batch_fill": min(kept_g, target * size) / (target * size),
     }
+    if size > 1:
+        metrics["sampling/filler_groups"] = float(target * size - min(kept_g, target * size)) if kept_g else 0.0
     return out, metrics
 
 

@@ -30,7 +30,7 @@ from rl_small.critic import Critic
 from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
-from rl_small.distributed import gather_object, reduce_metrics
+from rl_small.distributed import World, gather_object, reduce_metrics
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
@@ -55,6 +55,7 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         a = cfg.algo
         check_run(cfg, self.acc)
+        self.world = World(self.acc)
         # Rewards and data first: a bad reward name or dataset path fails before the model loads.
         self.rewards = build_rewards(cfg)
         domain_rows = self._load_domains()
@@ -84,6 +85,7 @@ class Trainer:
         self.backend = make_backend(
             cfg.rollout, self.acc.unwrap_model(self.model), self.tok, model_name=resolve_model(cfg.model.name),
             lora_rank=lora.r if lora else None, run_dir=run_dir, is_main=self.acc.is_main_process,
+            rank=self.world.rank, world=self.world.size,
         )
         if cfg.rollout.async_generation and not getattr(self.backend, "thread_safe", False):
             self.backend.close()
@@ -193,19 +195,22 @@ class Trainer:
             for k, v in t.items():
                 m[k] = m.get(k, 0.0) + v
             rounds.append((len(scored), rm))
-            if self.pass_rates is not None:
+            if self.pass_rates is not None:  # every process counts every process's completions: same skips
                 comps = [s.components.get(a.pass_reward) for s in scored]
-                passed = [None if c is None else c >= a.pass_threshold for c in comps]
-                self.pass_rates.update([s.rollout.prompt.id for s in scored], passed)
+                seen = self.world.gather([(s.rollout.prompt.id, None if c is None else c >= a.pass_threshold)
+                                          for s, c in zip(scored, comps)])
+                self.pass_rates.update([pid for pid, _ in seen], [ok for _, ok in seen])
             return scored
 
         self._skipped = 0
         if a.dynamic_sampling:
-            scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds)
+            scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds, self.world)
         else:
             scored, sm = draw(r.prompts_per_step), {}
         m.update(merge_round_metrics(rounds) | sm)
-        m.update(self.mixture.observe([s.rollout.prompt.columns["domain"] for s in scored], [s.reward for s in scored]))
+        if self.mixture.dynamic is not None:  # the domain weights follow the whole global batch on every process
+            seen = self.world.gather([(s.rollout.prompt.columns["domain"], s.reward) for s in scored if s.weight])
+            m.update(self.mixture.observe([d for d, _ in seen], [rw for _, rw in seen]))
         if self.pass_rates is not None:
             m["sampling/skipped_prompts"] = float(self._skipped)
         if r.async_generation and self.step_no + 1 < self.cfg.train.steps:  # next step's rollouts, during update
@@ -245,8 +250,10 @@ class Trainer:
         norm_len = self.cfg.rollout.max_new_tokens
         sel = torch.tensor(idx)
         keep = batch.loss_weight[sel]
-        n_seq, n_tok = float(keep.sum()), float((batch.mask[sel] * keep.unsqueeze(-1)).sum())
-        n_tok_v = float(batch.mask[sel].sum())
+        # counts over every process's minibatch, divided by the process count because DDP averages gradients:
+        # each process's loss is then its share of the global-batch loss (token_mean over all tokens, etc.)
+        counts = torch.stack([keep.sum(), (batch.mask[sel] * keep.unsqueeze(-1)).sum(), batch.mask[sel].sum()])
+        n_seq, n_tok, n_tok_v = (self.world.sum(counts.double()) / self.world.size).tolist()
         assert batch.advantages is not None
 
         def add(key: str, value: float) -> None:
@@ -298,6 +305,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
+            self.world.mean_grads(self.critic.parameters())  # not a DDP module: reduced here
             add("critic/grad_norm", self.critic.step(mgn))
 
     def step(self) -> dict[str, float]:
@@ -311,17 +319,18 @@ class Trainer:
                 unwrapped = self.acc.unwrap_model(self.model)
                 fill_no_grad(batch, self.model, self.critic, self.cfg.algo, pad, temp, unwrapped)
             with timer(m, "advantage"):
-                m.update(compute_advantages(batch, self.cfg.algo))
+                m.update(compute_advantages(batch, self.cfg.algo, self.world.sum))
             with timer(m, "update"):
                 m.update(self.update(batch))
             self.step_no += 1
             if self.step_no % self.cfg.rollout.sync_every == 0:
                 with timer(m, "sync"):
                     self.sync()
-        m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in batch.rollouts]))
-        m["rollout/clip_frac"] = float(np.mean([r.truncated for r in batch.rollouts]))
+        real = [s.rollout for s in scored if s.weight]  # not the filler groups of dynamic sampling
+        m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in real]))
+        m["rollout/clip_frac"] = float(np.mean([r.truncated for r in real]))
         if self.cfg.algo.overlong_filter:
-            m["sampling/overlong_masked"] = float(1 - batch.loss_weight.mean())
+            m["sampling/overlong_masked"] = m["rollout/clip_frac"]
         return m
 
     # ---- loop -----------------------------------------------------------------------------------

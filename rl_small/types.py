@@ -49,12 +49,14 @@ def batch_columns(rollouts: list[Rollout]) -> dict[str, list[Any]]:
 
 @dataclass
 class ScoredRollout:
-    """A rollout with its total reward and each component's score (None = the component abstained)."""
+    """A rollout with its total reward and each component's score (None = the component abstained).
+    ``weight`` 0: in the batch only to give every process the same shape (a filler group), out of the loss."""
 
     rollout: Rollout
     reward: float
     components: dict[str, float | None]
     advantage: float = 0.0
+    weight: float = 1.0
 
 
 @dataclass

@@ -49,3 +49,43 @@ class RunningSumReward:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.total = state["total"]
+
+
+class ThreadWorld:
+    """``size`` simulated data-parallel processes as threads, with rl_small.distributed.World's interface:
+    ``sum`` adds the processes' tensors in rank order and ``gather`` concatenates their lists, as gloo would."""
+
+    def __init__(self, rank: int, size: int, shared: dict[str, Any]) -> None:
+        self.rank, self.size, self.shared = rank, size, shared
+
+    @staticmethod
+    def group(size: int) -> list[ThreadWorld]:
+        import threading
+
+        shared = {"barrier": threading.Barrier(size, timeout=30), "slots": [None] * size}
+        return [ThreadWorld(r, size, shared) for r in range(size)]
+
+    def _exchange(self, value: Any) -> list[Any]:
+        self.shared["slots"][self.rank] = value
+        self.shared["barrier"].wait()
+        out = list(self.shared["slots"])
+        self.shared["barrier"].wait()  # nobody overwrites a slot before everyone has read it
+        return out
+
+    def sum(self, values: Any) -> Any:
+        parts = self._exchange(values)
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total = total + p
+        return total
+
+    def gather(self, objects: list[Any]) -> list[Any]:
+        return [o for part in self._exchange(list(objects)) for o in part]
+
+    @staticmethod
+    def run(worlds: list[ThreadWorld], fn: Any) -> list[Any]:
+        """``fn(world)`` on every simulated process at once; their results in rank order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(worlds)) as ex:
+            return [f.result() for f in [ex.submit(fn, w) for w in worlds]]

@@ -272,3 +272,23 @@ def test_tis_weights_truncate_the_ratio_of_trainer_to_sampler() -> None:
     assert capped.tolist() == [[0.0, 0.0, 1.0]]
     old.requires_grad_(True)
     assert not tis_weights(old, sampler, 2.0)[0].requires_grad  # a weight, not a path for gradients
+
+
+def test_whitening_split_over_processes_equals_the_whole_batch() -> None:
+    """ppo's whitening and reinforce_pp's normalisation are batch-wide: with ``sum_fn`` summing over the
+    processes, each process's rows come out as they would in one process holding every row."""
+    from tests.helpers import ThreadWorld
+
+    torch.manual_seed(0)
+    x, m = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
+    r, g = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 1, 1, 1])
+    whole = masked_whiten(x, m)
+    rpp = ADVANTAGES["reinforce_pp"](r, g, mask=m)
+    parts = ThreadWorld.run(ThreadWorld.group(2), lambda w: (
+        masked_whiten(x[3 * w.rank : 3 * w.rank + 3], m[3 * w.rank : 3 * w.rank + 3], sum_fn=w.sum),
+        ADVANTAGES["reinforce_pp"](r[3 * w.rank : 3 * w.rank + 3], g[3 * w.rank : 3 * w.rank + 3],
+                                   mask=m[3 * w.rank : 3 * w.rank + 3], sum_fn=w.sum)))
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), rpp)
+    alone = masked_whiten(x[:3], m[:3])  # without the sum the halves are normalised on their own: different
+    assert (alone - whole[:3]).abs().max() > 0.05

@@ -1,7 +1,8 @@
 """Data parallelism on CPU: ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU) against one process with the same
-global batch and seed. Two GRPO steps on the tiny Llama with the ``fake`` backend (identical completions in
-every group, so both ranks hold the same number of tokens and DDP's gradient mean is the global token mean):
-the trained LoRA weights must agree within 1e-5."""
+global batch and seed, with the ``fake`` backend (which returns, per process, what one process would return for
+the same prompts). GRPO, PPO and DAPO-style runs (dynamic sampling, difficulty filter, domain weights, token-mean
+loss with different token counts per process): the trained LoRA weights must agree within 1e-5, and the batch
+metrics, data cursor and pass-rate state must be the same. Also: resuming a 2-process run, sharded launches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
+import pytest
 import torch
 
 FAKE = ["rollout.backend=fake", "rollout.fake_completions=['1', '22', '3 4', '5 6 7']"]
@@ -55,6 +59,44 @@ def test_two_gloo_processes_match_one_process(tiny_overrides: list[str], tmp_pat
     assert moved > 1e-3, f"lora_B moved only {moved}: the comparison would say nothing"
 
 
+MIX = ("data.mix=[{task: arith, name: easy, difficulty: 1, weight: 1.0}, "
+       "{task: arith, name: hard, difficulty: 4, weight: 1.0}]")
+BATCH_LEVEL = {
+    # PPO: the critic's gradients are averaged by hand (it is not the DDP module), advantages are whitened over
+    # the global batch; 3 scripted completions for groups of 4 give the processes different token counts.
+    "ppo": ["algo.name=ppo", "rollout.fake_completions=['1', '3 4 5 6', '22']"],
+    # DAPO-style: dynamic sampling (every even global group is tied, so each step takes two rounds), token-mean
+    # loss over the global batch, the difficulty filter (3 prompts a domain: the second step meets prompts
+    # already decided) and domain weights, all of which must agree between processes.
+    "dapo": ["algo.dynamic_sampling=true", "algo.loss_agg=token_mean", "algo.difficulty_filter=true",
+             "algo.pass_reward=tests.helpers:token_reward", "algo.pass_threshold=0.0", "data.num_train=3", MIX,
+             "algo.domain_sampling=true", "rollout.fake_completions=['1', '1', '1', '1', '1', '1', '1', '22']"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_LEVEL))
+def test_batch_level_methods_on_two_processes_match_one(case: str, tiny_overrides: list[str], tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    extra = BATCH_LEVEL[case]
+    _run([sys.executable, "-m", "rl_small.train", *_overrides(tiny_overrides, tmp_path, "single", 2), *extra], repo)
+    _launch2([*_overrides(tiny_overrides, tmp_path, "ddp", 1), *extra], repo, 29531 + sorted(BATCH_LEVEL).index(case))
+    one, two = _lora(tmp_path / "single"), _lora(tmp_path / "ddp")
+    diffs = {k: float((one[k] - two[k]).abs().max()) for k in one}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    assert max(float(one[k].abs().max()) for k in one if "lora_B" in k) > 1e-3
+    rows = {r: [json.loads(line) for line in (tmp_path / r / "metrics.jsonl").open()] for r in ("single", "ddp")}
+    keys = [k for k in rows["single"][0] if k.startswith(("sampling/", "reward/total", "loss/", "critic/value"))]
+    for a, b in zip(rows["single"], rows["ddp"], strict=True):  # the same batches, the same global metrics
+        assert {k: round(a[k], 4) for k in keys} == {k: round(b[k], 4) for k in keys}
+    ckpts = {r: tmp_path / r / "checkpoints" / "step_000002" for r in ("single", "ddp")}
+    cursors = [json.loads((c / "trainer_state.json").read_text())["cursor"] for c in ckpts.values()]
+    assert cursors[0] == cursors[1]
+    states = {r: torch.load(c / "state.pt", weights_only=False) for r, c in ckpts.items()}
+    if case == "dapo":
+        assert rows["ddp"][1]["sampling/rounds"] == 2.0 and rows["ddp"][1]["sampling/skipped_prompts"] > 0
+        assert states["single"]["extra"]["pass_rates"] == states["ddp"]["extra"]["pass_rates"]
+
+
 def _launch2(args: list[str], repo: Path, port: int) -> None:
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
@@ -98,10 +140,8 @@ def test_sharded_launches_are_refused_with_the_config_named() -> None:
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(ValueError, match=f"{kind.value} is not supported.*ddp.yaml"):
             check_run(cfg, SimpleNamespace(num_processes=2, distributed_type=kind))
-    check_run(cfg, SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))  # DDP: fine
-    with pytest.raises(ValueError, match="algo.dynamic_sampling: single-process only for now, got 2 processes"):
-        check_run(load_recipe(None, ["algo.dynamic_sampling=true"]),
-                  SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+    for extra in ([], ["algo.name=ppo", "algo.dynamic_sampling=true", "algo.difficulty_filter=true"]):  # DDP: fine
+        check_run(load_recipe(None, extra), SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
 
 
 def test_each_rank_loads_its_own_state_and_a_new_process_count_warns(tmp_path: Path, caplog) -> None:  # noqa: ANN001

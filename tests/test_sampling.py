@@ -104,3 +104,69 @@ def test_ewma() -> None:
     torch.testing.assert_close(ewma(torch.tensor([0.2, 0.6]), torch.tensor([0.4, 0.0]), 0.5), torch.tensor([0.3, 0.3]))
     with pytest.raises(ValueError, match="alpha must be in"):
         ewma(None, torch.tensor([0.1]), alpha=1.0)
+
+
+def _global_stream(informative: object) -> object:
+    """``draw`` factory over one global prompt stream (group k has rewards MIXED if ``informative(k)`` else
+    TIED): a process of a world of ``size`` takes its slice ``[rank::size]`` of each draw of ``n * size``, as
+    Trainer.next_prompts does; it records the global indices it was given."""
+
+    def make(rank: int, size: int) -> tuple[list[int], object]:
+        cursor, given = [0], []
+
+        def draw(n: int) -> list[ScoredRollout]:
+            ks = list(range(cursor[0], cursor[0] + n * size))[rank::size]
+            cursor[0] += n * size
+            given.extend(ks)
+            out = []
+            for gid, k in enumerate(ks):
+                p = Prompt(f"g{k}", "", "")
+                out += [ScoredRollout(Rollout(p, gid, [1], [2], "", None, False, 0), r, {})
+                        for r in (MIXED if informative(k) else TIED)]
+            return out
+
+        return given, draw
+
+    return make
+
+
+def test_dynamic_sampling_across_processes_keeps_the_single_process_batch() -> None:
+    from tests.helpers import ThreadWorld
+
+    make = _global_stream(lambda k: k % 3 != 0)  # groups 0, 3, 6, ... are tied
+    _, draw = make(0, 1)
+    single, m1 = dynamic_sample(draw, target=4, max_extra_rounds=3)
+
+    def one(world: ThreadWorld) -> tuple[list[ScoredRollout], dict[str, float], list[int]]:
+        given, draw = make(world.rank, world.size)
+        scored, m = dynamic_sample(draw, target=2, max_extra_rounds=3, world=world)
+        return scored, m, given
+
+    (s0, m0, given0), (s1, m1b, given1) = ThreadWorld.run(ThreadWorld.group(2), one)
+    # round 1: global groups 0..3 keep 1, 2; round 2 asks for min(4, 2 missing * 4 seen / 2 kept) = 4: groups
+    # 4..7 keep 4, 5, 7; the batch is the first four kept in draw order, as one process keeps them
+    assert given0 == [0, 2, 4, 6] and given1 == [1, 3, 5, 7]
+    ids = [s.rollout.prompt.id for s in single[::3]]
+    assert ids == ["g1", "g2", "g4", "g5"]
+    assert [s.rollout.prompt.id for s in s0[::3]] == ids[:2] and [s.rollout.prompt.id for s in s1[::3]] == ids[2:]
+    assert [s.rollout.group_id for s in s1] == [0, 0, 0, 1, 1, 1] and all(s.weight == 1.0 for s in s0 + s1)
+    assert m0 == m1b == {**m1, "sampling/filler_groups": 0.0}  # global counts, the same on every process
+    assert m1 == {"sampling/rounds": 2.0, "sampling/dropped_groups": 3.0, "sampling/kept_groups": 4.0,
+                  "sampling/batch_fill": 1.0}
+
+
+def test_dynamic_sampling_across_processes_fills_a_short_batch_with_weightless_groups() -> None:
+    from tests.helpers import ThreadWorld
+
+    make = _global_stream(lambda k: k == 1)  # only global group 1 teaches anything
+
+    def one(world: ThreadWorld) -> tuple[list[ScoredRollout], dict[str, float]]:
+        return dynamic_sample(make(world.rank, world.size)[1], target=2, max_extra_rounds=1, world=world)
+
+    (s0, m0), (s1, m1) = ThreadWorld.run(ThreadWorld.group(2), one)
+    assert len(s0) == len(s1) == 6  # 2 groups x 3 on each process: DDP sees the same shapes
+    assert [(s.rollout.prompt.id, s.weight) for s in s0[::3]] == [("g1", 1.0), ("g0", 0.0)]  # rank 1's group, dealt to 0
+    assert [s.weight for s in s1[::3]] == [0.0, 0.0]
+    assert [s.rollout.group_id for s in s0] == [0, 0, 0, 1, 1, 1]
+    assert m0 == m1 == {"sampling/rounds": 2.0, "sampling/dropped_groups": 7.0, "sampling/kept_groups": 1.0,
+                        "sampling/batch_fill": 0.25, "sampling/filler_groups": 3.0}

@@ -39,6 +39,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="auto: vllm_engine when vllm is installed, else hf")
     p.add_argument("--server-url", action="append", default=[], help="vllm_server: a running server (repeatable)")
     p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length (prompt + completion)")
+    p.add_argument("--kv-cache-gib", type=int, default=4, help="vLLM on CPU: KV cache GiB (sequences in flight)")
     p.add_argument("--out", help="output folder (default: the run dir, else runs/eval-<time>)")
 
 
@@ -126,7 +127,8 @@ def _backend(kind: str, model_name: str, adapter: str | None, args: argparse.Nam
         # merged once into full weights: vLLM's LoRA path costs 2.3x per token here (SmolLM2-135M, 64 sequences,
         # 2 CPU cores: 98 tok/s without LoRA, 42 with an r=16 all-linear adapter)
         path = _merged(model_name, adapter, out / "merged-model")
-    cfg = RolloutConfig(backend=kind, server_urls=args.server_url, spawn=spawn, max_model_len=args.max_model_len)
+    cfg = RolloutConfig(backend=kind, server_urls=args.server_url, spawn=spawn, max_model_len=args.max_model_len,
+                        kv_cache_gib=args.kv_cache_gib)
     rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if args.server_url and adapter else None
     backend = make_backend(cfg, None, tok, model_name=path, lora_rank=rank, run_dir=out)
     if adapter and args.server_url:

@@ -85,8 +85,10 @@ def make_rollout(
 
 def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any) -> RolloutBackend:
     """Build the backend named by ``cfg.backend``. ``context`` (vLLM backends): ``model_name`` (the base model
-    folder the sampler loads), ``lora_rank``, ``run_dir`` (adapter versions and server logs), ``is_main``."""
+    folder the sampler loads), ``lora_rank``, ``run_dir`` (adapter versions and server logs), ``is_main``;
+    (fake) ``rank`` and ``world``, this process's place among the data-parallel processes."""
     backend = cfg.backend
+    rank, world = context.pop("rank", 0), context.pop("world", 1)
     if backend == "auto":
         import importlib.util
 
@@ -103,7 +105,7 @@ def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any)
     if backend == "fake":
         from rl_small.rollout.fake import FakeBackend
 
-        return FakeBackend(tokenizer, cfg.fake_completions)
+        return FakeBackend(tokenizer, cfg.fake_completions, rank, world)
     if backend == "vllm_server":
         from rl_small.rollout.client import VLLMServerBackend
 

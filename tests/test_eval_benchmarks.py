@@ -148,3 +148,49 @@ def test_in_training_eval_is_logged_every_n_steps(tiny_overrides: list[str], tmp
     with pytest.raises(RecipeError, match="gsm9k"):
         Trainer(load_recipe(None, tiny_overrides + ["train.eval_every=1", "train.eval_benchmarks=[gsm9k]"]),
                 tmp_path / "bad")
+
+
+class _Counting:
+    """A fake backend that counts the problems it is asked for and fails on call number ``fail_on``."""
+
+    def __init__(self, inner: object, fail_on: int | None = None) -> None:
+        self.inner, self.fail_on, self.calls, self.problems = inner, fail_on, 0, 0
+
+    def generate(self, prompts: list, spec: object) -> list:  # noqa: ANN001
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("server died")
+        self.problems += len(prompts)
+        return self.inner.generate(prompts, spec)
+
+
+def test_interrupted_eval_resumes_where_it_stopped(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from rl_small.eval.run import evaluate_into
+    from rl_small.rollout.fake import FakeBackend
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    proto = EvalProtocol(max_new_tokens=8)
+    prompts = load_benchmark_prompts(BENCHMARKS["gsm8k"], tok, proto, path=str(_write_gsm8k(tmp_path / "d", 5)))
+    bench, meta = BENCHMARKS["gsm8k"], {"model": "m", "adapter": None}
+
+    def backend(fail_on: int | None = None) -> _Counting:
+        return _Counting(FakeBackend(tok, ["\\boxed{4}"]), fail_on)  # right only for problem 2 (gold 4)
+
+    first = backend(fail_on=2)
+    with pytest.raises(RuntimeError, match="server died"):
+        evaluate_into(tmp_path, bench, first, prompts, proto, meta, chunk=2)
+    saved = [json.loads(x) for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in saved] == [p.id for p in prompts[:2]]  # the first chunk survived
+    with (tmp_path / "gsm8k.jsonl").open("a") as f:
+        f.write('{"id": "torn')  # a write cut by the kill: dropped on resume
+    again = backend()
+    report = evaluate_into(tmp_path, bench, again, prompts, proto, meta, chunk=2)
+    assert again.problems == 3 and report.summary["resumed_problems"] == 2
+    assert report.summary["pass@1"] == pytest.approx(1 / 5) and report.summary["problems"] == 5
+    lines = [json.loads(x) for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in lines] == [p.id for p in prompts] and [s["correct"] for s in lines].count(True) == 1
+    other = backend()  # another protocol: nothing is reused
+    evaluate_into(tmp_path, bench, other, prompts, EvalProtocol(max_new_tokens=6), meta, chunk=2)
+    assert other.problems == 5

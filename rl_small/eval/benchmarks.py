@@ -12,6 +12,7 @@ from ``<data_dir>/<local>`` (this repository's ../shared/data layout), or from a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,30 +94,62 @@ def load_benchmark_prompts(
 
 
 def run_benchmark(
-    bench: Benchmark, backend: RolloutBackend, prompts: list[Any], protocol: EvalProtocol, grader: Any = None
+    bench: Benchmark,
+    backend: RolloutBackend,
+    prompts: list[Any],
+    protocol: EvalProtocol,
+    grader: Any = None,
+    done: list[dict[str, Any]] | None = None,
+    chunk: int | None = None,
+    on_chunk: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> BenchmarkReport:
-    """Generate ``n`` samples per problem, grade them, and compute pass@k, maj@k, lengths, truncation."""
+    """Generate ``n`` samples per problem, grade them, and compute pass@k, maj@k, lengths, truncation.
+
+    ``done``: samples of an interrupted run (whole problems); those of ``prompts`` are not generated again.
+    ``chunk``: problems per generation call; ``on_chunk(samples)`` gets each graded chunk (to save it).
+    """
     from rewards import build_reward
-    from rewards.math import extract_answer
 
     grader = grader or build_reward(bench.grader)
     max_tok = protocol.max_new_tokens or bench.max_new_tokens
+    spec = SamplingSpec(protocol.n, max_tok, protocol.temperature, protocol.top_p)
+    order = {p.id: k for k, p in enumerate(prompts)}
+    samples = [s for s in done or [] if s["id"] in order]
+    finished = {s["id"] for s in samples}
+    todo = [p for p in prompts if p.id not in finished]
     t0 = time.perf_counter()
-    rollouts = backend.generate(prompts, SamplingSpec(protocol.n, max_tok, protocol.temperature, protocol.top_p))
-    gen_s = time.perf_counter() - t0
+    gen_s = 0.0
+    step = chunk if chunk and chunk > 0 else max(len(todo), 1)
+    for i in range(0, len(todo), step):
+        t1 = time.perf_counter()
+        rollouts = backend.generate(todo[i : i + step], spec)
+        gen_s += time.perf_counter() - t1
+        new = grade_rollouts(bench, rollouts, protocol.n, grader)
+        samples += new
+        if on_chunk is not None:
+            on_chunk(new)
+    samples.sort(key=lambda x: (order[x["id"]], x["sample"]))
+    summary = summarize(samples, protocol.n, bench.grader == "math_accuracy")
+    summary |= {"benchmark": bench.name, "mode": protocol.mode, "n": protocol.n, "temperature": protocol.temperature,
+                "top_p": protocol.top_p, "max_new_tokens": max_tok, "style": protocol.style or bench.style,
+                "problems": len(prompts), "resumed_problems": len(finished), "generate_seconds": gen_s,
+                "seconds": time.perf_counter() - t0}
+    return BenchmarkReport(bench.name, summary, samples)
+
+
+def grade_rollouts(bench: Benchmark, rollouts: list[Any], n: int, grader: Any) -> list[dict[str, Any]]:
+    """One record per rollout (prompt-major, ``n`` per problem): prompt, completion, extracted answer (math),
+    gold, correct, tokens, truncated."""
+    from rewards.math import extract_answer
+
     scores = grader([r.text for r in rollouts], **batch_columns(rollouts))
     is_math = bench.grader == "math_accuracy"
-    samples = [
-        {"id": r.prompt.id, "sample": i % protocol.n, "prompt": r.prompt.text, "completion": r.text,
+    return [
+        {"id": r.prompt.id, "sample": i % n, "prompt": r.prompt.text, "completion": r.text,
          "extracted": extract_answer(r.text) if is_math else None, "gold": r.prompt.answer,
          "correct": bool(s), "tokens": len(r.completion_ids), "truncated": r.truncated}
         for i, (r, s) in enumerate(zip(rollouts, scores))
     ]
-    summary = summarize(samples, protocol.n, is_math)
-    summary |= {"benchmark": bench.name, "mode": protocol.mode, "n": protocol.n, "temperature": protocol.temperature,
-                "top_p": protocol.top_p, "max_new_tokens": max_tok, "style": protocol.style or bench.style,
-                "problems": len(prompts), "generate_seconds": gen_s, "seconds": time.perf_counter() - t0}
-    return BenchmarkReport(bench.name, summary, samples)
 
 
 def summarize(samples: list[dict[str, Any]], n: int, majority: bool = True) -> dict[str, float]:

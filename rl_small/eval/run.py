@@ -4,14 +4,18 @@
     rl-small eval --run runs/my-run --benchmarks math500 --n 4 --temperature 0.6 --top-p 0.95
 
 Writes ``<out>/eval/<benchmark>.jsonl`` (every sample) and ``<out>/eval/summary.json``, and prints a table.
+Samples are appended chunk by chunk (``--chunk``); rerunning an interrupted evaluation into the same folder with
+the same model, adapter and protocol generates only the problems not yet saved.
 ``--run RUN_DIR`` takes the model name from the run's config.yaml and its ``adapter/``, and writes into it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +39,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", help="prompt style: r1, qwen_math, deepscaler, plain, code (default: per benchmark)")
     p.add_argument("--limit", type=int, help="first K problems of each benchmark")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (hf backend)")
+    p.add_argument("--chunk", type=int, default=256, help="problems per generation call; each finished chunk is "
+                   "saved, and a rerun with the same --out, model and protocol resumes after it (0: all at once)")
     p.add_argument("--backend", choices=["auto", "hf", "vllm_engine", "vllm_server"], default="auto",
                    help="auto: vllm_engine when vllm is installed, else hf")
     p.add_argument("--server-url", action="append", default=[], help="vllm_server: a running server (repeatable)")
@@ -97,16 +103,69 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_all(names: list[str], backend: Any, tok: Any, protocol: Any, args: argparse.Namespace,
              paths: dict[str, str], out: Path, summary: dict[str, Any]) -> None:
-    from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts, run_benchmark
+    from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts
 
     for name in names:
         bench = BENCHMARKS[name]
         prompts = load_benchmark_prompts(bench, tok, protocol, args.data_dir, paths.get(name))
         log.info("%s: %d problems, %s, n=%d", name, len(prompts), protocol.mode, protocol.n)
-        report = run_benchmark(bench, backend, prompts, protocol)
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in report.samples))
+        meta = {"model": summary["model"], "adapter": summary["adapter"], "adapter_files": _stamp(summary["adapter"])}
+        report = evaluate_into(out, bench, backend, prompts, protocol, meta, args.chunk)
         summary["benchmarks"][name] = report.summary
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def evaluate_into(out: Path, bench: Any, backend: Any, prompts: list[Any], protocol: Any, meta: dict[str, Any],
+                  chunk: int | None = None) -> Any:
+    """``run_benchmark`` saving into ``out/<benchmark>.jsonl`` chunk by chunk, resuming what an interrupted run
+    with the same ``meta`` (model, adapter) and protocol left there; the file ends in problem order."""
+    from rl_small.eval.benchmarks import run_benchmark
+
+    path = out / f"{bench.name}.jsonl"
+    done = _resumable(path, meta | {"protocol": dataclasses.asdict(protocol) | {"limit": None}}, protocol.n)
+    if done:
+        log.info("%s: resuming: %d problems already in %s", bench.name, len({s['id'] for s in done}), path)
+
+    def save(samples: list[dict[str, Any]]) -> None:
+        with path.open("a") as f:
+            f.write("".join(json.dumps(s) + "\n" for s in samples))
+            f.flush()
+            os.fsync(f.fileno())
+
+    report = run_benchmark(bench, backend, prompts, protocol, done=done, chunk=chunk, on_chunk=save)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in report.samples))
+    os.replace(tmp, path)
+    return report
+
+
+def _stamp(folder: str | None) -> list[list[Any]]:
+    """(name, size, mtime) of the files of an adapter folder: a retrained adapter is not resumed from."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(folder).iterdir()) if f.is_file()]
+
+
+def _resumable(path: Path, meta: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The whole problems (``n`` samples each) of an interrupted evaluation in ``path`` made with the same
+    model, adapter and protocol (``<path>.meta.json``); otherwise start ``path`` afresh. The file is rewritten
+    with just those samples, so a torn last write is dropped."""
+    meta_path = path.with_suffix(".meta.json")
+    done: list[dict[str, Any]] = []
+    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == json.loads(json.dumps(meta)):
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                by_id.setdefault(row["id"], []).append(row)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by the interruption
+        done = [r for rows in by_id.values() if len(rows) == n for r in rows]
+    elif path.exists():
+        log.info("%s: written with another model or protocol: starting again", path)
+    path.write_text("".join(json.dumps(s) + "\n" for s in done))
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return done
 
 
 def _backend(kind: str, model_name: str, adapter: str | None, args: argparse.Namespace, out: Path) -> tuple[Any, Any]:

@@ -117,3 +117,26 @@ def test_trl_gpu_head_stand_in_equals_trls_chunked_logprob() -> None:
     g_ref = torch.autograd.grad((ref[0] * torch.arange(12.0)).sum() + ref[1].sum(), hidden)[0]
     g_ours = torch.autograd.grad((ours[0] * torch.arange(12.0)).sum() + ours[1].sum(), hidden)[0]
     assert torch.allclose(g_ref.double(), g_ours.double(), atol=1e-5)
+
+
+def test_eval_compare_pairs_the_problems_both_evaluations_have(tmp_path: Path) -> None:
+    import json
+
+    from eval_compare import compare, load
+
+    def write(folder: Path, correct: list[bool], boxed: list[bool], problems: int) -> Path:
+        (folder / "eval").mkdir(parents=True)
+        rows = [{"id": f"p{i}", "sample": 0, "correct": c, "completion": "\\boxed{1}" if b else "so 1",
+                 "tokens": 10 * (i + 1), "truncated": i == 0} for i, (c, b) in enumerate(zip(correct, boxed))]
+        (folder / "eval" / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "eval" / "summary.json").write_text(json.dumps({"benchmarks": {"gsm8k": {"problems": problems}}}))
+        return folder
+
+    a = load(write(tmp_path / "a", [True, False, True, False], [False, False, True, False], 4))
+    b = load(write(tmp_path / "b", [False, True], [False, True], 4))  # cut short after 2 of 4 problems
+    row = compare(a, b)["gsm8k"]
+    assert row["a"]["accuracy"] == 0.5 and row["a"]["correct_boxed"] == 1 and row["a"]["complete"]
+    assert row["b"]["problems"] == 2 and not row["b"]["complete"] and row["b"]["len_mean"] == 15
+    assert (row["paired_problems"], row["paired_a"], row["paired_b"], row["only_a"], row["only_b"]) == (2, 0.5, 0.5, 1, 1)
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        load(tmp_path)

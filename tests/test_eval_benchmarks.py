@@ -156,7 +156,7 @@ class _Counting:
     def __init__(self, inner: object, fail_on: int | None = None) -> None:
         self.inner, self.fail_on, self.calls, self.problems = inner, fail_on, 0, 0
 
-    def generate(self, prompts: list, spec: object) -> list:  # noqa: ANN001
+    def generate(self, prompts: list, spec: object) -> list:
         self.calls += 1
         if self.calls == self.fail_on:
             raise RuntimeError("server died")

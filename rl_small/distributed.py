@@ -13,7 +13,8 @@ def reduce_metrics(acc: Any, metrics: dict[str, float]) -> dict[str, float]:
     if acc.num_processes == 1:
         return metrics
     keys = sorted(metrics)
-    values = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64), reduction="mean")
+    values = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device),
+                        reduction="mean")
     return dict(zip(keys, values.tolist(), strict=True))
 
 
@@ -40,7 +41,8 @@ class World:
         """Elementwise sum of ``values`` over the processes (a 1-D tensor, same shape on every process)."""
         if self.size == 1:
             return values
-        return self.acc.reduce(values.detach().clone(), reduction="sum")
+        # on the accelerator's device: NCCL reduces only CUDA tensors
+        return self.acc.reduce(values.detach().to(self.acc.device, copy=True), reduction="sum").to(values.device)
 
     def gather(self, objects: list[Any]) -> list[Any]:
         """Every process's ``objects`` (picklable) concatenated in process order."""

@@ -1,8 +1,12 @@
 """The program run inside each code-execution sandbox (``python -I -S -c <this source>``), stdlib only.
 
 It reads one job (JSON) from stdin, confines itself, runs the candidate code and then each test, and writes
-``{"passed", "total", "error"}`` to ``result.json`` in its working directory (bounded by the file-size
-rlimit). Its stdout/stderr are /dev/null (set by the parent), so printing cannot flood the trainer.
+``{"nonce", "passed", "total", "error"}`` to the result pipe (``job["result_fd"]``, whose read end only the
+parent holds), then exits 0. The nonce is a per-run secret from the parent, kept only in ``main``'s frame
+while untrusted code runs; the audit hook refuses the ways to reach a frame (``sys._getframe``, traceback /
+generator frames, tracing, gc walks) and reading ``/proc``, so a program cannot forge a passing result
+(writing a result file or to the pipe without the nonce counts as a crash). Its stdout/stderr are
+/dev/null (set by the parent), so printing cannot flood the trainer.
 
 Confinement, in order (each layer is the kernel's, except the audit hook):
 1. rlimits: CPU seconds, address space, file size, no core files (soft = hard, so they cannot be raised);
@@ -10,8 +14,8 @@ Confinement, in order (each layer is the kernel's, except the audit hook):
 3. as root: stdlib modules a solution may need are imported first, then the process drops to an unprivileged
    uid of its own (so it cannot read /root, write the repo or $HOME, or signal the trainer) with
    RLIMIT_NPROC (fork bombs stop);
-4. a ``sys.addaudithook`` that refuses sockets, process creation, signals, ctypes, and writes outside the
-   temporary working directory.
+4. a ``sys.addaudithook`` that refuses sockets, process creation, signals, ctypes, writes outside the
+   temporary working directory, frame introspection and ``/proc``.
 """
 
 import json
@@ -29,7 +33,10 @@ DENY_EVENTS = (
     "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "os.kill", "os.killpg",
     "subprocess.Popen", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "os.chdir", "os.chroot",
     "os.setuid", "os.setgid", "os.setreuid", "os.setresuid", "resource.setrlimit", "resource.prlimit",
+    "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects",
+    "gc.get_referrers", "gc.get_referents",
 )
+FRAME_ATTRS = {"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "f_locals", "f_globals"}
 DENY_MODULES = {"_posixsubprocess", "ctypes", "_ctypes", "socket", "_socket", "subprocess", "multiprocessing",
                 "pty", "mmap", "signal", "_signal", "resource"}
 PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.chmod",
@@ -72,6 +79,12 @@ def install_hook(root):
             raise PermissionError("sandbox: " + event + " is not allowed")
         if event == "import" and args[0].split(".")[0] in DENY_MODULES:
             raise PermissionError("sandbox: import " + args[0] + " is not allowed")
+        if event == "object.__getattr__" and args[1] in FRAME_ATTRS:
+            raise PermissionError("sandbox: frame introspection is not allowed")
+        if event == "open" and isinstance(args[0], (str, bytes)):
+            p = os.path.realpath(os.fsdecode(args[0]))
+            if p == "/proc" or p.startswith("/proc/"):
+                raise PermissionError("sandbox: reading /proc is not allowed")
         if event == "open" and args[0] is not None:
             mode, flags = args[1] or "", args[2] or 0
             writes = any(c in str(mode) for c in "wax+") or flags & WRITE_FLAGS
@@ -105,11 +118,11 @@ def run(job):
 
 def main():
     job = json.loads(sys.stdin.read())
+    nonce, fd = job.pop("nonce"), job.pop("result_fd")
     confine(job)
     install_hook(os.path.realpath(os.getcwd()))
     passed, error = run(job)
-    with open("result.json", "w") as fh:
-        fh.write(json.dumps({"passed": passed, "total": len(job["tests"]), "error": error}))
+    os.write(fd, json.dumps({"nonce": nonce, "passed": passed, "total": len(job["tests"]), "error": error}).encode())
     os._exit(0)
 
 

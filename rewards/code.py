@@ -10,9 +10,11 @@ that asserts is one test) or MBPP (``test_list`` asserts, ``test_imports``, ``te
 
 Each program runs in ``python -I -S`` with its own temporary directory as the working directory, CPU-time,
 memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid (when
-the trainer runs as root), an audit hook that refuses sockets, processes, signals and writes outside the
-temporary directory (see ``rewards/_sandbox_child.py``); afterwards its process group and every process of
-its uid are killed and the directory removed. A thread pool runs a batch in parallel.
+the trainer runs as root), an audit hook that refuses sockets, processes, signals, frame introspection and
+writes outside the temporary directory (see ``rewards/_sandbox_child.py``). The result comes back on a pipe
+with a per-run secret and counts only after a clean exit, so a forged result file, a forged write to the
+pipe or an early exit scores 0. Afterwards its process group and every process of its uid are killed and
+the directory removed. A thread pool runs a batch in parallel.
 
 Known limit: the candidate runs in the same interpreter as the test loop, so code written to defeat the
 checker itself (an object whose ``__eq__`` is always true, patched builtins) can pass; the sandbox protects
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -117,17 +120,22 @@ class Sandbox:
 
     def run(self, code: str, spec: TestSpec) -> ExecResult:
         uid = self._uid()
+        nonce = secrets.token_hex(16)
+        read_end, write_end = os.pipe()
         job = {"code": code, "setup": spec.setup, "tests": spec.tests, "entry_point": spec.entry_point,
                "cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "file_mb": self.file_mb, "nproc": self.nproc,
-               "netns": self.netns, "uid": uid}
+               "netns": self.netns, "uid": uid, "nonce": nonce, "result_fd": write_end}
         work = tempfile.mkdtemp(prefix="rl_small_sbx_")
         if uid is not None:
             os.chown(work, uid, uid)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
-        proc = subprocess.Popen(  # output goes nowhere: a program printing gigabytes costs only its CPU time
-            [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, cwd=work, env=env, start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(  # output goes nowhere: a program printing gigabytes costs only its CPU time
+                [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, cwd=work, env=env, start_new_session=True, pass_fds=(write_end,),
+            )
+        finally:
+            os.close(write_end)
         status = "ok"
         try:
             proc.communicate(json.dumps(job).encode(), timeout=self.timeout_s)
@@ -136,15 +144,33 @@ class Sandbox:
         finally:
             _kill(proc.pid, uid)
             proc.wait()
-        try:  # written by the sandbox as its last act; its size is bounded by the file-size rlimit
+        try:  # what the sandbox wrote to the pipe as its last act, with this run's secret, then a clean exit
             if status == "timeout":  # whatever it wrote before running out of time does not count
                 return ExecResult(0, len(spec.tests), status)
-            res = json.loads((Path(work) / "result.json").read_text())
+            res = json.loads(_read_all(read_end, limit=1 << 16))
+            if proc.returncode != 0 or not secrets.compare_digest(str(res["nonce"]), nonce):
+                return ExecResult(0, len(spec.tests), "crashed")
             return ExecResult(min(int(res["passed"]), len(spec.tests)), len(spec.tests), status)
         except (OSError, ValueError, KeyError, TypeError):
             return ExecResult(0, len(spec.tests), "crashed")
         finally:
+            os.close(read_end)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """What is in the pipe now (its writers are dead), at most ``limit`` bytes; never blocks."""
+    os.set_blocking(fd, False)
+    out = b""
+    while len(out) < limit:
+        try:
+            chunk = os.read(fd, limit - len(out))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
 
 
 def _kill(pgid: int, uid: int | None) -> None:

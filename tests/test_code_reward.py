@@ -69,6 +69,37 @@ def test_humaneval_and_mbpp_columns() -> None:
     assert mbpp_spec(["assert 1"], ["import math"], "y = 1").setup == ["import math", "y = 1"]
 
 
+# Walks up the stack to the harness's frame, takes the run's secret and result pipe and writes a forged pass.
+FRAME_WALK = (
+    "import sys, os, json\n"
+    "def _tb_frame():\n"
+    "    try:\n        raise ValueError\n    except ValueError as e:\n        return e.__traceback__.tb_frame\n"
+    "f = {route}\n"
+    "while f is not None:\n"
+    "    if 'nonce' in f.f_locals:\n"
+    "        n, fd = f.f_locals['nonce'], f.f_locals['fd']\n"
+    "        os.write(fd, json.dumps({{{{'nonce': n, 'passed': 3, 'total': 3, 'error': None}}}}).encode())\n"
+    "        os._exit(0)\n"
+    "    f = f.f_back\n"
+)
+
+# Scans its own memory for the job text (secret and pipe number) and writes a forged pass.
+PROC_MEM = (
+    "import os, re, json\n"
+    "mem = open('/proc/self/mem', 'rb')\n"
+    "for line in open('/proc/self/maps'):\n"
+    "    span, perms = line.split()[:2]\n"
+    "    if not perms.startswith('r'):\n        continue\n"
+    "    lo, hi = (int(x, 16) for x in span.split('-'))\n"
+    "    try:\n        mem.seek(lo)\n        chunk = mem.read(hi - lo)\n    except (OSError, ValueError, OverflowError):\n"
+    "        continue\n"
+    "    n = re.search(rb'\"nonce\": \"([0-9a-f]{{{{32}}}})\"', chunk)\n"
+    "    fd = re.search(rb'\"result_fd\": ([0-9]+)', chunk)\n"
+    "    if n and fd:\n"
+    "        os.write(int(fd.group(1)), json.dumps({{{{'nonce': n.group(1).decode(), 'passed': 3, 'total': 3}}}}).encode())\n"
+    "        os._exit(0)\n"
+)
+
 ADVERSARIAL = {
     "infinite_loop": "while True:\n    pass",
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
@@ -83,6 +114,14 @@ ADVERSARIAL = {
     "os_exit_before_tests": "import os\nos._exit(0)",
     "subprocess": "import subprocess\nsubprocess.run(['touch', '/tmp/rl_small_pwned'])",
     "forge_result_then_hang": "open('result.json', 'w').write('{{\"passed\": 3, \"total\": 3}}')\nwhile True:\n    pass",
+    "forge_result_then_exit": "open('result.json', 'w').write('{{\"passed\": 3, \"total\": 3}}')\n"
+                              "import os\nos._exit(0)",
+    "forge_every_fd_then_exit": "import os\nfor fd in range(3, 64):\n    try:\n"
+                                "        os.write(fd, b'{{\"nonce\": \"x\", \"passed\": 3, \"total\": 3}}')\n"
+                                "    except OSError:\n        pass\nos._exit(0)",
+    "steal_nonce_from_frames": FRAME_WALK.format(route="sys._getframe()"),
+    "steal_nonce_from_traceback": FRAME_WALK.format(route="_tb_frame()"),
+    "steal_nonce_from_proc_mem": PROC_MEM,
 }
 
 
@@ -101,6 +140,15 @@ def test_adversarial_program_scores_zero_and_leaves_nothing(name: str, tmp_path:
     assert not Path("/tmp/rl_small_pwned").exists()
     assert not [f for f in set(os.listdir("/tmp")) - before if f.startswith("rl_small_sbx_")]
     assert os.getpid() > 0  # still here: the parent was not killed
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(ADVERSARIAL) if n.startswith(("forge", "steal"))])
+def test_forged_results_score_zero_without_a_separate_uid(name: str) -> None:
+    # Without the uid drop (a non-root trainer) the process can read its own memory, so the audit hook's
+    # refusal of /proc and of frame access is what keeps the run's secret.
+    reward = CodeExecution(mode="pass", timeout_s=2.0, cpu_s=2, drop_privileges=False)
+    assert reward([fenced(ADVERSARIAL[name].format() + "\n" + GOOD)], test_list=[ADD_TESTS]) == [0.0]
+    assert reward([fenced(GOOD)], test_list=[ADD_TESTS]) == [1.0]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")

@@ -10,20 +10,24 @@ that asserts is one test) or MBPP (``test_list`` asserts, ``test_imports``, ``te
 
 Each program runs in ``python -I -S`` with its own temporary directory as the working directory, CPU-time,
 memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid (when
-the trainer runs as root), an audit hook that refuses sockets, processes, signals, frame introspection and
-writes outside the temporary directory (see ``rewards/_sandbox_child.py``). The result comes back on a pipe
-with a per-run secret and counts only after a clean exit, so a forged result file, a forged write to the
-pipe or an early exit scores 0. Afterwards its process group and every process of its uid are killed and
-the directory removed. A thread pool runs a batch in parallel.
+the trainer runs as root), Landlock (writes only in its directory, no TCP, no signals out; also for a
+non-root trainer), an audit hook that refuses sockets, processes, signals and writes outside the temporary
+directory (see ``rewards/_sandbox_child.py``). The result comes back on a pipe with a per-run secret and
+counts only after a clean exit, so a forged result file, a forged write to the pipe, an early exit or
+rebinding the builtins / ``os.write`` / ``json`` the harness uses scores nothing. Afterwards its process
+group and every process of its uid are killed and the directory removed. A thread pool runs a batch in
+parallel.
 
 Known limit: the candidate runs in the same interpreter as the test loop, so code written to defeat the
-checker itself (an object whose ``__eq__`` is always true, patched builtins) can pass; the sandbox protects
-the machine and the run, not the grade against adversarial code.
+checker itself (an object whose ``__eq__`` is always true, builtins the tests call patched, the harness's
+frames walked) can pass; the sandbox protects the machine and the run, and stops the cheap forgeries, not
+every adversarial grade.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import json
 import logging
@@ -32,8 +36,10 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +105,40 @@ class ExecResult:
     status: str  # ok | timeout | crashed | no_code
 
 
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0 when absent): what confines a sandbox's writes, TCP and signals
+    at the kernel level even for a non-root trainer (``rewards/_sandbox_child.py``)."""
+    if sys.platform != "linux":
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(int(libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1))), 0)
+
+
+@functools.cache
+def _warn_once(drop: bool) -> None:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if drop and not _world_readable(stdlib):
+        log.warning("code sandbox: the per-program uid cannot read the Python standard library at %s (a parent "
+                    "directory is private); solutions can import only the modules preloaded by "
+                    "rewards/_sandbox_child.py. A Python installed outside a private home lifts this.", stdlib)
+    if not drop and not landlock_abi():
+        log.warning("code sandbox: no Landlock in this kernel and no per-program uid (the trainer is not root): "
+                    "only the Python audit hook guards files outside the working directory")
+
+
+def _world_readable(path: str) -> bool:
+    """Whether any uid can list ``path`` and traverse every directory above it."""
+    p = Path(path).resolve()
+    try:
+        modes = [q.stat().st_mode for q in (p, *p.parents)]
+    except OSError:
+        return False
+    return bool(modes[0] & stat.S_IROTH) and all(m & stat.S_IXOTH for m in modes)
+
+
 class Sandbox:
     """Runs programs in confined subprocesses; safe to call from several threads at once."""
 
@@ -111,6 +151,7 @@ class Sandbox:
         self.root = os.geteuid() == 0
         self.drop = drop_privileges and self.root
         self.base_uid = base_uid
+        _warn_once(self.drop)
 
     def _uid(self) -> int | None:
         if not self.drop:

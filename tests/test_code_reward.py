@@ -5,12 +5,22 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from rewards.code import CodeExecution, Sandbox, extract_code, humaneval_spec, mbpp_spec
+from rewards.code import (
+    CodeExecution,
+    Sandbox,
+    _world_readable,
+    extract_code,
+    humaneval_spec,
+    landlock_abi,
+    mbpp_spec,
+)
 from rl_small.config import DataConfig
 from rl_small.data import load_task_rows
 from tests.conftest import SHARED_DATA
@@ -69,20 +79,6 @@ def test_humaneval_and_mbpp_columns() -> None:
     assert mbpp_spec(["assert 1"], ["import math"], "y = 1").setup == ["import math", "y = 1"]
 
 
-# Walks up the stack to the harness's frame, takes the run's secret and result pipe and writes a forged pass.
-FRAME_WALK = (
-    "import sys, os, json\n"
-    "def _tb_frame():\n"
-    "    try:\n        raise ValueError\n    except ValueError as e:\n        return e.__traceback__.tb_frame\n"
-    "f = {route}\n"
-    "while f is not None:\n"
-    "    if 'nonce' in f.f_locals:\n"
-    "        n, fd = f.f_locals['nonce'], f.f_locals['fd']\n"
-    "        os.write(fd, json.dumps({{{{'nonce': n, 'passed': 3, 'total': 3, 'error': None}}}}).encode())\n"
-    "        os._exit(0)\n"
-    "    f = f.f_back\n"
-)
-
 # Scans its own memory for the job text (secret and pipe number) and writes a forged pass.
 PROC_MEM = (
     "import os, re, json\n"
@@ -119,16 +115,31 @@ ADVERSARIAL = {
     "forge_every_fd_then_exit": "import os\nfor fd in range(3, 64):\n    try:\n"
                                 "        os.write(fd, b'{{\"nonce\": \"x\", \"passed\": 3, \"total\": 3}}')\n"
                                 "    except OSError:\n        pass\nos._exit(0)",
-    "steal_nonce_from_frames": FRAME_WALK.format(route="sys._getframe()"),
-    "steal_nonce_from_traceback": FRAME_WALK.format(route="_tb_frame()"),
     "steal_nonce_from_proc_mem": PROC_MEM,
+    # Subvert the audit hook from Python (what a non-root trainer, without the uid drop, relies on besides
+    # Landlock): rebind what it calls, use a directory fd it cannot see, rebind its deny-list.
+    "escape_patched_realpath": "import os\nos.path.realpath = lambda p: os.getcwd()\nopen({repo!r}, 'w').write('pwned')",
+    "escape_dir_fd": "import os\nd = os.open({repo_dir!r}, os.O_RDONLY)\n"
+                     "os.open('PWNED_BY_SANDBOX', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=d)",
+    "escape_patched_deny_list_signal": "import sys, os\nsys.modules['__main__'].DENY_EVENTS = ()\n"
+                                       "os.kill(os.getppid(), 0)",  # signal 0: only asks whether it may
 }
+
+# A wrong solution plus a trick on the harness that reports the test results: each must still score 0.
+FORGED_GRADES = {
+    "patched_exec": "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None",
+    "patched_os_write": "import os, re\n_w = os.write\n"
+                        "os.write = lambda fd, b: _w(fd, re.sub(rb'\"passed\": [0-9]+', b'\"passed\": 3', b))",
+    "patched_json": "import json\n_d = json.dumps\n"
+                    "json.dumps = lambda o, **k: _d(dict(o, passed=3) if isinstance(o, dict) else o, **k)",
+}
+WRONG = "\ndef add(a, b):\n    return 0\n"
 
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial_program_scores_zero_and_leaves_nothing(name: str, tmp_path: Path) -> None:
     repo_file = Path(__file__).resolve().parents[1] / "PWNED_BY_SANDBOX"
-    code = ADVERSARIAL[name].format(repo=str(repo_file), home=str(Path.home()))
+    code = ADVERSARIAL[name].format(repo=str(repo_file), repo_dir=str(repo_file.parent), home=str(Path.home()))
     # The adversarial code runs first; the solution below it would pass if execution got that far.
     reward = CodeExecution(mode="pass", timeout_s=2.0, cpu_s=2)
     before = set(os.listdir("/tmp"))
@@ -142,13 +153,56 @@ def test_adversarial_program_scores_zero_and_leaves_nothing(name: str, tmp_path:
     assert os.getpid() > 0  # still here: the parent was not killed
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(ADVERSARIAL) if n.startswith(("forge", "steal"))])
-def test_forged_results_score_zero_without_a_separate_uid(name: str) -> None:
-    # Without the uid drop (a non-root trainer) the process can read its own memory, so the audit hook's
-    # refusal of /proc and of frame access is what keeps the run's secret.
+@pytest.mark.parametrize("name", [n for n in sorted(ADVERSARIAL) if n.startswith(("forge", "steal", "escape"))])
+def test_forgery_and_escapes_fail_without_a_separate_uid(name: str) -> None:
+    if name == "escape_dir_fd" and not landlock_abi():
+        pytest.skip("the audit hook cannot see dir_fd; only Landlock (absent in this kernel) stops this one")
+    # Without the uid drop (a non-root trainer) Landlock and the audit hook are what keep the run's secret and
+    # the files outside the working directory.
+    repo_file = Path(__file__).resolve().parents[1] / "PWNED_BY_SANDBOX"
+    code = ADVERSARIAL[name].format(repo=str(repo_file), repo_dir=str(repo_file.parent), home=str(Path.home()))
     reward = CodeExecution(mode="pass", timeout_s=2.0, cpu_s=2, drop_privileges=False)
-    assert reward([fenced(ADVERSARIAL[name].format() + "\n" + GOOD)], test_list=[ADD_TESTS]) == [0.0]
+    try:
+        assert reward([fenced(code + "\n" + GOOD)], test_list=[ADD_TESTS]) == [0.0]
+        assert not repo_file.exists()
+    finally:
+        repo_file.unlink(missing_ok=True)
     assert reward([fenced(GOOD)], test_list=[ADD_TESTS]) == [1.0]
+
+
+def test_world_readable_needs_every_parent_traversable() -> None:
+    tmp_path = Path(tempfile.mkdtemp())  # directly under /tmp: pytest's tmp_path has a private parent
+    (tmp_path / "private" / "lib").mkdir(parents=True)
+    tmp_path.chmod(0o755)
+    (tmp_path / "private").chmod(0o700)
+    assert not _world_readable(str(tmp_path / "private" / "lib"))
+    (tmp_path / "private").chmod(0o711)
+    assert _world_readable(str(tmp_path / "private" / "lib"))
+    (tmp_path / "private" / "lib").chmod(0o711)  # traversable but not listable
+    assert not _world_readable(str(tmp_path / "private" / "lib"))
+    shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
+def test_ordinary_introspecting_code_still_runs(drop: bool) -> None:
+    # namedtuple, TypeVar and Enum call sys._getframe; traceback reads frames; writing in the working
+    # directory is allowed. None of it may be mistaken for an attack.
+    code = (
+        "import collections, enum, traceback, typing\nT = typing.TypeVar('T')\n"
+        "Pair = collections.namedtuple('Pair', 'a b')\nColor = enum.Enum('Color', 'RED GREEN')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    TB = traceback.format_exc()\n"
+        "open('scratch.txt', 'w').write(TB)\n"
+        "def add(a: T, b: T) -> T:\n    return Pair(a, b).a + Pair(a, b).b + (Color.RED.value - 1)\n"
+    )
+    reward = CodeExecution(mode="pass", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
+    assert reward([fenced(code)], test_list=[ADD_TESTS]) == [1.0]
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
+@pytest.mark.parametrize("name", sorted(FORGED_GRADES))
+def test_patching_the_harness_does_not_forge_a_grade(name: str, drop: bool) -> None:
+    reward = CodeExecution(mode="fraction", timeout_s=2.0, cpu_s=2, drop_privileges=drop)
+    assert reward([fenced(FORGED_GRADES[name] + WRONG)], test_list=[ADD_TESTS]) == [pytest.approx(2 / 3)]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")

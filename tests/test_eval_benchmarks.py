@@ -194,3 +194,19 @@ def test_interrupted_eval_resumes_where_it_stopped(tiny_model_dir: Path, tmp_pat
     other = backend()  # another protocol: nothing is reused
     evaluate_into(tmp_path, bench, other, prompts, EvalProtocol(max_new_tokens=6), meta, chunk=2)
     assert other.problems == 5
+
+
+def test_evaluating_another_benchmark_into_a_folder_keeps_the_earlier_rows(tmp_path: Path) -> None:
+    from rl_small.eval.run import _earlier_results
+
+    meta = {"model": "m", "adapter": "/a", "adapter_files": [["adapter_model.safetensors", 10, 1]]}
+    rows = {"gsm8k": {"pass@1": 0.25}, "math500": {"pass@1": 0.5}, "aime24": {"pass@1": 0.0}}
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "m", "benchmarks": rows}))
+    for name in rows:
+        (tmp_path / f"{name}.jsonl").write_text("{}\n")
+        (tmp_path / f"{name}.meta.json").write_text(json.dumps(meta | {"protocol": {"n": 1}}))
+    (tmp_path / "aime24.jsonl").unlink()  # its samples are gone: its row is not kept
+    assert _earlier_results(tmp_path, meta, skip=["gsm8k"]) == {"math500": {"pass@1": 0.5}}
+    retrained = meta | {"adapter_files": [["adapter_model.safetensors", 10, 2]]}
+    assert _earlier_results(tmp_path, retrained, skip=["gsm8k"]) == {}
+    assert _earlier_results(tmp_path / "nowhere", meta, skip=[]) == {}

@@ -105,11 +105,12 @@ def _run_all(names: list[str], backend: Any, tok: Any, protocol: Any, args: argp
              paths: dict[str, str], out: Path, summary: dict[str, Any]) -> None:
     from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts
 
+    meta = {"model": summary["model"], "adapter": summary["adapter"], "adapter_files": _stamp(summary["adapter"])}
+    summary["benchmarks"].update(_earlier_results(out, meta, skip=names))
     for name in names:
         bench = BENCHMARKS[name]
         prompts = load_benchmark_prompts(bench, tok, protocol, args.data_dir, paths.get(name))
         log.info("%s: %d problems, %s, n=%d", name, len(prompts), protocol.mode, protocol.n)
-        meta = {"model": summary["model"], "adapter": summary["adapter"], "adapter_files": _stamp(summary["adapter"])}
         report = evaluate_into(out, bench, backend, prompts, protocol, meta, args.chunk)
         summary["benchmarks"][name] = report.summary
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -137,6 +138,27 @@ def evaluate_into(out: Path, bench: Any, backend: Any, prompts: list[Any], proto
     tmp.write_text("".join(json.dumps(s) + "\n" for s in report.samples))
     os.replace(tmp, path)
     return report
+
+
+def _earlier_results(out: Path, meta: dict[str, Any], skip: list[str]) -> dict[str, Any]:
+    """Benchmarks that an earlier evaluation of the same model and adapter left in ``out`` (and that this one
+    does not rerun): kept in summary.json so that evaluating one more benchmark into a folder adds a row."""
+    try:
+        earlier = json.loads((out / "summary.json").read_text())["benchmarks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    kept = {}
+    for name, result in earlier.items():
+        meta_path = out / f"{name}.meta.json"
+        try:
+            same = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "protocol"} == meta
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if name not in skip and same and (out / f"{name}.jsonl").exists():
+            kept[name] = result
+    if kept:
+        log.info("keeping the earlier results of %s in %s", ", ".join(sorted(kept)), out / "summary.json")
+    return kept
 
 
 def _stamp(folder: str | None) -> list[list[Any]]:

@@ -57,7 +57,8 @@ def _own(samples: dict[str, dict[str, Any]], summary: dict[str, Any], name: str)
             "boxed": sum("\\boxed" in r["completion"] for r in rows) / max(len(rows), 1),
             "len_mean": sum(r["tokens"] for r in rows) / max(len(rows), 1),
             "truncated": sum(r["truncated"] for r in rows) / max(len(rows), 1),
-            "seconds": s.get("seconds")}
+            "seconds_last_invocation": s.get("seconds"),  # a resumed evaluation timed only its last part
+            "generate_seconds_all_runs": s.get("generate_seconds_all_runs")}
 
 
 def main() -> None:

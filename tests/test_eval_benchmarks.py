@@ -188,6 +188,9 @@ def test_interrupted_eval_resumes_where_it_stopped(tiny_model_dir: Path, tmp_pat
     again = backend()
     report = evaluate_into(tmp_path, bench, again, prompts, proto, meta, chunk=2)
     assert again.problems == 3 and report.summary["resumed_problems"] == 2
+    first_chunk = sum(json.loads(x)["gen_seconds"] for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()[:2])
+    assert report.summary["generate_seconds_all_runs"] == pytest.approx(report.summary["generate_seconds"] + first_chunk)
+    assert first_chunk > 0
     assert report.summary["pass@1"] == pytest.approx(1 / 5) and report.summary["problems"] == 5
     lines = [json.loads(x) for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
     assert [s["id"] for s in lines] == [p.id for p in prompts] and [s["correct"] for s in lines].count(True) == 1

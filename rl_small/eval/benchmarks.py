@@ -123,8 +123,11 @@ def run_benchmark(
     for i in range(0, len(todo), step):
         t1 = time.perf_counter()
         rollouts = backend.generate(todo[i : i + step], spec)
-        gen_s += time.perf_counter() - t1
+        took = time.perf_counter() - t1
+        gen_s += took
         new = grade_rollouts(bench, rollouts, protocol.n, grader)
+        for sample in new:  # its share of the generation call: totals survive a resumed run
+            sample["gen_seconds"] = took / max(len(new), 1)
         samples += new
         if on_chunk is not None:
             on_chunk(new)
@@ -133,7 +136,9 @@ def run_benchmark(
     summary |= {"benchmark": bench.name, "mode": protocol.mode, "n": protocol.n, "temperature": protocol.temperature,
                 "top_p": protocol.top_p, "max_new_tokens": max_tok, "style": protocol.style or bench.style,
                 "problems": len(prompts), "resumed_problems": len(finished), "generate_seconds": gen_s,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0,
+                "generate_seconds_all_runs": None if any("gen_seconds" not in x for x in samples)
+                else sum(x["gen_seconds"] for x in samples)}
     return BenchmarkReport(bench.name, summary, samples)
 
 

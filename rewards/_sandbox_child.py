@@ -20,8 +20,10 @@ Confinement, in order (each layer is the kernel's, except the audit hook):
    ``exec``/``compile``/``os.write`` before the candidate runs; the kernel layers are what hold.
 
 Not defended: the tests run in the candidate's interpreter, so code that walks the interpreter's frames
-(``sys._getframe().f_back``) can reach the harness's state (the test list, the secret). Refusing frame access
-would break ordinary code (``namedtuple``, ``TypeVar`` and ``Enum`` call ``sys._getframe``).
+(``sys._getframe().f_back``) can reach the harness's state (the test list, the secret); so can code that reads
+its own memory where /proc/self/mem is readable (a non-root trainer) by a route the hook cannot see (a
+``dir_fd``). Refusing frame access would break ordinary code (``namedtuple``, ``TypeVar`` and ``Enum`` call
+``sys._getframe``).
 """
 
 import json

@@ -175,6 +175,10 @@ class Sandbox:
                 [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, cwd=work, env=env, start_new_session=True, pass_fds=(write_end,),
             )
+        except BaseException:
+            os.close(read_end)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         finally:
             os.close(write_end)
         status = "ok"

@@ -155,6 +155,10 @@ class AlgoConfig(_Closed):
         False, description="Compute the KL to the reference for metrics even when kl_coef = 0 (a no-grad forward)."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: loss -= coef * aggregated token entropy.")
+    entropy_log_every: int = Field(
+        5, ge=0, description="Compute the policy/entropy metric every N steps (0 = never) when entropy_coef = 0: "
+        "one more pass over the vocabulary per token; with entropy_coef > 0 it is computed (and logged) every step.",
+    )
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="Loss aggregation over tokens and sequences."
     )

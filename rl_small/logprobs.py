@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from rl_small.head import lm_head_logprobs
 from rl_small.losses import token_logprobs, token_logprobs_and_entropy
 from rl_small.types import Rollout
 
@@ -95,14 +96,16 @@ def _cache_kwarg(model: Any) -> str:
 
 
 def shared_prefix_forward(
-    model: Any, rollouts: list[Rollout], pad_id: int, hidden: bool = False
+    model: Any, rollouts: list[Rollout], pad_id: int, hidden: bool = False, states_of: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run every prompt once and its completions on the prompt's KV cache.
 
     Returns (out, completion ids (B, C), completion mask (B, C)), completions left-aligned. ``out`` (B, C, V)
     are the logits that *predict* completion token t at position t (a causal LM); with ``hidden`` = True,
     ``model`` is a bare decoder (e.g. ``LlamaModel``) and ``out`` (B, C, H) are its last hidden states at the
-    same positions, i.e. the states a value head reads for V(s_t) before token t. Works with gradient
+    same positions, i.e. the states a value head reads for V(s_t) before token t. ``states_of`` = the decoder
+    of the causal LM ``model``: ``out`` are that decoder's last hidden states (B, C, H), the LM head's input, and
+    logits are computed for one position per sequence only (``lm_head_logprobs`` projects chunks). Works with gradient
     checkpointing (exact gradients; the cache layers are replay-safe, see ``_cache_under_checkpointing``).
     """
     prompt_keys: dict[tuple[int, ...], int] = {}
@@ -112,6 +115,8 @@ def shared_prefix_forward(
     p_ids, p_attn = _left_pad([list(k) for k in prompt_keys], pad_id)
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
     extra = {} if hidden else {"logits_to_keep": 1}
+    extra_c = extra if states_of is not None else {}
+    captured: list[torch.Tensor] = []  # the decoder's last hidden states of the two forwards (states_of)
     idx = torch.tensor(rows, dtype=torch.long)
     c_ids, c_mask = _right_pad([r.completion_ids for r in rollouts], pad_id)
     attn = torch.cat([p_attn[idx], c_mask.long()], dim=1)
@@ -119,46 +124,92 @@ def shared_prefix_forward(
     cache_kw = _cache_kwarg(model)
     prompt_cache = DynamicCache()
     prompt_cache.layer_class_to_replicate = _RecordingLayer
-    with _cache_under_checkpointing(model):
-        out = model(
-            input_ids=p_ids,
-            attention_mask=p_attn,
-            position_ids=p_pos,
-            use_cache=False,
-            **{cache_kw: prompt_cache},
-            **extra,
-        )
-        # differentiable indexing: gradients flow back into the shared prefix
-        cache = DynamicCache()
-        cache.layers = [_PrefixLayer(layer.keys[idx], layer.values[idx]) for layer in prompt_cache.layers]
-        out_c = model(
-            input_ids=c_ids, attention_mask=attn, position_ids=c_pos, use_cache=False, **{cache_kw: cache}
-        )
+    hook = states_of.register_forward_hook(lambda _m, _a, o: captured.append(o[0])) if states_of else None
+    try:
+        with _cache_under_checkpointing(model):
+            out = model(
+                input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=False,
+                **{cache_kw: prompt_cache}, **extra,
+            )
+            # differentiable indexing: gradients flow back into the shared prefix
+            cache = DynamicCache()
+            cache.layers = [_PrefixLayer(layer.keys[idx], layer.values[idx]) for layer in prompt_cache.layers]
+            out_c = model(
+                input_ids=c_ids, attention_mask=attn, position_ids=c_pos, use_cache=False, **{cache_kw: cache},
+                **extra_c,
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
     # The prompt's last position predicts completion token 0; completion position t predicts token t+1.
-    if hidden:
+    if captured:
+        states = torch.cat([captured[0][:, -1:][idx], captured[1][:, :-1]], dim=1)
+    elif hidden:
         states = torch.cat([out.last_hidden_state[:, -1:][idx], out_c.last_hidden_state[:, :-1]], dim=1)
     else:
         states = torch.cat([out.logits[:, -1:][idx], out_c.logits[:, :-1]], dim=1)
     return states, c_ids, c_mask
 
 
+def lm_head_parts(model: Any) -> tuple[Any, torch.nn.Linear] | None:
+    """(decoder, LM head) of a causal LM (PEFT- and DDP-unwrapped) when the chunked head applies: a plain,
+    frozen, unsharded ``nn.Linear`` head and no logit soft-capping. None otherwise (FSDP / ZeRO-3 sharded
+    weights, a trainable or LoRA-wrapped head): the caller then uses the model's own logits."""
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import PreTrainedModel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel) or getattr(base.config, "final_logit_softcapping", None):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return None
+    w = head.weight
+    sharded = hasattr(w, "ds_id") or type(w.data) is not torch.Tensor or w.shape[-1] != base.config.hidden_size
+    if w.requires_grad or sharded:
+        return None
+    return base.get_decoder(), head
+
+
 def completion_logprobs(
     model: Any, rollouts: list[Rollout], pad_id: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(completion tokens) (B, C) and their mask (B, C), completions left-aligned; prefix shared."""
-    logits, c_ids, c_mask = shared_prefix_forward(model, rollouts, pad_id)
-    return token_logprobs(logits, c_ids, temperature), c_mask
+    logp, mask, _ = completion_logprobs_and_entropy(model, rollouts, pad_id, temperature, entropy=False)
+    return logp, mask
 
 
 def completion_logprobs_and_entropy(
-    model: Any, rollouts: list[Rollout], pad_id: int, temperature: float = 1.0, entropy_grad: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like ``completion_logprobs`` plus the per-token entropy (B, C) of the policy, from the same forward
-    and the same log-softmax (no second pass); the entropy is detached unless ``entropy_grad``."""
-    logits, c_ids, c_mask = shared_prefix_forward(model, rollouts, pad_id)
-    logp, ent = token_logprobs_and_entropy(logits, c_ids, temperature, entropy_grad=entropy_grad)
-    assert ent is not None
-    return logp, c_mask, ent
+    model: Any,
+    rollouts: list[Rollout],
+    pad_id: int,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Like ``completion_logprobs`` plus the per-token entropy (B, C) of the policy (None unless ``entropy``),
+    from the same forward and pass over the vocabulary; the entropy is detached unless ``entropy_grad``.
+
+    The LM head runs chunk by chunk on the decoder's hidden states of the completion tokens only
+    (``rl_small.head.lm_head_logprobs``: no (B, C, V) logits exist); padding positions hold 0. Where the
+    head cannot be used directly (``lm_head_parts`` is None) the model's logits go through the chunked
+    ``token_logprobs_and_entropy``."""
+    parts = lm_head_parts(model)
+    if parts is None:
+        logits, c_ids, c_mask = shared_prefix_forward(model, rollouts, pad_id)
+        logp, ent = token_logprobs_and_entropy(logits, c_ids, temperature, entropy, entropy_grad)
+        return logp, c_mask, ent
+    decoder, head = parts
+    hidden, c_ids, c_mask = shared_prefix_forward(model, rollouts, pad_id, states_of=decoder)
+    sel = c_mask.to(hidden.device).bool()
+    pos = sel.nonzero(as_tuple=True)
+    lp, ent = lm_head_logprobs(
+        hidden[pos], head.weight, head.bias, c_ids.to(hidden.device)[pos], temperature, entropy, entropy_grad
+    )
+    zeros = torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device)
+    return zeros.index_put(pos, lp), c_mask, None if ent is None else zeros.index_put(pos, ent)
 
 
 def completion_logprobs_naive(

@@ -149,14 +149,9 @@ def token_logprobs_and_entropy(
     entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(target) (B, T) and the entropy H = -sum_v p_v log p_v (B, T) of each position's distribution,
-    both from one log-softmax of ``logits`` (B, T, V) / temperature; entropy is None when not asked for.
-    With ``entropy_grad`` the entropy keeps its graph (an entropy bonus); without, it is a detached metric."""
-    logits = logits.float()
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
-    if not entropy:
-        return logp, None
-    src = logp_all if entropy_grad else logp_all.detach()
-    return logp, -(src.exp() * src).sum(-1)
+    both fp32 from one pass over ``logits`` (B, T, V) / temperature in row chunks (rl_small.head: no full fp32
+    copy or log-softmax of the logits); entropy is None when not asked for. With ``entropy_grad`` the
+    entropy keeps its graph (an entropy bonus); without, it is a detached metric."""
+    from rl_small.head import logits_logprobs
+
+    return logits_logprobs(logits, targets, temperature, entropy=entropy, entropy_grad=entropy and entropy_grad)

@@ -262,7 +262,8 @@ class Trainer:
         for chunk in micro_batches([batch.rollouts[i] for i in idx], a.micro_batch_size):
             rows = sel[chunk]
             rs = [batch.rollouts[i] for i in rows.tolist()]
-            logp, _, ent = completion_logprobs_and_entropy(self.model, rs, pad, temp, entropy_grad=a.entropy_coef > 0)
+            ent_on = a.entropy_coef > 0 or (a.entropy_log_every > 0 and self.step_no % a.entropy_log_every == 0)
+            logp, _, ent = completion_logprobs_and_entropy(self.model, rs, pad, temp, ent_on, a.entropy_coef > 0)
             w = logp.shape[1]
             m = batch.mask[rows, :w] * batch.loss_weight[rows].unsqueeze(-1)
 
@@ -288,7 +289,8 @@ class Trainer:
                     add("loss/kl", kl.item())
             if a.entropy_coef > 0:
                 loss = loss - a.entropy_coef * agg(ent)
-            add("policy/entropy", float((ent.detach() * m).sum()) / max(n_tok, 1.0))
+            if ent is not None:
+                add("policy/entropy", float((ent.detach() * m).sum()) / max(n_tok, 1.0))
             self.acc.backward(loss)
             add("loss/total", loss.item())
             add("loss/clip_frac", float((clipped * m).sum()) / max(n_tok, 1.0))

@@ -99,3 +99,11 @@ def test_bf16_step_trains(tiny_overrides: list[str], tmp_path: Path) -> None:
     after = _lora(tr.model)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert len(changed) == len(before), f"only {len(changed)}/{len(before)} LoRA tensors changed in bf16"
+
+
+def test_entropy_metric_only_on_logging_steps_without_entropy_bonus(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """entropy_coef = 0: the entropy is computed on steps 0, N, 2N, ... (entropy_log_every = N) only."""
+    tr = Trainer(load_recipe(None, tiny_overrides + [REWARD, "algo.entropy_log_every=2", "train.steps=3"]), tmp_path)
+    m0, m1, m2 = tr.step(), tr.step(), tr.step()
+    assert m0["policy/entropy"] > 0 and m2["policy/entropy"] > 0
+    assert "policy/entropy" not in m1

@@ -96,7 +96,8 @@ def test_ppo_needs_lora_and_a_grpo_checkpoint_is_not_a_ppo_one(tiny_overrides: l
     ids=["reinforce_pp-kl_reward", "grpo-kl_loss-dual_clip-entropy", "dr_grpo-kl_reward"],
 )
 def test_estimator_and_kl_options_train(tiny_overrides: list[str], tmp_path: Path, options: list[str]) -> None:
-    tr = _trainer(tiny_overrides + FAKE_MIXED + [TOKEN_REWARD, *options], tmp_path / "run")
+    # entropy_log_every=1: the entropy metric on the second step too (the default computes it every 5th step)
+    tr = _trainer(tiny_overrides + FAKE_MIXED + [TOKEN_REWARD, "algo.entropy_log_every=1", *options], tmp_path / "run")
     before = _params(tr)
     tr.step()
     m = tr.step()  # second step: the policy differs from the reference, so every KL is non-zero

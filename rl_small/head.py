@@ -12,8 +12,8 @@ processed ``chunk_rows(V)`` at a time (one chunk's fp32 logits alive at once) in
   cross-entropy: d logp_n / d h_n = (W[t_n] - sum_v p_nv W_v) / T and d H_n / d h_n =
   -sum_v p_nv (log p_nv + H_n) W_v / T are (N, H) vectors, so backward is a row scaling and saves no logits
   and needs no second projection. The LM head weight must be frozen (LoRA); it gets no gradient.
-- ``logits_logprobs`` takes logits that already exist (any dtype) and saves only per-row statistics;
-  backward recomputes each chunk's softmax and writes the logits' gradient in their own dtype.
+- ``logits_logprobs`` takes logits that already exist (any dtype) and saves nothing vocabulary-sized of its
+  own; backward recomputes each chunk's log-softmax and writes the logits' gradient in their own dtype.
 
 Entropy is computed only when asked for (``entropy``) and keeps its graph only with ``entropy_grad``.
 """
@@ -33,24 +33,22 @@ def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
 
 
 def _stats(z: torch.Tensor, t: torch.Tensor, entropy: bool, probs: bool) -> tuple[Any, ...]:
-    """From fp32 scaled logits z (c, V): log-sum-exp (c,), log p(t) (c,), probabilities (c, V) (None unless
+    """From fp32 scaled logits z (c, V): log-softmax (c, V), log p(t) (c,), probabilities (c, V) (None unless
     ``probs`` or ``entropy``), entropy (c,) (empty unless ``entropy``)."""
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
-    p = torch.exp(z - lse.unsqueeze(-1)) if probs or entropy else None
-    # sum_v p_v z_v as a batched dot product: no (c, V) temporary
-    ent = lse - torch.einsum("cv,cv->c", p, z) if p is not None and entropy else lse.new_zeros(0)
-    return lse, logp, p, ent
+    lsm = torch.log_softmax(z, dim=-1)
+    logp = lsm.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    p = lsm.exp() if probs or entropy else None
+    # -sum_v p_v log p_v as a batched dot product: no (c, V) temporary
+    ent = -torch.einsum("cv,cv->c", p, lsm) if p is not None and entropy else lsm.new_zeros(0)
+    return lsm, logp, p, ent
 
 
 def _dlogits(
-    z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, p: torch.Tensor, ent: torch.Tensor | None
+    lsm: torch.Tensor, t: torch.Tensor, p: torch.Tensor, ent: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d log p(t) / dz = onehot(t) - p and d H / dz = -p (log p + H), both (c, V) fp32 (the second if ent).
-    ``z`` and ``p`` are overwritten (they are not needed afterwards)."""
-    d_ent = None
-    if ent is not None:  # -p (z - lse + H), in z's buffer
-        d_ent = z.sub_((lse - ent).unsqueeze(-1)).mul_(p).neg_()
+    ``lsm`` and ``p`` are overwritten (they are not needed afterwards)."""
+    d_ent = None if ent is None else lsm.add_(ent.unsqueeze(-1)).mul_(p).neg_()
     d_lp = p.neg_()
     d_lp.scatter_add_(-1, t.unsqueeze(-1), torch.ones_like(t, dtype=p.dtype).unsqueeze(-1))
     return d_lp, d_ent
@@ -75,11 +73,12 @@ class _LMHead(torch.autograd.Function):
             z = torch.nn.functional.linear(h[sl], w, b).float()  # a fresh buffer: scaled in place
             if temp not in (0, 1):
                 z.div_(temp)
-            lse, logp[sl], p, e = _stats(z, t[sl], entropy, probs=need)
+            lsm, logp[sl], p, e = _stats(z, t[sl], entropy, probs=need)
+            del z
             if entropy:
                 ent[sl] = e
             if need:
-                d_lp, d_ent = _dlogits(z, t[sl], lse, p, e if g_ent.numel() else None)
+                d_lp, d_ent = _dlogits(lsm, t[sl], p, e if g_ent.numel() else None)
                 scale = 1.0 if temp in (0, 1) else 1.0 / temp
                 g_lp[sl] = (d_lp.to(w.dtype) @ w).float() * scale
                 if d_ent is not None:
@@ -129,15 +128,14 @@ class _LogitsHead(torch.autograd.Function):
         n = logits.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=logits.device)
         ent = torch.empty(n if entropy else 0, dtype=torch.float32, device=logits.device)
-        lse_all = torch.empty(n, dtype=torch.float32, device=logits.device)
         for s in range(0, n, rows):
             sl = slice(s, min(s + rows, n))
             z = logits[sl].float()
             z = z / temp if temp not in (0, 1) else z
-            lse_all[sl], logp[sl], _, e = _stats(z, t[sl], entropy, probs=False)
+            _, logp[sl], _, e = _stats(z, t[sl], entropy, probs=False)
             if entropy:
                 ent[sl] = e
-        ctx.save_for_backward(logits, t, lse_all, ent)
+        ctx.save_for_backward(logits, t, ent)
         ctx.temp, ctx.rows, ctx.ent_grad = temp, rows, entropy and entropy_grad
         if not ctx.ent_grad:
             ctx.mark_non_differentiable(ent)
@@ -145,17 +143,17 @@ class _LogitsHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, d_logp: torch.Tensor, d_ent: torch.Tensor | None) -> tuple[Any, ...]:
-        logits, t, lse_all, ent = ctx.saved_tensors
+        logits, t, ent = ctx.saved_tensors
         temp, rows = ctx.temp, ctx.rows
         grad = torch.empty_like(logits)
         use_ent = ctx.ent_grad and d_ent is not None
         for s in range(0, logits.shape[0], rows):
             sl = slice(s, min(s + rows, logits.shape[0]))
-            z = logits[sl].to(torch.float32, copy=True)  # _dlogits overwrites it
-            z = z.div_(temp) if temp not in (0, 1) else z
-            lse = lse_all[sl]
-            p = torch.exp(z - lse.unsqueeze(-1))
-            g_lp, g_ent = _dlogits(z, t[sl], lse, p, ent[sl] if use_ent else None)
+            z = logits[sl].float()
+            z = z / temp if temp not in (0, 1) else z
+            lsm = torch.log_softmax(z, dim=-1)  # a fresh buffer: _dlogits overwrites it, not the logits
+            del z
+            g_lp, g_ent = _dlogits(lsm, t[sl], lsm.exp(), ent[sl] if use_ent else None)
             g = g_lp * d_logp[sl].unsqueeze(-1)
             if g_ent is not None and d_ent is not None:
                 g = g + g_ent * d_ent[sl].unsqueeze(-1)

@@ -70,7 +70,8 @@ class _LMHead(torch.autograd.Function):
                             device=h.device)
         for s in range(0, n, rows):
             sl = slice(s, min(s + rows, n))
-            z = torch.nn.functional.linear(h[sl], w, b).float()  # a fresh buffer: scaled in place
+            # h in the head's dtype (hidden states can come out of an autocast region in another one)
+            z = torch.nn.functional.linear(h[sl].to(w.dtype), w, b).float()  # a fresh buffer: scaled in place
             if temp not in (0, 1):
                 z.div_(temp)
             lsm, logp[sl], p, e = _stats(z, t[sl], entropy, probs=need)

@@ -99,3 +99,16 @@ def test_lm_head_saves_no_vocabulary_sized_tensor_for_backward() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         _naive(torch.nn.functional.linear(hidden, w), t, 0.7)
     assert max(saved) >= n * v  # the check can see a vocabulary-sized tensor
+
+
+def test_lm_head_takes_hidden_states_of_another_dtype() -> None:
+    """fp32 hidden states (e.g. out of an autocast region) on a bf16 head: projected in bf16, as the model's
+    own head would under autocast; the gradient comes back in the hidden states' dtype."""
+    hidden, w, _, t, c1, _ = _case(torch.float32)
+    lp, _ = lm_head_logprobs(hidden, w.bfloat16(), None, t, rows=8)
+    (g,) = torch.autograd.grad((lp * c1).sum(), hidden)
+    ref, _ = _naive(torch.nn.functional.linear(hidden.bfloat16(), w.bfloat16()), t, 1.0)
+    (ref_g,) = torch.autograd.grad((ref * c1).sum(), hidden)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(lp, ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(g, ref_g, **TOL[torch.bfloat16])

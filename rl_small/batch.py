@@ -10,7 +10,8 @@ estimators of rl_small.advantages; the trainer only calls these three functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,6 +68,17 @@ def pad_batch(scored: list[ScoredRollout], overlong_filter: bool = False) -> Tra
     return batch
 
 
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (no dropout) and restore its train/eval flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def fill_no_grad(
     batch: TrainBatch,
     model: Any,
@@ -78,7 +90,15 @@ def fill_no_grad(
 ) -> None:
     """The passes before any update, each only when needed: log pi_old (several optimizer steps per batch, or a
     KL reward), log pi_ref (any KL: ``peft_model`` with its adapters disabled), the critic's values (ppo).
-    ``model`` may be Accelerate-wrapped; ``peft_model`` is the unwrapped PEFT model (default: ``model``)."""
+    ``model`` may be Accelerate-wrapped; ``peft_model`` is the unwrapped PEFT model (default: ``model``).
+
+    The passes run in eval mode: no dropout mask (LoRA ``dropout``, attention dropout) is drawn, so they are
+    deterministic, and pi_old, pi_ref and the old values are the deterministic policy / critic, as generation
+    (also eval mode) sampled from. The update forward keeps dropout on (train mode, as TRL and verl do); with
+    ``dropout = 0`` both are the same function and the first optimizer step's ratio pi/pi_old is exactly 1.
+    With ``dropout > 0`` the update's pi is a dropout-noised pi_old at the first step, so the ratio is noise
+    around 1 that the PPO clip bounds (when no pi_old is needed, one epoch and minibatch, the trainer uses the
+    detached current logprobs and the ratio is exactly 1 with any dropout)."""
     need_ref = algo.kl_coef > 0 or algo.log_kl
     need_old = algo.epochs > 1 or algo.minibatches > 1 or (algo.kl_coef > 0 and algo.kl_mode == "reward")
     n, width = batch.mask.shape
@@ -88,7 +108,7 @@ def fill_no_grad(
     if not (need_old or need_ref or critic is not None):
         return
     peft_model = model if peft_model is None else peft_model
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # a DDP wrapper passes the mode on to the PEFT model
         for idx in micro_batches(batch.rollouts, algo.micro_batch_size):
             chunk, rows = [batch.rollouts[i] for i in idx], torch.tensor(idx)
             if batch.old_logp is not None:

@@ -12,9 +12,14 @@ reference the tests compare against) at about half the cost for GRPO-sized group
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rl_small.losses import token_logprobs, token_logprobs_and_entropy
 from rl_small.types import Rollout
@@ -40,6 +45,55 @@ def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+class _RecordingLayer(DynamicLayer):
+    """A prompt-forward cache layer: keeps the first (key, value) it sees and returns the call's own states.
+
+    A gradient-checkpointing replay of the layer calls ``update`` again with recomputed states; they are
+    returned (the prompt has no past) and not stored, so the replay neither grows the cache nor changes it."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_initialized:
+            self.keys, self.values, self.device, self.is_initialized = (
+                key_states,
+                value_states,
+                key_states.device,
+                True,
+            )
+        return key_states, value_states
+
+
+class _PrefixLayer(DynamicLayer):
+    """A read-only completion-forward cache layer: ``update`` returns prefix + new states and stores nothing,
+    so a checkpointing replay sees exactly what the first pass saw."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextmanager
+def _cache_under_checkpointing(model: Any) -> Iterator[None]:
+    """Let checkpointed decoder layers keep the cache object (transformers drops it: a replay would append to a
+    normal cache twice); safe here because both cache layers above are replay-idempotent."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache  # back to the class attribute
+
+
+def _cache_kwarg(model: Any) -> str:
+    """``cache`` on transformers >= 5.24, ``past_key_values`` before (read off the wrapped model's forward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def shared_prefix_forward(
     model: Any, rollouts: list[Rollout], pad_id: int, hidden: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +102,8 @@ def shared_prefix_forward(
     Returns (out, completion ids (B, C), completion mask (B, C)), completions left-aligned. ``out`` (B, C, V)
     are the logits that *predict* completion token t at position t (a causal LM); with ``hidden`` = True,
     ``model`` is a bare decoder (e.g. ``LlamaModel``) and ``out`` (B, C, H) are its last hidden states at the
-    same positions, i.e. the states a value head reads for V(s_t) before token t.
+    same positions, i.e. the states a value head reads for V(s_t) before token t. Works with gradient
+    checkpointing (exact gradients; the cache layers are replay-safe, see ``_cache_under_checkpointing``).
     """
     prompt_keys: dict[tuple[int, ...], int] = {}
     rows = []
@@ -57,15 +112,28 @@ def shared_prefix_forward(
     p_ids, p_attn = _left_pad([list(k) for k in prompt_keys], pad_id)
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
     extra = {} if hidden else {"logits_to_keep": 1}
-    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, **extra)
     idx = torch.tensor(rows, dtype=torch.long)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 renamed it
-    cache.batch_select_indices(idx)  # differentiable indexing: gradients flow back into the shared prefix
     c_ids, c_mask = _right_pad([r.completion_ids for r in rollouts], pad_id)
     attn = torch.cat([p_attn[idx], c_mask.long()], dim=1)
     c_pos = p_attn.sum(-1)[idx].unsqueeze(1) + torch.arange(c_ids.shape[1]).unsqueeze(0)
-    cache_kw = "cache" if hasattr(out, "cache") else "past_key_values"
-    out_c = model(input_ids=c_ids, attention_mask=attn, position_ids=c_pos, use_cache=False, **{cache_kw: cache})
+    cache_kw = _cache_kwarg(model)
+    prompt_cache = DynamicCache()
+    prompt_cache.layer_class_to_replicate = _RecordingLayer
+    with _cache_under_checkpointing(model):
+        out = model(
+            input_ids=p_ids,
+            attention_mask=p_attn,
+            position_ids=p_pos,
+            use_cache=False,
+            **{cache_kw: prompt_cache},
+            **extra,
+        )
+        # differentiable indexing: gradients flow back into the shared prefix
+        cache = DynamicCache()
+        cache.layers = [_PrefixLayer(layer.keys[idx], layer.values[idx]) for layer in prompt_cache.layers]
+        out_c = model(
+            input_ids=c_ids, attention_mask=attn, position_ids=c_pos, use_cache=False, **{cache_kw: cache}
+        )
     # The prompt's last position predicts completion token 0; completion position t predicts token t+1.
     if hidden:
         states = torch.cat([out.last_hidden_state[:, -1:][idx], out_c.last_hidden_state[:, :-1]], dim=1)
@@ -97,7 +165,7 @@ def completion_logprobs_naive(
     model: Any, rollouts: list[Rollout], pad_id: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: one full forward per prompt+completion; same layout as ``completion_logprobs``."""
-    out_lp, out_mask = [], []
+    out_lp: list[torch.Tensor] = []
     for r in rollouts:
         ids = torch.tensor([r.prompt_ids + r.completion_ids])
         logits = model(input_ids=ids).logits[:, len(r.prompt_ids) - 1 : -1]

@@ -130,8 +130,22 @@ def load_policy(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         )
         model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model, tok
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Per-layer activation checkpointing, non-reentrant: it needs no ``requires_grad`` input (frozen
+    embeddings under LoRA), lets gradients reach tensors captured outside the layer call (the shared-prefix
+    KV cache, see ``rl_small.logprobs``) and replays dropout with the saved RNG state, so gradients are exact."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.25 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()  # harmless when non-reentrant; PEFT's recipe for the reentrant kind
 
 
 def load_adapter(model: Any, adapter_dir: str | Path) -> Any:

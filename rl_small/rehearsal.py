@@ -7,8 +7,8 @@
 
 What a rehearsal changes, and nothing else:
 - the model: a randomly initialised model of the recipe's architecture, built from the real model's
-  ``config.json`` values (a fixture row keyed by the recipe's ``model.name``) with fewer layers and a smaller
-  hidden size (same attention / KV head counts, same MLP ratio, same vocabulary size, rope, tying, ids);
+  ``config.json`` values (a fixture row keyed by the recipe's ``model.name``) with 2 layers and one KV head
+  (smaller hidden size; same head dimension, GQA group, MLP ratio, vocabulary size, rope, tying, token ids);
 - its tokenizer: byte-level BPE trained on the fixture text, padded to the real tokenizer's size, with the
   family's special tokens at their real ids and the family's chat template (``tokenizers/<family>.json``);
 - the backend (``hf`` or ``vllm_server``), ``rollout.max_new_tokens`` and the evaluation size (capped for
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHRUNK_LAYERS = 2
-SHRUNK_HEAD_DIM = 16
 TRAINED_BPE_TOKENS = 2000  # real merges learnt from the fixture text, so prompts tokenize to word-like pieces
 
 
@@ -91,15 +90,20 @@ def fixture_for(name: str, table: dict[str, ModelFixture], root: str | Path) -> 
     return table[name]
 
 
-def shrink_config(real: dict[str, Any], layers: int = SHRUNK_LAYERS, head_dim: int = SHRUNK_HEAD_DIM) -> dict[str, Any]:
-    """The real config with ``layers`` layers and hidden size heads x ``head_dim``: the attention and KV head
-    counts (GQA grouping), the MLP/hidden ratio, the vocabulary, rope, tying and token ids are kept."""
+def shrink_config(real: dict[str, Any], layers: int = SHRUNK_LAYERS) -> dict[str, Any]:
+    """The real config with ``layers`` layers and one KV head: the real head dimension and GQA group (query heads
+    per KV head) are kept, so hidden size = group x head_dim; also the MLP/hidden ratio, the vocabulary, rope,
+    tying and token ids. (vLLM's CPU attention only takes head sizes 32..512, and GPU kernels are picked by the
+    head size too: the head dimension is the one to keep.)"""
     heads = int(real["num_attention_heads"])
-    hidden = heads * head_dim
+    kv = int(real.get("num_key_value_heads") or heads)
+    head_dim = int(real.get("head_dim") or real["hidden_size"] // heads)
+    group = heads // kv
+    hidden = group * head_dim
     ratio = real["intermediate_size"] / real["hidden_size"]
     small = {k: v for k, v in real.items() if k not in ("torch_dtype", "dtype", "transformers_version")}
-    small.update(num_hidden_layers=layers, hidden_size=hidden, head_dim=head_dim,
-                 intermediate_size=max(16, round(ratio * hidden / 16) * 16))
+    small.update(num_hidden_layers=layers, hidden_size=hidden, head_dim=head_dim, num_attention_heads=group,
+                 num_key_value_heads=1, intermediate_size=max(16, round(ratio * hidden / 16) * 16))
     if "max_window_layers" in real:
         small["max_window_layers"] = min(int(real["max_window_layers"]), layers)
     return small

@@ -6,7 +6,8 @@ for the model, the backend, the completion cap, the step count and the data sour
                                                                        # (in the vLLM venv)
 
 The model is a random one of the recipe's architecture, built from the real config.json values in
-tests/fixtures/rehearsal (keyed by the recipe's ``model.name``) with 2 layers and hidden size heads x 16, the
+tests/fixtures/rehearsal (keyed by the recipe's ``model.name``) with 2 layers and one KV head (real head size and
+GQA group), the
 real vocabulary (Qwen2.5 / R1-Distill-Qwen 151,936, Llama-3.2 128,256, SmolLM2 49,152) and a tokenizer of the
 real size with the family's special ids and chat template. Data: a few GSM8K / MATH rows in the hub's formats
 (tests/fixtures/data). Everything else is the recipe's: dtype (bf16), gradient checkpointing, LoRA r / alpha /
@@ -207,15 +208,16 @@ def test_rehearsal_prompts_fill_each_micro_batch_once() -> None:
 
 
 def test_shrunk_model_keeps_real_shape_parameters(tmp_path: Path) -> None:
-    """The rehearsal model of R1-Distill-Qwen-1.5B: 2 layers, 12 heads x 16, 2 KV heads, untied, vocab 151,936,
+    """The rehearsal model of R1-Distill-Qwen-1.5B: 2 layers, 1 KV head with its group of 6 query heads of the real
+    dimension 128 (hidden 768), untied, vocab 151,936,
     rope theta 10,000; its tokenizer has the real 151,665 ids with <｜end▁of▁sentence｜> at 151,643."""
     from transformers import AutoConfig, AutoTokenizer
 
     table = load_model_table(MODELS)
     d = build_model(table["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"], tmp_path, fixture_corpus(DATA))
     c = AutoConfig.from_pretrained(d)
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (2, 192, 12, 2)
-    assert (c.vocab_size, c.tie_word_embeddings, c.intermediate_size) == (151936, False, 1120)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (2, 768, 6, 1)
+    assert (c.head_dim, c.vocab_size, c.tie_word_embeddings, c.intermediate_size) == (128, 151936, False, 4480)
     tok = AutoTokenizer.from_pretrained(d)
     assert tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>") == 151643 == tok.eos_token_id
     text = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,

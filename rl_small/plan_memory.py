@@ -98,23 +98,27 @@ def activation_bytes(arch: Arch, mb: MicroBatch, dtype_bytes: int, targets: tupl
 
 
 def head_bytes(mb: MicroBatch, arch: Arch, dtype_bytes: int, temperature: float = 1.0,
-               chunk_rows: int | None = None, entropy: bool = True, grad: bool = True) -> int:
+               chunk_rows: int | None = None, entropy: bool = True, grad: bool = True,
+               entropy_grad: bool = False) -> int:
     """Peak bytes of the log-prob head over the micro-batch's (seqs x completion_len) positions.
 
     ``chunk_rows`` None, the naive head: the logits (model dtype), an fp32 copy (also after the temperature
     division), the fp32 log-softmax (kept for backward) and, for the entropy metric, exp and product, all
     (positions, vocab). ``chunk_rows`` = rows per chunk, the fused head (``rl_small.head``): hidden states go
     through the LM head ``chunk_rows`` positions at a time, so the full logits never exist; per chunk the
-    fp32 logits, probabilities and the model-dtype gradient of the logits are alive, and one fp32
-    d log p / d hidden row per position is kept for backward (``grad``).
+    log-softmax, probabilities and the model-dtype gradient of the logits are alive, and one fp32
+    d log p / d hidden row per position (two with ``entropy_grad``) is kept for backward (``grad``).
     """
     n, v, s = mb.seqs * mb.completion_len, arch.vocab, dtype_bytes
     if chunk_rows is None:
         upcast = FP32 if (s != FP32 or temperature not in (0, 1)) else 0
         return (s + upcast + FP32 + (2 * FP32 if entropy else 0)) * n * v
     rows = min(chunk_rows, n)
-    per_chunk = (FP32 + FP32 + (s if s != FP32 else 0)) * rows * v if grad else (s + 2 * FP32) * rows * v
-    return per_chunk + (FP32 * arch.hidden * n if grad else 0) + 3 * FP32 * n
+    # grad: log-softmax + probabilities (fp32) + the logits' gradient cast to the model dtype; no grad: the fp32
+    # logits and their log-softmax
+    per_chunk = (2 * FP32 + (s if s != FP32 else 0)) * rows * v if grad else 2 * FP32 * rows * v
+    kept = FP32 * arch.hidden * n * (1 + int(entropy_grad)) if grad else 0
+    return per_chunk + kept + s * arch.hidden * n + 3 * FP32 * n  # + the gathered hidden rows, per-row results
 
 
 def no_grad_bytes(arch: Arch, mb: MicroBatch, dtype_bytes: int, temperature: float = 1.0,

@@ -59,8 +59,9 @@ def test_head_naive_vs_chunked() -> None:
     assert naive == 4 * 100 * v * (2 + 4 + 4 + 8)  # bf16 logits, fp32 copy, log-softmax, exp and product
     assert head_bytes(mb, arch, 4, temperature=1.0) == 4 * 100 * v * (4 + 4 + 8)  # fp32, T=1: no copy
     fused = head_bytes(mb, arch, 2, temperature=0.7, chunk_rows=50)
-    assert fused == 50 * v * (4 + 4 + 2) + 400 * h * 4 + 3 * 4 * 400  # one chunk + d logp/d hidden rows
-    assert head_bytes(mb, arch, 2, chunk_rows=50, grad=False, entropy=False) == 50 * v * 10 + 3 * 4 * 400
+    # one chunk + d logp/d hidden rows (fp32) + the gathered hidden rows (bf16) + per-row results
+    assert fused == 50 * v * (4 + 4 + 2) + 400 * h * 4 + 400 * h * 2 + 3 * 4 * 400
+    assert head_bytes(mb, arch, 2, chunk_rows=50, grad=False, entropy=False) == 50 * v * 8 + 400 * h * 2 + 12 * 400
 
 
 def test_head_rows_mirror_the_fused_head() -> None:

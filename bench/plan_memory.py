@@ -2,7 +2,8 @@
 ``rl-small plan``.
 
     python bench/plan_memory.py            # every case; table + bench/results/plan_memory.json
-    python bench/plan_memory.py --quick    # the small cases only (what tests/test_plan.py runs)
+    python bench/plan_memory.py --quick    # the small cases only
+    python bench/plan_memory.py --plan-table   # every recipe's plan on h100-80gb, naive vs fused head
 
 Each case builds a random model of a recipe's family (the real vocabulary and head layout, fewer layers,
 sometimes a smaller hidden size) with LoRA as the recipe sets it, and runs one forward + backward of a
@@ -191,12 +192,39 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plan_table() -> str:
+    """Every recipe's plan on h100-80gb with the naive and the fused head (the table of BENCHMARKS.md)."""
+    from rl_small.config import load_recipe
+    from rl_small.plan import make_plan, smallest_gpu
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    lines = ["| recipe | smallest GPU (naive head / fused head) | total on h100-80gb (naive / fused) | weights | "
+             "LoRA + AdamW | activations (ckpt) | head (naive / fused) | no-grad passes extra | critic | "
+             "vLLM share (needs) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(root.glob("**/*.yaml")):
+        cfg = load_recipe(r)
+        best = [smallest_gpu(cfg, head=h)[0] or "none" for h in ("naive", "chunked")]
+        pn, pf = make_plan(cfg, head="naive"), make_plan(cfg, head="chunked")
+        t, tf = {x.name: x.gib for x in pn.terms}, {x.name: x.gib for x in pf.terms}
+        lines.append(
+            f"| {r.relative_to(root)} | {best[0]} / {best[1]} | {pn.total_gib:.1f} / {pf.total_gib:.1f} | "
+            f"{t['base weights']:.2f} | {t['trainable + grads + AdamW']:.2f} | {t['activations']:.2f} "
+            f"({'on' if cfg.model.gradient_checkpointing else 'off'}) | {t['log-prob head']:.2f} / "
+            f"{tf['log-prob head']:.2f} | {tf.get('no-grad passes (not at once)', 0):.2f} | "
+            f"{t.get('PPO critic', 0):.2f} | {t.get('vLLM share', 0):.1f} ({pn.vllm_need_gib or 0:.1f}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="only the small cases")
     ap.add_argument("--only", help="run the cases whose name contains this")
+    ap.add_argument("--plan-table", action="store_true", help="print every recipe's plan (no measurement)")
     args = ap.parse_args()
+    if args.plan_table:
+        sys.stdout.write(plan_table() + "\n")
+        return
     if args.worker:
         sys.stdout.write(json.dumps(worker(json.loads(args.worker))) + "\n")
         return

@@ -1,5 +1,6 @@
 """Command line: ``rl-small train [--recipe R] [key=value ...]``, ``rl-small serve --recipe R``,
-``rl-small eval --model M --benchmarks ...``, ``rl-small report RUN_DIR ...`` and ``rl-small bench [NAME ...]``.
+``rl-small eval --model M --benchmarks ...``, ``rl-small report RUN_DIR ...``, ``rl-small bench [NAME ...]`` and
+``rl-small plan RECIPE [--gpu NAME] [--gpus N]`` (memory per process before a launch).
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -40,6 +41,45 @@ def run_bench(name: str | None, args: list[str], folder: Path = BENCH_DIR) -> in
     return subprocess.call([sys.executable, str(folder / f"{name}.py"), *args])
 
 
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--gpu", default="h100-80gb", help="GPU model: h100-80gb, a100-40gb, a100-80gb, l4-24gb, "
+                   "a10-24gb, h200-141gb, rtx4090-24gb, t4-16gb, v100-16gb/32gb, l40s-48gb, a6000-48gb")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (one process each; rank 0 hosts a spawned vLLM)")
+    p.add_argument("--prompt-tokens", type=int, help="longest prompt in tokens (default: by task)")
+    p.add_argument("--head", default="auto", choices=["auto", "naive", "chunked"],
+                   help="log-prob head to assume (auto: the one this installation has)")
+    p.add_argument("--write-header", action="store_true",
+                   help="write the smallest-GPU line ('# plan: fits ...') into the recipe's header comments")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan for rank 0 (and the other ranks when they differ) and the smallest GPU; 0 if it fits."""
+    from rl_small.config import RecipeError, load_recipe
+    from rl_small.plan import header_line, make_plan, render, smallest_gpu, write_header
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        if args.gpus < 1:
+            raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+        kw = dict(gpu=args.gpu, gpus=args.gpus, prompt_tokens=args.prompt_tokens, head=args.head)
+        plans = [make_plan(cfg, rank=0, **kw)] + ([make_plan(cfg, rank=1, **kw)] if args.gpus > 1 else [])
+        best, _ = smallest_gpu(cfg, gpus=args.gpus, prompt_tokens=args.prompt_tokens, head=args.head)
+    except (RecipeError, FileNotFoundError, ValueError) as err:
+        sys.stderr.write(f"rl-small plan: error: {err}\n")
+        return 2
+    out = [render(plans[0], f"{cfg.name}, rank 0 " if args.gpus > 1 else f"{cfg.name}, ")]
+    if len(plans) > 1:
+        out.append(render(plans[1], "ranks 1.. "))
+    out.append(f"smallest listed GPU that fits ({args.gpus} GPU(s)): {best or 'none'}")
+    if args.write_header:
+        line = header_line(cfg, head=args.head, prompt_tokens=args.prompt_tokens)
+        out.append(f"{args.recipe}: {'wrote' if write_header(args.recipe, line) else 'unchanged'} {line!r}")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0 if all(p.fits for p in plans) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     from rl_small.eval.run import add_eval_args
     from rl_small.train import add_train_args
@@ -60,7 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     bn = sub.add_parser("bench", help="run a benchmark of bench/ (tables + bench/results/*.json); no name: list them")
     bn.add_argument("name", nargs="?", help="benchmark (script name in bench/), e.g. trl_compare, scaling")
     bn.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    pl = sub.add_parser("plan", help="estimate memory per process for a recipe on a GPU, and whether it fits")
+    add_plan_args(pl)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        sys.exit(run_plan(args))
     if args.command == "bench":
         try:
             code = run_bench(args.name, args.bench_args)

@@ -260,6 +260,10 @@ class TrainConfig(_Closed):
     eval_data_dir: str | None = Field(None, description="Local data root for those benchmarks (default: HF hub).")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
     progress: bool = Field(True, description="Rich progress bar on the terminal.")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Stop after this many optimizer steps in a row with a non-finite loss or gradient "
+        "norm (each is skipped: no weight changes; counted as optim/skipped_steps).",
+    )
 
 
 def _default_rewards() -> list[RewardSpec]:

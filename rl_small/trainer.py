@@ -31,6 +31,7 @@ from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
 from rl_small.distributed import World, gather_object, reduce_metrics
+from rl_small.guards import guarded_step
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
@@ -301,12 +302,7 @@ class Trainer:
                 self.acc.backward(vloss)
                 add("loss/value", vloss.item())
                 add("loss/value_clip_frac", float((vclip * vm).sum()) / max(n_tok_v, 1.0))
-        add("optim/grad_norm", float(self.acc.clip_grad_norm_(self.policy_params, mgn)))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.critic is not None:
-            self.world.mean_grads(self.critic.parameters())  # not a DDP module: reduced here
-            add("critic/grad_norm", self.critic.step(mgn))
+        guarded_step(self, stats, add)  # rl_small.guards: clip, then step, or skip a non-finite step on every rank
 
     def step(self) -> dict[str, float]:
         """One training step (``epochs`` x ``minibatches`` optimizer steps); returns its metrics."""

@@ -40,6 +40,26 @@ def run_bench(name: str | None, args: list[str], folder: Path = BENCH_DIR) -> in
     return subprocess.call([sys.executable, str(folder / f"{name}.py"), *args])
 
 
+def check_adapter_dir(folder: str | None) -> None:
+    """Refuse, before a model loads, an adapter folder whose ``adapter_config.json`` is not a LoRA config
+    (missing, not JSON, ``{}``); a folder that does not exist is left to the loader's own message."""
+    import json
+
+    if folder is None or not Path(folder).is_dir():
+        return
+    path = Path(folder) / "adapter_config.json"
+    try:
+        conf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"adapter folder {folder!r} has no adapter_config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"adapter config {str(path)!r} is not valid JSON ({err})") from None
+    missing = [k for k in ("peft_type", "r") if not isinstance(conf, dict) or k not in conf]
+    if missing:
+        raise ValueError(f"adapter config {str(path)!r} is not a LoRA adapter config: missing {missing} "
+                         f"(got {json.dumps(conf)[:200]})")
+
+
 def main(argv: list[str] | None = None) -> None:
     from rl_small.eval.run import add_eval_args
     from rl_small.train import add_train_args
@@ -94,20 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         from rl_small.eval.run import run_eval
 
         try:
+            check_adapter_dir(args.adapter or (str(Path(args.run) / "adapter") if args.run else None))
             run_eval(args)
         except (RecipeError, FileNotFoundError, KeyError, ValueError) as err:
             sys.exit(f"rl-small eval: error: {err}")
         return
     if args.command == "train":
-        from rl_small.config import RecipeError
-        from rl_small.rollout.client import RolloutError
-        from rl_small.rollout.vllm_server import ServerStartError
-        from rl_small.train import run
+        from rl_small.train import run_cli
 
-        try:
-            run(args)
-        except (RecipeError, FileNotFoundError, RolloutError, ServerStartError) as err:
-            sys.exit(f"rl-small: error: {err}")
+        sys.exit(run_cli(args))  # errors: one line naming the value; Ctrl-C: where to resume
 
 
 if __name__ == "__main__":

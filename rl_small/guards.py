@@ -1,6 +1,7 @@
-"""Guards around the optimizer step: nothing non-finite reaches the weights.
+"""Guards of a training run: nothing non-finite reaches the weights; Ctrl-C stops between steps.
 
     guarded_step(trainer, stats, add)     # the end of Trainer._minibatch_step: clip, check, step or skip
+    stop = StopRequest(world)             # in fit(): stop.agreed() after each step; stop.close() at the end
 
 A minibatch whose loss or gradient norm (policy or PPO critic) is NaN/inf is *skipped*: its gradients are
 zeroed, no optimizer moves, and ``optim/skipped_steps`` counts it (per training step: the number of skipped
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -95,3 +99,42 @@ def guarded_step(tr: Any, stats: dict[str, float], add: Callable[[str, float], N
     tr.optimizer.zero_grad(set_to_none=True)
     if tr.critic is not None:
         tr.critic.step(mgn)  # clips again (a no-op after the check) and steps
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped at a user's request (Ctrl-C) after a finished step, with a checkpoint of that step."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped at step {step}; resume with: rl-small train --resume {run_dir}")
+        self.step, self.run_dir = step, run_dir
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) between or during steps: the first one asks the loop to stop once the current step is
+    finished (fit() then saves a checkpoint and raises TrainingInterrupted); a second one aborts at once
+    (KeyboardInterrupt: the step in progress is lost, the last checkpoint stays intact). Under DDP the request
+    is summed over the processes, so every rank stops after the same step even if only one got the signal.
+    Installed only from the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self, world: Any) -> None:
+        self.world = world
+        self.requested = False
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after the current step (a checkpoint will be saved); Ctrl-C again aborts now")
+
+    def agreed(self) -> bool:
+        """True on every process when any process was asked to stop."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
+        return float(self.world.sum(flag)[0]) > 0
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

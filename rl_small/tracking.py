@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,31 @@ class Tracker:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_metrics(run_dir: Path, step: int, is_main: bool = True) -> int:
+    """Keep the lines of ``metrics.jsonl`` with ``step <= step`` (a resumed run redoes the later steps; a
+    line cut short by a kill is dropped too); rewritten atomically by the main process. Returns the number
+    of lines dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not is_main or not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d line(s) after the resumed step %d", dropped, step)
+    return dropped
 
 
 class Progress:

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             check_adapter_dir(args.adapter or (str(Path(args.run) / "adapter") if args.run else None))
             run_eval(args)
-        except (RecipeError, FileNotFoundError, KeyError, ValueError) as err:
+        except (RecipeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, ValueError) as err:
             sys.exit(f"rl-small eval: error: {err}")
         return
     if args.command == "train":

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from rl_small.checkpoint import clean_temporaries
     from rl_small.config import dump_config, load_recipe
     from rl_small.eval import evaluate
-    from rl_small.rundir import lock_run_dir
+    from rl_small.rundir import is_main_rank, lock_run_dir
     from rl_small.tracking import setup_logging
     from rl_small.trainer import Trainer
 
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
     lock = lock_run_dir(run_dir)  # one writer per run directory, for this process's lifetime
-    clean_temporaries(run_dir)  # folders of saves a killed run left behind
+    if is_main_rank():
+        clean_temporaries(run_dir)  # folders of saves a killed run left behind (the lock holder only)
     if args.resume and (done := finished_summary(run_dir, cfg.train.steps)) is not None:
         log.info("run %s already finished (%d steps; see summary.json): nothing to do. To train further, "
                  "resume with a larger train.steps=N", run_dir, cfg.train.steps)

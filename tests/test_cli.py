@@ -145,3 +145,12 @@ def test_eval_of_a_broken_adapter_folder_is_one_line(tmp_path: Path, content: st
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert f"rl-small eval: error: adapter config '{adapter / 'adapter_config.json'}'" in out.stderr
+
+
+def test_eval_into_an_unwritable_output_folder_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = subprocess.run([sys.executable, "-m", "rl_small.cli", "eval", "--model", "nowhere", "--benchmarks", "gsm8k",
+                          "--out", str(blocker / "x")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "rl-small eval: error:" in out.stderr and str(blocker / "x") in out.stderr

@@ -149,9 +149,8 @@ def test_every_numeric_field_is_constrained_or_deliberately_free() -> None:
         for name, field in model.model_fields.items():
             text = str(field.annotation)
             numeric = ("int" in text or "float" in text) and "Literal" not in text and "bool" not in text
-            if numeric and not field.metadata:
-                if f"{model.__name__}.{name}" not in free:
-                    unbounded.append(f"{model.__name__}.{name}")
+            if numeric and not field.metadata and f"{model.__name__}.{name}" not in free:
+                unbounded.append(f"{model.__name__}.{name}")
     assert not unbounded, f"numeric fields without constraints: {unbounded}"
 
 

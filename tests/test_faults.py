@@ -214,11 +214,9 @@ def test_a_second_run_into_a_locked_directory_is_refused_naming_dir_and_pid(
     tiny_overrides: list[str], tmp_path: Path
 ) -> None:
     run = tmp_path / "t"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rl_small.rundir import lock_run_dir; "
-         "lock = lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(300)", str(run)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )
+    code = ("import sys, time; from pathlib import Path; from rl_small.rundir import lock_run_dir; "
+            "lock = lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         second = _train([*tiny_overrides, TOKEN_REWARD])

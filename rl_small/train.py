@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
     lock = lock_run_dir(run_dir)  # one writer per run directory, for this process's lifetime
+    if not args.resume:
+        refuse_earlier_run(run_dir)
     if is_main_rank():
         clean_temporaries(run_dir)  # folders of saves a killed run left behind (the lock holder only)
     if args.resume and (done := finished_summary(run_dir, cfg.train.steps)) is not None:
@@ -110,6 +112,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _report(summary)
     lock.release()
     return summary
+
+
+def refuse_earlier_run(run_dir: Path) -> None:
+    """A new run must not write into the directory of an earlier one (its metrics would be appended to the
+    earlier run's and its checkpoints mixed with them)."""
+    from rl_small.rundir import RunDirError
+
+    found = [n for n in ("metrics.jsonl", "checkpoints", "summary.json", "adapter") if (run_dir / n).exists()]
+    if found:
+        raise RunDirError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
+                          f"with rl-small train --resume {run_dir}, or choose another train.run_name")
 
 
 def finished_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:

@@ -231,6 +231,20 @@ def test_a_second_run_into_a_locked_directory_is_refused_naming_dir_and_pid(
     lock_run_dir(run).release()
 
 
+def test_a_new_run_into_the_directory_of_an_earlier_one_is_refused(tiny_overrides: list[str], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from rl_small.cli import main
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny_overrides, TOKEN_REWARD])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert f"run directory '{tmp_path / 't'}' already holds a run (metrics.jsonl): continue it with" in err
+    assert (tmp_path / "t" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_a_run_whose_final_evaluation_fails_keeps_its_adapter(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

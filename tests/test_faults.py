@@ -81,6 +81,33 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run_naming_step_and_metric(
     assert len(lines) == 2 and '"optim/skipped_steps": 1.0' in lines[1]
 
 
+class NanOnceReward:
+    """Scores like token_reward, but its first batch has a NaN (a reward that breaks once)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completions: list[str], completion_ids: list[list[int]], **kwargs: object) -> list[float]:
+        from tests.helpers import token_reward
+
+        self.calls += 1
+        scores = token_reward(completions, completion_ids)
+        return [float("nan"), *scores[1:]] if self.calls == 1 else scores
+
+
+def test_a_nan_reward_never_reaches_the_weights(tiny_overrides: list[str], tmp_path: Path) -> None:
+    # Before: loss nan, the step applied, and step 2 died sampling from NaN weights. Now the NaN either abstains
+    # (rewards) or the step is skipped (guards); either way the run goes on with finite weights.
+    # (rloo: a NaN in a group spreads to its loss; grpo would give the group zero advantage)
+    tr = _trainer(tiny_overrides + ["rewards=[{name: 'tests.test_faults:NanOnceReward'}]", "train.steps=3",
+                                    "algo.name=rloo"], tmp_path / "run")
+    tr.fit()
+    assert tr.step_no == 3
+    assert all(torch.isfinite(p).all() for p in _params(tr).values())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss/total"]) for r in rows[1:])
+
+
 def test_every_process_skips_when_one_goes_nonfinite() -> None:
     worlds = ThreadWorld.group(2)
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rl_small.rundir import is_main_rank
+
 log = logging.getLogger("rl_small.train")
 
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from rl_small.checkpoint import clean_temporaries
     from rl_small.config import dump_config, load_recipe
     from rl_small.eval import evaluate
-    from rl_small.rundir import is_main_rank, lock_run_dir
+    from rl_small.rundir import lock_run_dir
     from rl_small.tracking import setup_logging
     from rl_small.trainer import Trainer
 
@@ -115,14 +117,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def refuse_earlier_run(run_dir: Path) -> None:
-    """A new run must not write into the directory of an earlier one (its metrics would be appended to the
-    earlier run's and its checkpoints mixed with them)."""
+    """A new run must not write into the directory of an earlier one that can be resumed (its metrics would be
+    appended to the earlier run's and its checkpoints mixed with them). An earlier run that left no checkpoint
+    has nothing to resume: its metrics and summary are removed and the new run starts over."""
+    from rl_small.checkpoint import list_checkpoints
     from rl_small.rundir import RunDirError
 
-    found = [n for n in ("metrics.jsonl", "checkpoints", "summary.json", "adapter") if (run_dir / n).exists()]
-    if found:
+    found = [n for n in ("checkpoints", "adapter") if (run_dir / n).exists()]
+    if list_checkpoints(run_dir) or (run_dir / "adapter").exists():
         raise RunDirError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
                           f"with rl-small train --resume {run_dir}, or choose another train.run_name")
+    stale = [p for p in (run_dir / "metrics.jsonl", run_dir / "summary.json") if p.exists()]
+    if stale and is_main_rank():
+        log.warning("%s: an earlier run left no checkpoint; starting over (removed %s)", run_dir,
+                    ", ".join(p.name for p in stale))
+        for p in stale:
+            p.unlink()
 
 
 def finished_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:

@@ -261,15 +261,22 @@ def test_a_second_run_into_a_locked_directory_is_refused_naming_dir_and_pid(
 def test_a_new_run_into_the_directory_of_an_earlier_one_is_refused(tiny_overrides: list[str], tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from rl_small.cli import main
+    from rl_small.train import refuse_earlier_run
 
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "metrics.jsonl").write_text('{"step": 1}\n')
+    run = tmp_path / "t"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "trainer_state.json").write_text('{"step": 1}')
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(SystemExit) as exc:
         main(["train", *tiny_overrides, TOKEN_REWARD])
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "Traceback" not in err
-    assert f"run directory '{tmp_path / 't'}' already holds a run (metrics.jsonl): continue it with" in err
-    assert (tmp_path / "t" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert f"run directory '{run}' already holds a run (checkpoints): continue it with" in err
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    # an earlier run killed before its first checkpoint has nothing to resume: a new run starts over
+    (run / "checkpoints" / "step_000001" / "trainer_state.json").unlink()
+    refuse_earlier_run(run)
+    assert not (run / "metrics.jsonl").exists()
 
 
 def test_a_run_whose_final_evaluation_fails_keeps_its_adapter(

@@ -120,9 +120,8 @@ class StopRequest:
     def __init__(self, world: Any) -> None:
         self.world = world
         self.requested = False
-        self._previous: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        self._installed = threading.current_thread() is threading.main_thread()
+        self._previous: Any = signal.signal(signal.SIGINT, self._on_signal) if self._installed else None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -136,6 +135,6 @@ class StopRequest:
         return float(self.world.sum(flag)[0]) > 0
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False

@@ -368,3 +368,21 @@ def test_progress_eta_fills_in_after_the_first_step() -> None:
     eta = bar._bar.tasks[0].fields["eta"]
     bar.close()
     assert eta.startswith("eta 0:00:0") and eta != "eta -:--:--", eta  # 7 steps of ~0.05 s
+
+
+def test_stop_request_first_signal_asks_second_aborts_and_handler_is_restored() -> None:
+    from rl_small.distributed import World
+    from rl_small.guards import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest(World())
+    try:
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.agreed()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; the sleep is interrupted
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is before

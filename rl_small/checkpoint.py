@@ -11,7 +11,9 @@ each rank resumes its own. Resuming with a different number of processes falls b
 warning: the run continues, but not as the uninterrupted run would have.
 
 A checkpoint is written into a temporary folder and renamed into place, so a run killed mid-save leaves the
-previous checkpoint intact and never a half-written one. Older checkpoints beyond ``keep`` are removed.
+previous checkpoint intact and never a half-written one; a save that fails (disk full) removes its temporary
+folder, and ``clean_temporaries`` removes those of killed saves at the start of the next run. Older checkpoints
+beyond ``keep`` are removed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
 
@@ -64,23 +67,39 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(trainable, tmp / "trainable.pt")
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(tmp / "adapter")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-         "rewards": reward_state, "extra": extra or {}, "ranks": ranks or []},
-        tmp / "state.pt",
-    )
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
+    try:
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(trainable, tmp / "trainable.pt")
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp / "adapter")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             "rewards": reward_state, "extra": extra or {}, "ranks": ranks or []},
+            tmp / "state.pt",
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+    except BaseException:  # disk full, interrupted: leave no partial folder behind to fill the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporary folders of saves that a killed process left behind; returns them. Only the run
+    directory's lock holder calls this (rl_small.rundir), so no live save is removed."""
+    root = run_dir / "checkpoints"
+    stale = sorted(p for p in root.glob(f"{TMP_PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint folder(s) in %s", len(stale), root)
+    return stale
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

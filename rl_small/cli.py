@@ -63,7 +63,7 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg = load_recipe(args.recipe, args.overrides)
         if args.gpus < 1:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
-        kw = dict(gpu=args.gpu, gpus=args.gpus, prompt_tokens=args.prompt_tokens, head=args.head)
+        kw = {"gpu": args.gpu, "gpus": args.gpus, "prompt_tokens": args.prompt_tokens, "head": args.head}
         plans = [make_plan(cfg, rank=0, **kw)] + ([make_plan(cfg, rank=1, **kw)] if args.gpus > 1 else [])
         best, _ = smallest_gpu(cfg, gpus=args.gpus, prompt_tokens=args.prompt_tokens, head=args.head)
     except (RecipeError, FileNotFoundError, ValueError) as err:
@@ -78,6 +78,26 @@ def run_plan(args: argparse.Namespace) -> int:
         out.append(f"{args.recipe}: {'wrote' if write_header(args.recipe, line) else 'unchanged'} {line!r}")
     sys.stdout.write("\n".join(out) + "\n")
     return 0 if all(p.fits for p in plans) else 1
+
+
+def check_adapter_dir(folder: str | None) -> None:
+    """Refuse, before a model loads, an adapter folder whose ``adapter_config.json`` is not a LoRA config
+    (missing, not JSON, ``{}``); a folder that does not exist is left to the loader's own message."""
+    import json
+
+    if folder is None or not Path(folder).is_dir():
+        return
+    path = Path(folder) / "adapter_config.json"
+    try:
+        conf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"adapter folder {folder!r} has no adapter_config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"adapter config {str(path)!r} is not valid JSON ({err})") from None
+    missing = [k for k in ("peft_type", "r") if not isinstance(conf, dict) or k not in conf]
+    if missing:
+        raise ValueError(f"adapter config {str(path)!r} is not a LoRA adapter config: missing {missing} "
+                         f"(got {json.dumps(conf)[:200]})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,20 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         from rl_small.eval.run import run_eval
 
         try:
+            check_adapter_dir(args.adapter or (str(Path(args.run) / "adapter") if args.run else None))
             run_eval(args)
-        except (RecipeError, FileNotFoundError, KeyError, ValueError) as err:
+        except (RecipeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, ValueError) as err:
             sys.exit(f"rl-small eval: error: {err}")
         return
     if args.command == "train":
-        from rl_small.config import RecipeError
-        from rl_small.rollout.client import RolloutError
-        from rl_small.rollout.vllm_server import ServerStartError
-        from rl_small.train import run
+        from rl_small.train import run_cli
 
-        try:
-            run(args)
-        except (RecipeError, FileNotFoundError, RolloutError, ServerStartError) as err:
-            sys.exit(f"rl-small: error: {err}")
+        sys.exit(run_cli(args))  # errors: one line naming the value; Ctrl-C: where to resume
 
 
 if __name__ == "__main__":

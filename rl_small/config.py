@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN / inf in any float field: `optim.lr: .inf` would poison the first step, not fail at load
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSpec(_Closed):
@@ -215,7 +216,7 @@ class AlgoConfig(_Closed):
 class RewardSpec(BaseModel):
     """One reward component: registry name or dotted path, its weight, and its own parameters."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str = Field(description="Registered name, 'pkg.module:attr' or 'path/to/file.py:attr'.")
     weight: float = Field(1.0, description="Weight in the total reward.")
     timeout_s: float = Field(10.0, gt=0, description="A call slower than this is abandoned and counted.")
@@ -242,6 +243,13 @@ class OptimConfig(_Closed):
     schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"AdamW betas must each be in [0, 1), got {list(v)}")
+        return v
+
 
 class TrainConfig(_Closed):
     steps: int = Field(40, ge=0, description="Optimizer steps.")
@@ -254,7 +262,7 @@ class TrainConfig(_Closed):
     eval_before: bool = Field(True, description="Evaluate the base model on the held-out split first.")
     eval_after: bool = Field(True, description="Evaluate the trained policy at the end.")
     eval_samples: int = Field(200, ge=0, description="Held-out problems used for the before/after evaluation.")
-    eval_max_new_tokens: int | None = Field(None, description="Default: rollout.max_new_tokens.")
+    eval_max_new_tokens: int | None = Field(None, ge=1, description="Default: rollout.max_new_tokens.")
     eval_every: int = Field(0, ge=0, description="In-training benchmark evaluation every N steps (0 = never).")
     eval_benchmarks: list[str] = Field(
         default_factory=list, description="Benchmarks for the in-training evaluation (rl_small.eval.benchmarks), "
@@ -264,6 +272,10 @@ class TrainConfig(_Closed):
     eval_data_dir: str | None = Field(None, description="Local data root for those benchmarks (default: HF hub).")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
     progress: bool = Field(True, description="Rich progress bar on the terminal.")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Stop after this many optimizer steps in a row with a non-finite loss or gradient "
+        "norm (each is skipped: no weight changes; counted as optim/skipped_steps).",
+    )
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -310,6 +322,17 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` whose errors are a RecipeError naming the file (or override) and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(f"malformed YAML in {where}: {problem}") from None
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
     tree: dict[str, Any] = {}
@@ -318,7 +341,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"recipe {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _parse_yaml(p.read_text(), str(p)) or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"recipe {str(p)!r} must be a mapping at the top level, got {type(loaded).__name__}")
         tree = loaded
@@ -328,7 +351,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if "=" not in ov:
             raise RecipeError(f"override {ov!r} must look like key.sub=value")
         key, raw = ov.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _parse_yaml(raw, f"override {ov!r}"))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,23 +72,67 @@ class Tracker:
             self._tb.close()
 
 
-class Progress:
-    """A rich progress bar showing reward, accuracy, length and step time; a no-op when disabled."""
+def truncate_metrics(run_dir: Path, step: int, is_main: bool = True) -> int:
+    """Keep the lines of ``metrics.jsonl`` with ``step <= step`` (a resumed run redoes the later steps; a
+    line cut short by a kill is dropped too); rewritten atomically by the main process. Returns the number
+    of lines dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not is_main or not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d line(s) after the resumed step %d", dropped, step)
+    return dropped
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True) -> None:
+
+def eta_text(remaining: int, seconds_per_step: float | None) -> str:
+    """``eta 1:02:03`` for ``remaining`` steps at ``seconds_per_step`` (``eta -:--:--`` before a step is done)."""
+    if seconds_per_step is None or remaining < 0:
+        return "eta -:--:--"
+    total = round(remaining * seconds_per_step)
+    return f"eta {total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+class Progress:
+    """A rich progress bar showing the ETA, reward, accuracy, length and step time; a no-op when disabled.
+
+    The ETA is the remaining steps times the mean wall time of the steps done by this process (evaluations and
+    checkpoints included). rich's own TimeRemainingColumn averages over a 30 s window, so with steps longer
+    than that it never had two samples and stayed empty."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, console: Any = None) -> None:
         self._bar: Any = None
+        self.total, self.done, self._t0 = total, start, time.perf_counter()
+        self._start = start
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"),
+                TextColumn("{task.fields[info]}"), console=console,
             )
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._task = self._bar.add_task("train", total=total, completed=start, info="", eta=eta_text(0, None))
             self._bar.start()
 
+    def seconds_per_step(self) -> float | None:
+        steps = self.done - self._start
+        return (time.perf_counter() - self._t0) / steps if steps > 0 else None
+
     def update(self, metrics: dict[str, float]) -> None:
+        self.done += 1
         if self._bar is None:
             return
         info = (
@@ -96,7 +141,8 @@ class Progress:
             f"len {metrics.get('rollout/len_mean', float('nan')):.0f}  "
             f"{metrics.get('timing/step', float('nan')):.1f}s/step"
         )
-        self._bar.update(self._task, advance=1, info=info)
+        eta = eta_text(self.total - self.done, self.seconds_per_step())
+        self._bar.update(self._task, advance=1, info=info, eta=eta)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rl_small.rundir import is_main_rank
+
 log = logging.getLogger("rl_small.train")
 
 
@@ -45,8 +47,10 @@ def _held_out(trainer: Any) -> tuple[list[Any], Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the trainer from args, evaluate before, fit, evaluate after; returns the summary."""
+    from rl_small.checkpoint import clean_temporaries
     from rl_small.config import dump_config, load_recipe
     from rl_small.eval import evaluate
+    from rl_small.rundir import lock_run_dir
     from rl_small.tracking import setup_logging
     from rl_small.trainer import Trainer
 
@@ -54,10 +58,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         run_dir = Path(args.resume)
         recipe = args.recipe or run_dir / "config.yaml"
+        if not Path(recipe).is_file():
+            raise FileNotFoundError(f"--resume {str(run_dir)!r}: no {str(recipe)!r} (is it a run directory?)")
         cfg = load_recipe(recipe, args.overrides)
     else:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
+    lock = lock_run_dir(run_dir)  # one writer per run directory, for this process's lifetime
+    if not args.resume:
+        refuse_earlier_run(run_dir)
+    if is_main_rank():
+        clean_temporaries(run_dir)  # folders of saves a killed run left behind (the lock holder only)
+    if args.resume and (done := finished_summary(run_dir, cfg.train.steps)) is not None:
+        log.info("run %s already finished (%d steps; see summary.json): nothing to do. To train further, "
+                 "resume with a larger train.steps=N", run_dir, cfg.train.steps)
+        return done
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))  # validates rewards and data first
     dump_config(cfg, run_dir / "config.yaml")
     log.info("run dir %s", run_dir)
@@ -80,6 +95,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         trainer.fit()
         summary["train_seconds"] = time.time() - t0
+        model = trainer.acc.unwrap_model(trainer.model)
+        if main and hasattr(model, "peft_config"):  # before any evaluation: a failing one loses no training
+            model.save_pretrained(run_dir / "adapter")
+            summary["adapter"] = str(run_dir / "adapter")
+        if main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.train.eval_after and prompts:
             after = evaluate(trainer.backend, prompts, grader, max_tok)
             summary["after"] = {"accuracy": after.accuracy, "len_mean": after.len_mean, "n": after.n}
@@ -88,14 +109,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         trainer.backend.close()  # stops servers the run spawned
     if main:
-        adapter_dir = run_dir / "adapter"
-        model = trainer.acc.unwrap_model(trainer.model)
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(adapter_dir)
-            summary["adapter"] = str(adapter_dir)
+        summary["finished"] = True
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _report(summary)
+    lock.release()
     return summary
+
+
+def refuse_earlier_run(run_dir: Path) -> None:
+    """A new run must not write into the directory of an earlier one that can be resumed (its metrics would be
+    appended to the earlier run's and its checkpoints mixed with them). An earlier run that left no checkpoint
+    has nothing to resume: its metrics and summary are removed and the new run starts over."""
+    from rl_small.checkpoint import list_checkpoints
+    from rl_small.rundir import RunDirError
+
+    found = [n for n in ("checkpoints", "adapter") if (run_dir / n).exists()]
+    if list_checkpoints(run_dir) or (run_dir / "adapter").exists():
+        raise RunDirError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
+                          f"with rl-small train --resume {run_dir}, or choose another train.run_name")
+    stale = [p for p in (run_dir / "metrics.jsonl", run_dir / "summary.json") if p.exists()]
+    if stale and is_main_rank():
+        log.warning("%s: an earlier run left no checkpoint; starting over (removed %s)", run_dir,
+                    ", ".join(p.name for p in stale))
+        for p in stale:
+            p.unlink()
+
+
+def finished_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The summary of a run that completed ``steps`` steps and its final evaluation, else None."""
+    from rl_small.checkpoint import list_checkpoints
+
+    path, ckpts = run_dir / "summary.json", list_checkpoints(run_dir)
+    if not path.exists() or not ckpts:
+        return None
+    summary = json.loads(path.read_text())
+    last = json.loads((ckpts[-1] / "trainer_state.json").read_text())["step"]
+    return summary if summary.get("finished") and last >= steps else None
 
 
 def _report(summary: dict[str, Any]) -> None:
@@ -115,10 +164,40 @@ def _report(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
+def run_cli(args: argparse.Namespace) -> int:
+    """``run`` for a command line: expected failures become one ``rl-small: error: ...`` line (exit 1), a
+    Ctrl-C a ``stopped at step N; resume with ...`` line (exit 130); no traceback for either."""
+    import sys
+
+    from rl_small.config import RecipeError
+    from rl_small.data.files import DataError
+    from rl_small.guards import NonFiniteError, TrainingInterrupted
+    from rl_small.rollout.client import RolloutError
+    from rl_small.rollout.vllm_server import ServerStartError
+    from rl_small.rundir import RunDirError
+
+    try:
+        run(args)
+    except TrainingInterrupted as stop:
+        sys.stderr.write(f"rl-small: {stop}\n")
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        where = f"; resume with: rl-small train --resume {args.resume}" if args.resume else ""
+        sys.stderr.write(f"rl-small: interrupted (the last checkpoint is intact){where}\n")
+        return 130
+    except (RecipeError, FileNotFoundError, DataError, RunDirError, NonFiniteError, RolloutError,
+            ServerStartError) as err:
+        sys.stderr.write(f"rl-small: error: {err}\n")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
     p = argparse.ArgumentParser(prog="python -m rl_small.train", description=__doc__.split("\n\n")[0])
     add_train_args(p)
-    run(p.parse_args(argv))
+    sys.exit(run_cli(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

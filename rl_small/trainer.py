@@ -31,11 +31,12 @@ from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
 from rl_small.distributed import World, gather_object, reduce_metrics
+from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout.base import SamplingSpec, make_backend
 from rl_small.sampling import PassRateTracker, dynamic_sample, merge_round_metrics
-from rl_small.tracking import Progress, Tracker, timer
+from rl_small.tracking import Progress, Tracker, timer, truncate_metrics
 from rl_small.types import Prompt, Rollout, ScoredRollout, TrainBatch, batch_columns
 
 log = logging.getLogger(__name__)
@@ -303,12 +304,7 @@ class Trainer:
                 self.acc.backward(vloss)
                 add("loss/value", vloss.item())
                 add("loss/value_clip_frac", float((vclip * vm).sum()) / max(n_tok_v, 1.0))
-        add("optim/grad_norm", float(self.acc.clip_grad_norm_(self.policy_params, mgn)))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.critic is not None:
-            self.world.mean_grads(self.critic.parameters())  # not a DDP module: reduced here
-            add("critic/grad_norm", self.critic.step(mgn))
+        guarded_step(self, stats, add)  # rl_small.guards: clip, then step, or skip a non-finite step on every rank
 
     def step(self) -> dict[str, float]:
         """One training step (``epochs`` x ``minibatches`` optimizer steps); returns its metrics."""
@@ -339,6 +335,7 @@ class Trainer:
     def fit(self) -> None:
         t = self.cfg.train
         bar = Progress(t.steps, self.step_no, enabled=t.progress and self.acc.is_main_process)
+        stop = StopRequest(self.world)  # Ctrl-C: finish the step, save, raise TrainingInterrupted
         try:
             while self.step_no < t.steps:
                 metrics = reduce_metrics(self.acc, self.step())
@@ -349,11 +346,15 @@ class Trainer:
                     self.tracker.log(self.step_no, metrics)
                     log.debug("step %d %s", self.step_no, metrics)
                 bar.update(metrics)
-                if (t.save_every and self.step_no % t.save_every == 0) or self.step_no == t.steps:
+                stopping = stop.agreed()  # one collective per step: every rank stops after the same step
+                if stopping or (t.save_every and self.step_no % t.save_every == 0) or self.step_no == t.steps:
                     self.save()
+                if stopping:
+                    raise TrainingInterrupted(self.step_no, self.run_dir)
             if self.backend.version != self.step_no:  # sync_every > 1: what follows uses the final policy
                 self.sync()
         finally:
+            stop.close()
             bar.close()
             self.tracker.close()
 
@@ -385,6 +386,7 @@ class Trainer:
         state = load_checkpoint(ckpts[-1], self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                                 self.acc.process_index, self.acc.num_processes)
         self.step_no = state["step"]
+        truncate_metrics(self.run_dir, self.step_no, self.acc.is_main_process)  # redone steps are logged again
         self.mixture.load_state_dict(state["cursor"])
         self.rewards.load_state_dict(state["rewards"])
         extra = state["extra"]

@@ -113,3 +113,51 @@ def test_every_algo_option_is_described_and_bad_values_are_named() -> None:
         load_recipe(None, ["algo.lam=1.5"])
     with pytest.raises(RecipeError, match="unknown key 'algo.dynamic_sampler'"):
         load_recipe(None, ["algo.dynamic_sampler=true"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.betas=[1.5,2]", r"optim.betas: .*betas must each be in \[0, 1\), got \[1.5, 2.0\]"),
+        ("optim.betas=[0.9,1.0]", r"optim.betas"),
+        ("train.eval_max_new_tokens=-5", r"train.eval_max_new_tokens: .*greater than or equal to 1.*got -5"),
+        ("train.eval_max_new_tokens=0", r"train.eval_max_new_tokens"),
+        ("optim.lr=.inf", r"optim.lr: .*finite number"),
+        ("algo.kl_coef=.nan", r"algo.kl_coef: .*finite number"),
+        ("rewards=[{name: math_accuracy, weight: .nan}]", r"rewards.0.weight: .*finite number"),
+        ("train.max_nonfinite_steps=0", r"train.max_nonfinite_steps"),
+    ],
+)
+def test_numeric_settings_are_checked_before_anything_loads(override: str, expected: str) -> None:
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(None, [override])
+
+
+def test_every_numeric_field_is_constrained_or_deliberately_free() -> None:
+    """A numeric field without a bound must be listed here with the reason it may take any value."""
+    from rl_small import config as c
+
+    free = {
+        "DataConfig.seed", "RolloutConfig.seed", "TrainConfig.seed", "RewardSpec.weight",  # any seed / sign
+        "AlgoConfig.pass_threshold", "AlgoConfig.domain_target",  # thresholds on a reward's own scale
+        "AlgoConfig.clip", "OptimConfig.betas",  # checked by validators
+    }
+    unbounded = []
+    models = (c.LoraSpec, c.ModelConfig, c.MixSpec, c.DataConfig, c.RolloutConfig, c.AlgoConfig, c.RewardSpec,
+              c.OptimConfig, c.TrainConfig)
+    for model in models:
+        for name, field in model.model_fields.items():
+            text = str(field.annotation)
+            numeric = ("int" in text or "float" in text) and "Literal" not in text and "bool" not in text
+            if numeric and not field.metadata and f"{model.__name__}.{name}" not in free:
+                unbounded.append(f"{model.__name__}.{name}")
+    assert not unbounded, f"numeric fields without constraints: {unbounded}"
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  steps: 3\n  seed: [1, 2\nalgo: {name: grpo}\n")
+    with pytest.raises(RecipeError, match=rf"malformed YAML in {recipe}, line \d+"):
+        load_recipe(recipe)
+    with pytest.raises(RecipeError, match=r"malformed YAML in override 'train.steps=\[1,'"):
+        load_recipe(None, ["train.steps=[1,"])

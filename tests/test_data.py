@@ -100,3 +100,29 @@ def test_prompts_use_template_and_chat_template(tiny_model_dir: Path) -> None:
     assert prompts[0].answer == rows[0]["answer"]
     with pytest.raises(KeyError, match="'nope'"):
         build_prompts(rows, tok, DataConfig(template="nope"))
+
+
+def test_malformed_json_file_is_read_as_lines_skipping_and_counting(tmp_path: Path) -> None:
+    from rl_small.data.files import read_rows
+
+    good = json.dumps({"question": "1+1?", "answer": "#### 2"})
+    (tmp_path / "train.json").write_text(f"{good}\n{{broken\n{good}\n")  # JSON lines named .json, one broken
+    rows, skipped = read_rows(tmp_path, "train")
+    assert len(rows) == 2 and skipped == 1
+    (tmp_path / "train.json").write_text(json.dumps([{"question": "q", "answer": "#### 1"}, 7]))
+    rows, skipped = read_rows(tmp_path, "train")
+    assert len(rows) == 1 and skipped == 1
+
+
+def test_corrupt_parquet_and_empty_datasets_are_data_errors_naming_file_and_counts(tmp_path: Path) -> None:
+    from rl_small.data.files import DataError
+
+    (tmp_path / "train.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=rf"cannot read parquet file '{tmp_path / 'train.parquet'}'"):
+        load_task_rows(DataConfig(task="gsm8k", path=str(tmp_path)), "train")
+    (tmp_path / "test.jsonl").write_text("{bad\n" + json.dumps({"question": "no gold", "answer": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"'gsm8k' split 'test' \('.*test.jsonl'\): no usable rows: 1 read, 2 skipped"):
+        load_task_rows(DataConfig(task="gsm8k", path=str(tmp_path)), "test")
+    (tmp_path / "eval.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"no usable rows: 0 read, 0 skipped"):
+        load_task_rows(DataConfig(task="gsm8k", path=str(tmp_path)), "eval")

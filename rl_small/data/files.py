@@ -31,25 +31,50 @@ def find_split_file(path: str | Path, split: str) -> Path:
     )
 
 
+class DataError(ValueError):
+    """A dataset that cannot be used (unreadable file, no usable rows); the message names the file and counts."""
+
+
 def read_rows(path: str | Path, split: str) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a local file as dicts, and how many lines were skipped because they did not parse."""
+    """Rows of a local file as dicts, and how many lines were skipped because they did not parse.
+
+    A ``.json`` file is a list of objects (or ``{"data": [...]}``); one that does not parse as a whole is read
+    as JSON lines, so its malformed lines are skipped and counted like a ``.jsonl`` file's. An unreadable file
+    (corrupt parquet or gzip, not UTF-8) is a :class:`DataError` naming it."""
     f = find_split_file(path, split)
     name = f.name
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(f).to_pylist(), 0
-    if name.endswith(".json"):
-        data = json.loads(f.read_text())
-        rows = data if isinstance(data, list) else data.get("data", [])
-        good = [r for r in rows if isinstance(r, dict)]
-        return good, len(rows) - len(good)
-    if name.endswith(".gz"):
-        import gzip
+        try:
+            return pq.read_table(f).to_pylist(), 0
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"cannot read parquet file {str(f)!r}: {err}") from None
+    try:
+        if name.endswith(".gz"):
+            import gzip
 
-        text = gzip.open(f, "rt").read()
-    else:
-        text = f.read_text()
+            with gzip.open(f, "rt") as fh:
+                text = fh.read()
+        else:
+            text = f.read_text()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read dataset file {str(f)!r}: {err}") from None
+    if name.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            log.warning("%s: not one JSON document (%s at line %d); reading it as JSON lines", f, err.msg, err.lineno)
+        else:
+            rows = data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
+            good = [r for r in rows if isinstance(r, dict)]
+            return good, len(rows) - len(good)
+    return _json_lines(f, text)
+
+
+def _json_lines(f: Path, text: str) -> tuple[list[dict[str, Any]], int]:
+    """The JSON-object lines of ``text`` (blank lines ignored) and the count of malformed ones (logged)."""
     rows: list[dict[str, Any]] = []
     skipped = 0
     for lineno, line in enumerate(text.splitlines(), 1):

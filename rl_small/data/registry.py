@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rl_small.data.arith import generate_arith
-from rl_small.data.files import read_rows
+from rl_small.data.files import DataError, find_split_file, read_rows
 from rl_small.data.templates import render_prompt
 from rl_small.types import Prompt
 
@@ -171,7 +171,9 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
     if stats.skipped:
         log.warning("task %s/%s: skipped %d malformed rows, kept %d", cfg.task, split, stats.skipped, stats.kept)
     if not rows:
-        raise ValueError(f"task {cfg.task!r} split {split!r}: no usable rows ({stats.skipped} skipped)")
+        where = repr(str(find_split_file(cfg.path, split))) if cfg.path is not None else f"hub {task.hub_id}"
+        raise DataError(f"task {cfg.task!r} split {split!r} ({where}): no usable rows: {len(raw)} read, "
+                        f"{stats.skipped} skipped (malformed lines or rows without a question/answer for this task)")
     return rows, stats
 
 

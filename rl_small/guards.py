@@ -1,0 +1,140 @@
+"""Guards of a training run: nothing non-finite reaches the weights; Ctrl-C stops between steps.
+
+    guarded_step(trainer, stats, add)     # the end of Trainer._minibatch_step: clip, check, step or skip
+    stop = StopRequest(world)             # in fit(): stop.agreed() after each step; stop.close() at the end
+
+A minibatch whose loss or gradient norm (policy or PPO critic) is NaN/inf is *skipped*: its gradients are
+zeroed, no optimizer moves, and ``optim/skipped_steps`` counts it (per training step: the number of skipped
+optimizer steps among its ``epochs x minibatches``; the sum over metrics.jsonl is the run's total). After
+``train.max_nonfinite_steps`` skipped optimizer steps in a row the run stops with :class:`NonFiniteError`,
+naming the step and the metrics that went bad. Under DDP every process takes the same decision (the flag is
+summed over the processes), so no rank steps while another skips.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+LOSS_KEYS = ("loss/total", "loss/policy", "loss/kl", "loss/value")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite optimizer steps in a row; the message names the step and the bad metrics."""
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite optimizer steps and decides, identically on every process, to skip."""
+
+    def __init__(self, max_in_row: int, world: Any) -> None:
+        self.max_in_row = max_in_row
+        self.world = world
+        self.in_row = 0
+        self._stats_id: int | None = None
+        self._bad_before: set[str] = set()
+
+    def bad_values(self, stats: dict[str, float], norms: dict[str, float]) -> dict[str, float]:
+        """Non-finite grad norms, and loss metrics of ``stats`` that turned non-finite since the previous
+        minibatch of the same step (``stats`` accumulates over a step's minibatches)."""
+        if id(stats) != self._stats_id:  # a new training step
+            self._stats_id, self._bad_before = id(stats), set()
+        bad = {k: v for k, v in norms.items() if not math.isfinite(v)}
+        new_losses = {k: stats[k] for k in LOSS_KEYS if k in stats and not math.isfinite(stats[k])}
+        bad |= {k: v for k, v in new_losses.items() if k not in self._bad_before}
+        self._bad_before |= set(new_losses)
+        return bad
+
+    def skip(self, step: int, stats: dict[str, float], norms: dict[str, float]) -> bool:
+        """True when this optimizer step must be skipped (on any process); raises after too many in a row."""
+        bad = self.bad_values(stats, norms)
+        flag = self.world.sum(torch.tensor([1.0 if bad else 0.0], dtype=torch.float64))
+        stats.setdefault("optim/skipped_steps", 0.0)
+        if float(flag[0]) == 0:
+            self.in_row = 0
+            return False
+        self.in_row += 1
+        stats["optim/skipped_steps"] += 1.0
+        where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another process"
+        log.warning("step %d: non-finite %s; optimizer step skipped (%d in a row)", step + 1, where, self.in_row)
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(
+                f"step {step + 1}: {self.in_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"({where}); stopped (train.max_nonfinite_steps={self.max_in_row}). Check the rewards and the "
+                "learning rate; resume from the last checkpoint with rl-small train --resume <run_dir>"
+            )
+        return True
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def guarded_step(tr: Any, stats: dict[str, float], add: Callable[[str, float], None]) -> None:
+    """Clip the policy gradients, reduce the critic's, then step both optimizers, or skip both (gradients
+    zeroed) when the minibatch went non-finite on any process. The guard lives on the trainer."""
+    guard = tr.__dict__.get("nonfinite_guard")
+    if guard is None:
+        guard = tr.__dict__["nonfinite_guard"] = NonFiniteGuard(tr.cfg.train.max_nonfinite_steps, tr.world)
+    mgn = tr.cfg.optim.max_grad_norm
+    norms = {"optim/grad_norm": float(tr.acc.clip_grad_norm_(tr.policy_params, mgn))}
+    if tr.critic is not None:
+        tr.world.mean_grads(tr.critic.parameters())  # not a DDP module: reduced here
+        norms["critic/grad_norm"] = _grad_norm(list(tr.critic.parameters()))
+    for k, v in norms.items():  # a skipped step logs its non-finite norm: the metrics show what happened
+        add(k, v)
+    if guard.skip(tr.step_no, stats, norms):
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.critic is not None:
+            tr.critic.optimizer.zero_grad(set_to_none=True)
+        return
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.critic is not None:
+        tr.critic.step(mgn)  # clips again (a no-op after the check) and steps
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped at a user's request (Ctrl-C) after a finished step, with a checkpoint of that step."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped at step {step}; resume with: rl-small train --resume {run_dir}")
+        self.step, self.run_dir = step, run_dir
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) between or during steps: the first one asks the loop to stop once the current step is
+    finished (fit() then saves a checkpoint and raises TrainingInterrupted); a second one aborts at once
+    (KeyboardInterrupt: the step in progress is lost, the last checkpoint stays intact). Under DDP the request
+    is summed over the processes, so every rank stops after the same step even if only one got the signal.
+    Installed only from the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self, world: Any) -> None:
+        self.world = world
+        self.requested = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        self._previous: Any = signal.signal(signal.SIGINT, self._on_signal) if self._installed else None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after the current step (a checkpoint will be saved); Ctrl-C again aborts now")
+
+    def agreed(self) -> bool:
+        """True on every process when any process was asked to stop."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
+        return float(self.world.sum(flag)[0]) > 0
+
+    def close(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False

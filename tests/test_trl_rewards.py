@@ -48,6 +48,12 @@ def _rl_small_scores(specs: str) -> dict[str, list[float | None]]:
     return per
 
 
+def _specs(prefix: str, table: dict[str, dict[str, Any]]) -> str:
+    """A recipe's rewards list: one entry per function, its parameters as recipe keys."""
+    return "[" + ", ".join(f"{{name: '{prefix}:{n}'" + "".join(f", {k}: {v}" for k, v in p.items()) + "}"
+                           for n, p in table.items()) + "]"
+
+
 def _same(ours: list[float | None], theirs: list[float]) -> bool:
     return all((a is None and math.isnan(b)) or (a is not None and math.isclose(a, b, abs_tol=1e-6))
                for a, b in zip(ours, theirs, strict=True))
@@ -88,9 +94,7 @@ def test_every_trl_reward_scores_as_in_grpo_trainer() -> None:
     assert shipped == sorted(TRL_SPECS), "trl.rewards changed: add the new rewards to this parity test"
     funcs = [getattr(trl_rewards, n)(**p) if p else getattr(trl_rewards, n) for n, p in TRL_SPECS.items()]
     theirs = _trl_scores(funcs)
-    specs = ", ".join("{name: 'trl.rewards:%s'%s}" % (n, "".join(f", {k}: {v}" for k, v in p.items()))
-                      for n, p in TRL_SPECS.items())
-    ours = _rl_small_scores(f"[{specs}]")
+    ours = _rl_small_scores(_specs("trl.rewards", TRL_SPECS))
     for j, name in enumerate(TRL_SPECS):
         col = theirs[:, j].tolist()
         assert _same(ours[f"trl.rewards:{name}"], col), (name, ours[f"trl.rewards:{name}"], col)
@@ -114,9 +118,7 @@ OPEN_R1_SPECS = {
 
 
 def test_open_r1_rewards_load_by_file_path_and_score_as_open_r1_does() -> None:
-    specs = ", ".join("{name: '%s:%s'%s}" % (OPEN_R1, n, "".join(f", {k}: {v}" for k, v in p.items()))
-                      for n, p in OPEN_R1_SPECS.items())
-    ours = _rl_small_scores(f"[{specs}]")
+    ours = _rl_small_scores(_specs(str(OPEN_R1), OPEN_R1_SPECS))
 
     import open_r1.rewards as r1  # loaded by rl-small's loader above, as part of its package
 

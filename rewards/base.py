@@ -448,7 +448,8 @@ class RewardComponent:
         run. A reward bound to the policy later (``bind_policy``) is not checked; a timeout only warns."""
         if hasattr(self.fn, "bind_policy"):
             return
-        state = self.fn.state_dict() if hasattr(self.fn, "state_dict") else None
+        stateful = hasattr(self.fn, "state_dict") and hasattr(self.fn, "load_state_dict")
+        state = self.fn.state_dict() if stateful else None  # type: ignore[attr-defined]
         try:
             self.run(completions, **kwargs)
         except RewardTimeout:

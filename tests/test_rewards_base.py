@@ -444,3 +444,38 @@ def test_the_sample_check_leaves_counters_and_state_as_they_were() -> None:
     combo.check(["a", "b"])
     assert fn.seen == 0 and comp.calls == 0
     assert combo(["a"])[0] == [1.0]
+
+
+# ---- in the trainer -------------------------------------------------------------------------------------
+def _fails_on_real_batches(completions, **kw):  # noqa: ANN001, ANN003, ANN202
+    """Passes the 2-item sample check at build time, raises on every real (larger) batch."""
+    if len(completions) > 2:
+        raise ZeroDivisionError("bug in the reward")
+    return [0.0] * len(completions)
+
+
+def test_a_reward_that_raises_every_step_stops_the_run(tiny_overrides: list[str], tmp_path: Path) -> None:
+    from rl_small.trainer import Trainer
+
+    cfg = load_recipe(None, [*tiny_overrides, "train.steps=5", "rewards=[{name: 'tests.helpers:token_reward'}, "
+                             "{name: 'tests.test_rewards_base:_fails_on_real_batches', max_consecutive_failures: 2}]"])
+    tr = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(RewardError, match=r"'tests.test_rewards_base:_fails_on_real_batches' failed 2 calls in a "
+                                          r"row \(every call so far\), last with ZeroDivisionError: bug in the reward"):
+        tr.fit()
+    assert tr.step_no == 1  # step 1 was trained (one failure is counted); the second failure stopped the run
+
+
+def test_a_reward_that_cannot_run_is_a_config_error_before_the_model_loads(
+    tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rl_small.models
+    from rl_small.trainer import Trainer
+
+    def no_model(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(rl_small.models, "load_policy", no_model)
+    cfg = load_recipe(None, [*tiny_overrides, "rewards=[{name: 'tests.helpers:open_r1_style_accuracy'}]"])
+    with pytest.raises(RecipeError, match=r"sample of data 'arith'.*open_r1_style_accuracy.*TypeError.*'solution'"):
+        Trainer(cfg, tmp_path / "run")

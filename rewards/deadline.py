@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -114,6 +115,16 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a grading process pool) gets a fresh watchdog: the parent's thread does not exist there
+    and its lock may have been held at the fork."""
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -479,3 +479,21 @@ def test_a_reward_that_cannot_run_is_a_config_error_before_the_model_loads(
     cfg = load_recipe(None, [*tiny_overrides, "rewards=[{name: 'tests.helpers:open_r1_style_accuracy'}]"])
     with pytest.raises(RecipeError, match=r"sample of data 'arith'.*open_r1_style_accuracy.*TypeError.*'solution'"):
         Trainer(cfg, tmp_path / "run")
+
+
+def test_deadlines_work_in_a_forked_child() -> None:
+    import multiprocessing as mp
+
+    with deadline(5.0):  # the parent's watchdog is running when the child forks
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            assert pool.apply(_child_deadline, ()) == "timeout"
+
+
+def _child_deadline() -> str:
+    try:
+        with deadline(0.2):
+            time.sleep(5)
+    except RewardTimeout:
+        return "timeout"
+    return "slept"

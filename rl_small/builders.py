@@ -1,7 +1,7 @@
 """Objects a run builds from its config before training: reward components, the LR schedule, seeds; and the
 checks that refuse a config/launch combination the trainer cannot run, before any model loads.
 
-    check_run(cfg, accelerator); rewards = build_rewards(cfg); scheduler = make_scheduler(optimizer, cfg)
+    check_run(cfg, accelerator); rewards = build_rewards(cfg, domain_rows); scheduler = make_scheduler(optimizer, cfg)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rewards import CombinedReward, RewardComponent, build_reward
+from rewards import REWARD_REGISTRY, CombinedReward, RewardComponent, RewardConfigError, build_reward
 from rl_small.config import RecipeError, RunConfig
 
 
@@ -44,16 +44,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_rewards(cfg: RunConfig) -> CombinedReward:
-    """Instantiate the recipe's reward components (each with its own parameters, weight and deadline)."""
-    comps = []
+def build_rewards(cfg: RunConfig, domain_rows: dict[str, tuple[Any, list[dict[str, Any]]]] | None = None
+                  ) -> CombinedReward:
+    """Instantiate the recipe's reward components (each with its own parameters, weight and deadline); a
+    reward listed again is named ``name#2``, ``name#3``. With ``domain_rows`` (the data, before the model
+    loads), every reward runs once on a sample batch of each domain: one that cannot run is a RecipeError."""
+    comps, seen = [], {}
     for i, spec in enumerate(cfg.rewards):
         try:
-            fn = build_reward(spec.name, spec.params)
+            fn = build_reward(spec.name, spec.params, spec.factory)
         except (KeyError, TypeError, AttributeError, ImportError, FileNotFoundError, ValueError) as err:
             raise RecipeError(f"rewards[{i}] ({spec.name!r}): {err}") from err
-        comps.append(RewardComponent(spec.name, fn, spec.weight, spec.timeout_s, spec.conversational, spec.columns))
-    return CombinedReward(comps)
+        seen[spec.name] = seen.get(spec.name, 0) + 1
+        name = spec.name if seen[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}"
+        comps.append(RewardComponent(name, fn, spec.weight, spec.timeout_s, spec.conversational, spec.columns,
+                                     spec.max_consecutive_failures, native=spec.name in REWARD_REGISTRY))
+    combined = CombinedReward(comps, max_steps=cfg.train.steps)
+    for domain, (_, rows) in (domain_rows or {}).items():
+        if rows:
+            try:
+                completions, kwargs = sample_batch(domain, rows[0])
+                combined.check(completions, **kwargs)
+            except RewardConfigError as err:
+                raise RecipeError(f"rewards (checked on a sample of data {domain!r}): {err}") from err
+    return combined
+
+
+def sample_batch(domain: str, row: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Two completions for one dataset row, with the keywords the trainer passes (``Trainer.score``): one in
+    think/answer form ending in the gold answer boxed, one without an answer."""
+    gold = row.get("answer", "")
+    completions = [f"<think>\nLet me work it out.\n</think>\n<answer>\n\\boxed{{{gold}}}\n</answer>", "I am not sure."]
+    columns = {k: [v, v] for k, v in row.items() if k != "id"} | {"domain": [domain, domain]}
+    question = str(row.get("question", ""))
+    return completions, {
+        "prompts": [question, question], "completion_ids": [list(range(len(c) // 4 + 1)) for c in completions],
+        "group_id": [0, 0], "truncated": [False, False], "step": 0, **columns,
+    }
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -220,9 +220,19 @@ class RewardSpec(BaseModel):
     name: str = Field(description="Registered name, 'pkg.module:attr' or 'path/to/file.py:attr'.")
     weight: float = Field(1.0, description="Weight in the total reward.")
     timeout_s: float = Field(10.0, gt=0, description="A call slower than this is abandoned and counted.")
-    conversational: bool = Field(
-        False, description="Pass completions as chat messages [[{role: assistant, content: ...}]] (TRL's "
-        "conversational format, as open-r1's rewards expect).",
+    conversational: bool | None = Field(
+        None, description="Pass completions as chat messages [[{role: assistant, content: ...}]] and prompts as "
+        "messages (TRL's conversational format). Default: decided from the data as TRL does (a 'prompt' column of "
+        "message lists); rl-small's registered rewards take text unless this is set.",
+    )
+    factory: bool | None = Field(
+        None, description="Call the function once with the recipe keys and use what it returns as the reward "
+        "(TRL's get_soft_overlong_punishment, open-r1's get_cosine_scaled_reward). Default: a function that "
+        "cannot take prompts/completions/completion_ids (named or **kwargs) is a factory.",
+    )
+    max_consecutive_failures: int = Field(
+        3, ge=0, description="Stop the run when this reward raises, times out or returns a bad value on this "
+        "many calls in a row (0: never; occasional failures are counted and the reward abstains).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Extra names for dataset columns, e.g. {answer: solution} for "

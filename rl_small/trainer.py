@@ -58,8 +58,8 @@ class Trainer:
         check_run(cfg, self.acc)
         self.world = World(self.acc)
         # Rewards and data first: a bad reward name or dataset path fails before the model loads.
-        self.rewards = build_rewards(cfg)
         domain_rows = self._load_domains()
+        self.rewards = build_rewards(cfg, domain_rows)  # each reward runs on a sample of the data
         seed_everything(cfg.train.seed)
         self.model, self.tok = load_policy(cfg.model)
         self.policy_params = [p for p in self.model.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rewards.math import MathAccuracy, extract_answer, is_equivalent, strip_question
-from rewards.math_grader import GraderPool
+from rewards.math_grader import GraderPool, shared_pool
 
 EXTRACT = [
     ("The answer is \\boxed{42}.", "boxed", "42"),
@@ -254,7 +254,7 @@ def _wait_gone(pids: list[int], seconds: float) -> list[int]:
 
 PARENT = """
 import sys
-from rewards.math_grader import GraderPool
+from rewards.math_grader import GraderPool, shared_pool
 pool = GraderPool(2)
 assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
 print(*pool.pids(), flush=True)
@@ -277,3 +277,32 @@ def test_no_orphan_workers(how: str) -> None:
         proc.kill()
     proc.wait(60)
     assert _wait_gone(pids, 30) == []
+
+
+REAL_SETS = [("gsm8k", "gsm8k", "test"), ("math500", "math500", "test"), ("aime24", "aime24", "test")]
+
+
+@pytest.mark.parametrize(("task", "folder", "split"), REAL_SETS)
+def test_real_gold_answers_grade_as_correct_against_themselves(task: str, folder: str, split: str) -> None:
+    """Every gold of GSM8K test (1319), MATH-500 (500) and AIME24 (30) is correct against itself, boxed or
+    bare, through the fast path and through math-verify (the pool)."""
+    from rl_small.config import DataConfig
+    from rl_small.data import load_task_rows
+    from rewards.math import grade_batch
+    from tests.conftest import SHARED_DATA
+
+    # ../shared/data beside the checkout, or beside the folder of worktrees holding it
+    data = next((d for d in (SHARED_DATA, SHARED_DATA.parents[2] / "shared" / "data") if (d / folder).exists()), None)
+    if data is None:
+        pytest.skip(f"{SHARED_DATA / folder} is absent")
+    rows, _ = load_task_rows(DataConfig(task=task, path=str(data / folder)), split)
+    golds = [str(r["answer"]) for r in rows]
+    assert len(golds) == {"gsm8k": 1319, "math500": 500, "aime24": 30}[task]
+    boxed = grade_batch([f"so \\boxed{{{g}}}" for g in golds], golds, "boxed", timeout_s=60)
+    assert [g for g, (ok, _) in zip(golds, boxed) if not ok] == []
+    bare = [is_equivalent(g, g, timeout_s=60) for g in golds]
+    assert bare == [True] * len(golds)
+    # math-verify itself in the worker pool (no string or number shortcut); GSM8K's are plain integers: 200 of them
+    some = golds[:200]
+    verified = shared_pool().run([[(g, g)] for g in some], timeout_s=60)
+    assert [g for g, res in zip(some, verified) if res != [True]] == []

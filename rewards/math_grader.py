@@ -8,15 +8,19 @@ Why processes: math-verify / sympy can spend minutes (or all memory) in C code o
 ``\\boxed{9^{9^{9^{9}}}}``. SIGALRM deadlines work only on the main thread, cannot interrupt C code, and a
 reward's own SIGALRM use cancels them; a process can always be killed. The pool
 
-- starts lazily (first item that needs math-verify); a worker is a fresh interpreter (``python -c``, a
-  spawn without multiprocessing's re-import of the trainer's ``__main__``) that imports math-verify before
-  it reports ready;
-- gives each item its own deadline, counted from when a ready worker receives it (start-up is not charged to
-  items); a worker past its deadline is SIGKILLed and replaced, the item is reported as timed out;
+- starts lazily (first item that needs math-verify) a zygote: a fresh interpreter (``python -c`` running this
+  file: no re-import of the trainer's ``__main__`` as multiprocessing's spawn does, no import of the
+  ``rewards`` package or torch) that imports and warms up math-verify once (seconds), then forks each worker
+  on request, so a replacement worker is ready in milliseconds;
+- gives each item its own deadline, counted from when a ready worker receives it; a worker past its deadline
+  is SIGKILLed and replaced, the item is reported as timed out. A batch of n items that need math-verify
+  returns within about ceil(n / workers) x deadline (plus the zygote's one-time start on first use);
 - serves one batch at a time (a lock), from any thread;
 - pickles as its configuration only (a reward holding a pool can be pickled; the copy starts its own workers);
-- forgets (does not kill) a parent's workers after ``os.fork``; is closed at interpreter exit; a worker exits
-  when its pipe closes and (Linux) when its parent dies (PR_SET_PDEATHSIG), so no orphan outlives the trainer.
+- forgets (does not kill) a parent's zygote and workers after ``os.fork``; is closed at interpreter exit.
+  No orphans: the zygote exits when its control socket closes (the trainer closed the pool or died) and
+  its workers are SIGKILLed by the kernel when it exits (PR_SET_PDEATHSIG, Linux); a worker also exits
+  when its socket closes, and one stuck in C code holding the GIL hits its CPU limit (``_WORKER_CPU_S``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ Pair = tuple[str, str]  # (prediction, gold)
 _POOLS: weakref.WeakSet[GraderPool] = weakref.WeakSet()
 _SHARED: dict[int, GraderPool] = {}
 _SHARED_LOCK = threading.Lock()
+# one expression of each kind math-verify first meets slowly (seconds, cold), run before a worker says ready
+_WARM_UP = [("x+x", "2x"), ("\\frac{1}{2}", "0.5"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("(1,2]", "(1,2]"),
+            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "1"), ("x^2+2x+1=0", "1"), ("\\{1,2\\}", "1"),
+            ("10^\\circ", "10"), ("\\text{E}", "E"), ("3\\pi i", "e^{2}"), ("\\infty", "(-\\infty, 0)")]
 _WORKER_CPU_S = 3600  # CPU seconds a worker may use in all; past it the kernel ends it and the pool replaces it
 
 
@@ -82,28 +90,14 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the parent is gone (reparented). Runs between bytecodes, so it cannot stop a C loop holding the
-    GIL; the CPU limit below is the last resort for that."""
+    GIL; the CPU limit is the last resort for that."""
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(0)
 
 
-def _worker_main() -> None:
-    """Worker loop (``python -c <run this file> FILE FD PARENT_PID PDEATHSIG``): receive ``(job_id, pairs)`` on the socket FD,
-    answer ``(job_id, [bool, ...])``; exit on None, EOF or the parent's death."""
-    fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[-3:])
-    if pdeathsig:
-        _die_with_parent(parent_pid)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    with contextlib.suppress(Exception):
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (_WORKER_CPU_S, _WORKER_CPU_S + 5))  # an orphan stuck in C
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes us
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (imported before "ready", so deadlines never pay for it)
-
-    conn = Connection(fd)
+def _serve(conn: Connection) -> None:
+    """A worker's loop: receive ``(job_id, pairs)``, answer ``(job_id, [bool, ...])``; return on None or EOF."""
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -116,11 +110,49 @@ def _worker_main() -> None:
         conn.send((job_id, [mv_equivalent(p, g) for p, g in pairs]))
 
 
-class _Worker:
-    """One worker process (a fresh interpreter: nothing of the trainer is imported or inherited), its socket,
-    and the job it holds (index, deadline) when busy."""
+def _zygote_main() -> None:
+    """The zygote (``python -c <run this file> FILE CTRL_FD PARENT_PID PDEATHSIG``): warm math-verify up once,
+    then fork one worker per request (the request carries the worker's socket); exit when the pool closes the
+    control socket or its process dies. Its workers die with it (PR_SET_PDEATHSIG)."""
+    fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[-3:])
+    if pdeathsig:
+        _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes us
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    for pred, gold in _WARM_UP:  # first calls compile grammars and import sympy parts: not an item's time
+        mv_equivalent(pred, gold)
+    ctrl = socket.socket(fileno=fd)
+    ctrl.sendall(b"ready\n")
+    zygote = os.getpid()
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
+        except OSError:
+            os._exit(0)
+        if not msg or not fds:
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            ctrl.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _die_with_parent(zygote)
+            threading.Thread(target=_watch_parent, args=(zygote,), daemon=True).start()
+            with contextlib.suppress(Exception):
+                import resource
 
-    def __init__(self) -> None:
+                resource.setrlimit(resource.RLIMIT_CPU, (_WORKER_CPU_S, _WORKER_CPU_S + 5))
+            _serve(Connection(fds[0]))
+            os._exit(0)
+        os.close(fds[0])
+        ctrl.sendall(f"{pid}\n".encode())
+
+
+class _Zygote:
+    """A warmed-up math-verify process that forks workers on request: a replacement worker costs a fork
+    (milliseconds), not an interpreter start and a warm-up (seconds)."""
+
+    def __init__(self, startup_timeout_s: float) -> None:
         ours, theirs = socket.socketpair()
         pdeathsig = threading.current_thread() is threading.main_thread()
         # run this file, not ``rewards.math_grader``: importing the package would import every reward (torch)
@@ -128,15 +160,51 @@ class _Worker:
                __file__, str(theirs.fileno()), str(os.getpid()), str(int(pdeathsig))]
         with theirs:
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        self.conn = Connection(ours.detach())
+        self.ctrl = ours
+        self.ctrl.settimeout(startup_timeout_s)
+        self._reader = ours.makefile("rb")
+        ok = False
+        with contextlib.suppress(OSError):
+            ok = self._reader.readline() == b"ready\n"
+        if not ok:
+            self.close()
+            raise RuntimeError(f"math grader: the worker zygote (pid {self.proc.pid}) did not start within "
+                               f"{startup_timeout_s:g}s (exit code {self.proc.poll()})")
+
+    def fork_worker(self) -> tuple[int, Connection]:
+        """A new worker's pid and socket; OSError when the zygote is gone."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            socket.send_fds(self.ctrl, [b"w"], [theirs.fileno()])
+        pid = int(self._reader.readline() or b"0")
+        if not pid:
+            ours.close()
+            raise OSError("the math grader zygote exited")
+        return pid, Connection(ours.detach())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._reader.close()
+            self.ctrl.close()  # EOF: the zygote exits, and its workers with it
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class _Worker:
+    """One worker process (forked by the zygote), its socket, and the job it holds (index, deadline) when busy."""
+
+    def __init__(self, zygote: _Zygote) -> None:
+        self.pid, self.conn = zygote.fork_worker()
         self.ready = False
         self.started = time.monotonic()
         self.job: tuple[int, float] | None = None
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
-            self.proc.kill()
-            self.proc.wait(5)
+            os.kill(self.pid, signal.SIGKILL)  # the zygote reaps it
         with contextlib.suppress(Exception):
             self.conn.close()
 
@@ -163,6 +231,7 @@ class GraderPool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._workers: list[_Worker] = []
+        self._zygote: _Zygote | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"workers": self.workers, "startup_timeout_s": self.startup_timeout_s, "restarts": 0, "timeouts": 0}
@@ -173,17 +242,30 @@ class GraderPool:
         _POOLS.add(self)
 
     def _check_fork(self) -> None:
-        """In a forked child the workers are the parent's: drop our handles, never signal them."""
+        """In a forked child the zygote and workers are the parent's: drop our handles, never signal them."""
         if self._pid != os.getpid():
             for w in self._workers:
                 with contextlib.suppress(Exception):
                     w.conn.close()
-            self._workers = []
+            if self._zygote is not None:
+                with contextlib.suppress(Exception):
+                    self._zygote._reader.close()
+                    self._zygote.ctrl.close()
+            self._workers, self._zygote = [], None
             self._pid = os.getpid()
 
     def _fill(self) -> None:
+        """Start workers up to ``workers`` (and the zygote first, or again if it died)."""
         while len(self._workers) < self.workers:
-            self._workers.append(_Worker())
+            if self._zygote is None:
+                self._zygote = _Zygote(self.startup_timeout_s)
+            try:
+                self._workers.append(_Worker(self._zygote))
+            except OSError:  # the zygote died (killed from outside): one new one, then a real error
+                log.warning("math grading: the worker zygote (pid %s) is gone; starting another", self._zygote.proc.pid)
+                self._zygote.close()
+                self._zygote = _Zygote(self.startup_timeout_s)
+                self._workers.append(_Worker(self._zygote))
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
@@ -243,8 +325,8 @@ class GraderPool:
                 if w.job is not None and now >= w.job[1]:
                     left -= self._lost(w, results, f"overran its {timeout_s:g}s deadline")
                 elif not w.ready and now >= w.started + self.startup_timeout_s:
-                    raise RuntimeError(f"math grader worker (pid {w.proc.pid}) did not start within "
-                                       f"{self.startup_timeout_s:g}s (exit code {w.proc.poll()})")
+                    raise RuntimeError(f"math grader worker (pid {w.pid}) did not start within "
+                                       f"{self.startup_timeout_s:g}s")
 
     def _lost(self, w: _Worker, results: list[list[bool] | None], why: str) -> int:
         """Kill and replace ``w``; its job (if any) scores None. Returns how many jobs ended (0 or 1)."""
@@ -254,18 +336,21 @@ class GraderPool:
             results[i] = None
             self.timeouts += 1
             ended = 1
-            log.warning("math grading: item %d %s; its worker (pid %s) is killed and replaced", i, why, w.proc.pid)
+            log.warning("math grading: item %d %s; its worker (pid %s) is killed and replaced", i, why, w.pid)
         elif w.ready:
-            log.warning("math grading: idle worker (pid %s) %s; replaced", w.proc.pid, why)
+            log.warning("math grading: idle worker (pid %s) %s; replaced", w.pid, why)
         else:
-            raise RuntimeError(f"math grader worker (pid {w.proc.pid}) exited while starting "
-                               f"(exit code {w.proc.poll()})")
+            raise RuntimeError(f"math grader worker (pid {w.pid}) exited while starting")
         self._replace(w)
         return ended
 
     def pids(self) -> list[int]:
         """Process ids of the live workers (for tests and diagnostics)."""
-        return [w.proc.pid for w in self._workers if w.proc.pid is not None]
+        return [w.pid for w in self._workers]
+
+    def zygote_pid(self) -> int | None:
+        """Process id of the zygote that forks the workers (None before the first start)."""
+        return self._zygote.proc.pid if self._zygote is not None else None
 
     def close(self) -> None:
         """Stop every worker (ask, then kill); the pool can be used again (it restarts lazily)."""
@@ -277,10 +362,10 @@ class GraderPool:
                 with contextlib.suppress(Exception):
                     w.conn.send(None)
             for w in self._workers:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    w.proc.wait(1)
                 w.kill()
-            self._workers = []
+            if self._zygote is not None:
+                self._zygote.close()
+            self._workers, self._zygote = [], None
 
 
 def shared_pool(workers: int | None = None) -> GraderPool:
@@ -310,4 +395,4 @@ if hasattr(os, "register_at_fork"):
 
 
 if __name__ == "__main__":
-    _worker_main()
+    _zygote_main()

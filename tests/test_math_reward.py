@@ -152,13 +152,15 @@ def test_question_guard_cuts_copies_and_leaves_other_text() -> None:
 
 # The grader pool: per-item deadlines in killable worker processes.
 PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy would compute this for minutes (and gigabytes)
-START_ALLOWANCE_S = 10.0  # a replacement worker (fresh interpreter + math-verify) on a loaded machine
+SCHEDULING_ALLOWANCE_S = 10.0  # replacement forks, IPC and a loaded machine's scheduling, for the whole batch
 
 
 def test_pathological_items_cost_only_themselves_even_off_the_main_thread() -> None:
     """5 pathological + 5 correct: the correct earn 1.0, the pathological 0.0 and 5 item_timeouts; the call returns
-    within ceil(5 / workers) x (deadline + a worker start), from a non-main thread (no SIGALRM there)."""
+    within ceil(5 / workers) x deadline (+ an allowance), from a non-main thread (no SIGALRM there)."""
     r = MathAccuracy(extract="boxed", item_timeout_s=1.0, workers=2)
+    assert r(["\\boxed{x+x}"], answer=["2x"]) == [1.0]  # the pool's one-time start is not part of the bound
+    r.metrics()
     comps = [PATHOLOGICAL] * 5 + ["\\boxed{\\frac{\\sqrt{2}}{2}}"] * 5  # the correct ones need math-verify too
     out: dict[str, object] = {}
 
@@ -167,7 +169,7 @@ def test_pathological_items_cost_only_themselves_even_off_the_main_thread() -> N
         out["scores"] = r(comps, answer=["\\sqrt{2}/2"] * 10)
         out["seconds"] = time.monotonic() - t0
 
-    bound = math.ceil(5 / 2) * (1.0 + START_ALLOWANCE_S)
+    bound = math.ceil(5 / 2) * 1.0 + SCHEDULING_ALLOWANCE_S
     th = threading.Thread(target=grade)
     th.start()
     th.join(bound + 30)
@@ -257,7 +259,7 @@ import sys
 from rewards.math_grader import GraderPool, shared_pool
 pool = GraderPool(2)
 assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
-print(*pool.pids(), flush=True)
+print(pool.zygote_pid(), *pool.pids(), flush=True)
 if sys.argv[1] == "busy":  # both workers busy in C code when the parent is killed
     pool.run([[("9^{9^{9^{9}}}", "1")], [("9^{9^{9^{9}}}", "2")]], 600)
 """
@@ -271,7 +273,7 @@ def test_no_orphan_workers(how: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", PARENT, how], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
-    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert len(pids) == 3 and all(_alive(p) for p in pids)  # the zygote and two workers
     if how == "busy":
         time.sleep(1.0)
         proc.kill()

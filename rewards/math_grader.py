@@ -302,7 +302,12 @@ class GraderPool:
             for w in self._workers:
                 if w.ready and w.job is None and pending:
                     i = pending.pop()
-                    w.conn.send((i, jobs[i]))
+                    try:
+                        w.conn.send((i, jobs[i]))
+                    except OSError:  # died while idle (its zygote was killed...): the item waits for another
+                        pending.append(i)
+                        self._lost(w, results, "died")
+                        break  # the worker list changed
                     w.job = (i, now + timeout_s)
             waiting = {w.conn: w for w in self._workers if not w.ready or w.job is not None}
             due = [w.job[1] for w in waiting.values() if w.job] + [

@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -255,26 +256,33 @@ def _wait_gone(pids: list[int], seconds: float) -> list[int]:
 
 
 PARENT = """
-import sys
-from rewards.math_grader import GraderPool, shared_pool
+import sys, threading
+from rewards.math_grader import GraderPool
 pool = GraderPool(2)
+if sys.argv[1] == "thread_busy":  # the pool started (zygote spawned) from a thread that then ends
+    t = threading.Thread(target=pool.run, args=([[("x", "x")]], 60))
+    t.start()
+    t.join()
 assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
 print(pool.zygote_pid(), *pool.pids(), flush=True)
 if sys.argv[1] == "busy":  # both workers busy in C code when the parent is killed
     pool.run([[("9^{9^{9^{9}}}", "1")], [("9^{9^{9^{9}}}", "2")]], 600)
+if sys.argv[1] == "thread_busy":  # the same, the pool used from a thread
+    threading.Thread(target=pool.run, args=([[("9^{9^{9^{9}}}", "1")], [("9^{9^{9^{9}}}", "2")]], 600)).start()
 """
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-@pytest.mark.parametrize("how", ["exit", "busy"])
+@pytest.mark.parametrize("how", ["exit", "busy", "thread_busy"])
 def test_no_orphan_workers(how: str) -> None:
-    """Workers end with their trainer: at a normal exit (atexit) and when it is SIGKILLed mid-grading."""
+    """The zygote and workers end with their trainer: at a normal exit (atexit), and when it is SIGKILLed while
+    both workers are busy in C code, the pool started from the main thread or from a thread that has ended."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen([sys.executable, "-c", PARENT, how], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 3 and all(_alive(p) for p in pids)  # the zygote and two workers
-    if how == "busy":
+    if how != "exit":
         time.sleep(1.0)
         proc.kill()
     proc.wait(60)
@@ -308,3 +316,17 @@ def test_real_gold_answers_grade_as_correct_against_themselves(task: str, folder
     some = golds[:200]
     verified = shared_pool().run([[(g, g)] for g in some], timeout_s=60)
     assert [g for g, res in zip(some, verified) if res != [True]] == []
+
+
+def test_pool_recovers_when_its_zygote_is_killed() -> None:
+    pool = GraderPool(2)
+    try:
+        assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+        zygote, workers = pool.zygote_pid(), pool.pids()
+        assert zygote is not None
+        os.kill(zygote, signal.SIGKILL)  # its workers die with it (PR_SET_PDEATHSIG)
+        assert _wait_gone(workers, 30) == []
+        assert pool.run([[("x+x", "2x")], [("x", "y")]], 60) == [[True], [False]]
+        assert pool.zygote_pid() != zygote and pool.restarts >= 1
+    finally:
+        pool.close()

@@ -78,8 +78,9 @@ def mv_equivalent(pred: str, gold: str) -> bool:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this worker when the thread that started it exits (PR_SET_PDEATHSIG); only asked for
-    when that thread is the parent's main thread, whose exit is the process's."""
+    """Linux: SIGKILL this process when the thread that started it exits (PR_SET_PDEATHSIG). The zygote asks
+    for it only when started from the trainer's main thread (whose exit is the process's); every worker asks
+    for it (its parent, the zygote, has one thread)."""
     with contextlib.suppress(Exception):
         import ctypes
 

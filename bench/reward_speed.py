@@ -42,7 +42,8 @@ def bench_code(reps: int) -> dict[str, Any]:
     path = DATA / "humaneval" / "HumanEval.jsonl.gz"
     if not path.exists():
         return {"skipped": f"{path} absent"}
-    rows = [json.loads(line) for line in gzip.open(path, "rt")]
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
     cols = {"test": [r["test"] for r in rows], "entry_point": [r["entry_point"] for r in rows]}
     fence = "```python\n{}\n```"
     cases = {

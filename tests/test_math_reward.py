@@ -296,9 +296,9 @@ REAL_SETS = [("gsm8k", "gsm8k", "test"), ("math500", "math500", "test"), ("aime2
 def test_real_gold_answers_grade_as_correct_against_themselves(task: str, folder: str, split: str) -> None:
     """Every gold of GSM8K test (1319), MATH-500 (500) and AIME24 (30) is correct against itself, boxed or
     bare, through the fast path and through math-verify (the pool)."""
+    from rewards.math import grade_batch
     from rl_small.config import DataConfig
     from rl_small.data import load_task_rows
-    from rewards.math import grade_batch
     from tests.conftest import SHARED_DATA
 
     # ../shared/data beside the checkout, or beside the folder of worktrees holding it

@@ -256,8 +256,11 @@ def _wait_gone(pids: list[int], seconds: float) -> list[int]:
 
 
 PARENT = """
-import sys, threading
-from rewards.math_grader import GraderPool
+import importlib.util, sys, threading
+spec = importlib.util.spec_from_file_location("math_grader", sys.argv[2])  # not the package: no torch import
+grader = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grader)
+GraderPool = grader.GraderPool
 pool = GraderPool(2)
 if sys.argv[1] == "thread_busy":  # the pool started (zygote spawned) from a thread that then ends
     t = threading.Thread(target=pool.run, args=([[("x", "x")]], 60))
@@ -265,6 +268,8 @@ if sys.argv[1] == "thread_busy":  # the pool started (zygote spawned) from a thr
     t.join()
 assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
 print(pool.zygote_pid(), *pool.pids(), flush=True)
+if sys.argv[1] == "exit":
+    sys.stdin.readline()  # exit normally once the test has seen the processes
 if sys.argv[1] == "busy":  # both workers busy in C code when the parent is killed
     pool.run([[("9^{9^{9^{9}}}", "1")], [("9^{9^{9^{9}}}", "2")]], 600)
 if sys.argv[1] == "thread_busy":  # the same, the pool used from a thread
@@ -277,11 +282,13 @@ if sys.argv[1] == "thread_busy":  # the same, the pool used from a thread
 def test_no_orphan_workers(how: str) -> None:
     """The zygote and workers end with their trainer: at a normal exit (atexit), and when it is SIGKILLed while
     both workers are busy in C code, the pool started from the main thread or from a thread that has ended."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-c", PARENT, how], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
+    grader_file = str(Path(__file__).resolve().parents[1] / "rewards" / "math_grader.py")
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, how, grader_file], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 3 and all(_alive(p) for p in pids)  # the zygote and two workers
+    proc.stdin.close()
     if how != "exit":
         time.sleep(1.0)
         proc.kill()

@@ -337,3 +337,21 @@ def test_pool_recovers_when_its_zygote_is_killed() -> None:
         assert pool.zygote_pid() != zygote and pool.restarts >= 1
     finally:
         pool.close()
+
+
+def test_component_keeps_the_batch_when_some_items_are_pathological() -> None:
+    """Through the run's component (its batch deadline 8 s, SIGALRM on the main thread): 10 pathological items
+    at 1 s each used to exhaust it (10 s) and the component abstained for all 20; now they run 4 at a time in
+    the pool (about 3 s), score 0.0 and are counted, and the 10 correct answers earn 1.0."""
+    from rewards.base import CombinedReward, RewardComponent
+
+    fn = MathAccuracy(extract="boxed", item_timeout_s=1.0, workers=4)
+    assert fn(["\\boxed{x+x}"], answer=["2x"]) == [1.0]  # the pool's one-time start
+    fn.metrics()
+    combined = CombinedReward([RewardComponent("math_accuracy", fn, timeout_s=8.0)])
+    comps = [PATHOLOGICAL] * 10 + ["\\boxed{\\frac{\\sqrt{2}}{2}}"] * 10
+    totals, per, metrics = combined(comps, answer=["\\sqrt{2}/2"] * 20)
+    assert per["math_accuracy"] == [0.0] * 10 + [1.0] * 10
+    assert metrics["reward/math_accuracy/timeouts"] == 0.0 and metrics["reward/math_accuracy/abstained"] == 0.0
+    timeouts = [v for k, v in metrics.items() if k.endswith("item_timeouts")]  # prefixed or not by rewards.base
+    assert timeouts == [10.0]

@@ -350,7 +350,7 @@ def test_component_keeps_the_batch_when_some_items_are_pathological() -> None:
     fn.metrics()
     combined = CombinedReward([RewardComponent("math_accuracy", fn, timeout_s=8.0)])
     comps = [PATHOLOGICAL] * 10 + ["\\boxed{\\frac{\\sqrt{2}}{2}}"] * 10
-    totals, per, metrics = combined(comps, answer=["\\sqrt{2}/2"] * 20)
+    _, per, metrics = combined(comps, answer=["\\sqrt{2}/2"] * 20)
     assert per["math_accuracy"] == [0.0] * 10 + [1.0] * 10
     assert metrics["reward/math_accuracy/timeouts"] == 0.0 and metrics["reward/math_accuracy/abstained"] == 0.0
     timeouts = [v for k, v in metrics.items() if k.endswith("item_timeouts")]  # prefixed or not by rewards.base

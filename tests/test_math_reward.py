@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
-from rewards.math import MathAccuracy, extract_answer, is_equivalent
+from rewards.math import MathAccuracy, extract_answer, is_equivalent, strip_question
+from rewards.math_grader import GraderPool, shared_pool
 
 EXTRACT = [
     ("The answer is \\boxed{42}.", "boxed", "42"),
@@ -97,3 +109,249 @@ def test_guards_keep_honest_answers() -> None:
         "#### 12",
     ]
     assert r(honest, answer=["12"] * 4, question=[QUESTION] * 4) == [1.0] * 4
+
+
+# Held-out grading fixes: trailing letters are units only when they are real units; scientific notation.
+HELD_OUT = [
+    ("2", "2n", False),  # a variable of the answer is not a unit
+    ("3", "3k", False),
+    ("2n", "2n", True),
+    ("2", "2 n", False),
+    ("2 pi", "2", False),  # a word that is maths, not a unit
+    ("12 apples", "12", True),  # real units still stripped
+    ("5cm", "5", True),
+    ("5 \\text{ cm}", "5", True),
+    ("30\\%", "30", True),
+    ("4.5 \\times 10^{33}", "4.5e33", True),  # scientific notation, both ways
+    ("4.5e33", "4.5 \\times 10^{33}", True),
+    ("4.5 \\cdot 10^{33}", "4.5e33", True),
+    ("4.5E+33", "4.5\\times10^{33}", True),
+    ("-1.2 \\times 10^{-3}", "-0.0012", True),
+    ("4.6 \\times 10^{33}", "4.5e33", False),
+    ("4.5 \\times 10^{32}", "4.5e33", False),
+]
+
+
+@pytest.mark.parametrize(("pred", "gold", "expected"), HELD_OUT)
+def test_held_out_grading(pred: str, gold: str, expected: bool) -> None:
+    assert is_equivalent(pred, gold, timeout_s=60) is expected
+
+
+def test_held_out_grading_in_a_batch() -> None:
+    r = MathAccuracy(extract="boxed", item_timeout_s=60)
+    comps = ["\\boxed{2}", "\\boxed{3}", "\\boxed{4.5 \\times 10^{33}}", "\\boxed{4.5e33}"]
+    assert r(comps, answer=["2n", "3k", "4.5e33", "4.5 \\cdot 10^{33}"]) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_question_guard_cuts_copies_and_leaves_other_text() -> None:
+    q = "Find the number of positive integers n such that n^2 + 1 divides 2023 + n. Give the sum."
+    assert strip_question("x " + q.replace(" ", "\n ") + " y", q) == "x   y"
+    assert strip_question("so \\boxed{7}", q) == "so \\boxed{7}"
+    assert strip_question("Find the number", q) == "Find the number"  # a prefix is not a copy
+    assert strip_question("text 12", "short q") == "text 12"  # under 8 characters: no guard
+
+
+# The grader pool: per-item deadlines in killable worker processes.
+PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy would compute this for minutes (and gigabytes)
+SCHEDULING_ALLOWANCE_S = 10.0  # replacement forks, IPC and a loaded machine's scheduling, for the whole batch
+
+
+def test_pathological_items_cost_only_themselves_even_off_the_main_thread() -> None:
+    """5 pathological + 5 correct: the correct earn 1.0, the pathological 0.0 and 5 item_timeouts; the call returns
+    within ceil(5 / workers) x deadline (+ an allowance), from a non-main thread (no SIGALRM there)."""
+    r = MathAccuracy(extract="boxed", item_timeout_s=1.0, workers=2)
+    assert r(["\\boxed{x+x}"], answer=["2x"]) == [1.0]  # the pool's one-time start is not part of the bound
+    r.metrics()
+    comps = [PATHOLOGICAL] * 5 + ["\\boxed{\\frac{\\sqrt{2}}{2}}"] * 5  # the correct ones need math-verify too
+    out: dict[str, object] = {}
+
+    def grade() -> None:
+        t0 = time.monotonic()
+        out["scores"] = r(comps, answer=["\\sqrt{2}/2"] * 10)
+        out["seconds"] = time.monotonic() - t0
+
+    bound = math.ceil(5 / 2) * 1.0 + SCHEDULING_ALLOWANCE_S
+    th = threading.Thread(target=grade)
+    th.start()
+    th.join(bound + 30)
+    assert not th.is_alive(), "grading blocked past its bound"
+    assert out["scores"] == [0.0] * 5 + [1.0] * 5
+    assert out["seconds"] < bound
+    m = r.metrics()
+    assert m["item_timeouts"] == 5.0 and m["items_verified"] == 10.0 and m["grader_restarts"] == 5.0
+    assert r.metrics() == {"item_timeouts": 0.0, "items_verified": 0.0, "grader_restarts": 0.0}  # read and reset
+
+
+def test_easy_items_stay_in_process() -> None:
+    r = MathAccuracy(workers=1)
+    assert r(["\\boxed{1,234}", "#### 5", "\\boxed{x}"], answer=["1234", "5", "x"]) == [1.0, 1.0, 1.0]
+    assert r.metrics()["items_verified"] == 0.0
+
+
+def test_two_threads_share_the_pool() -> None:
+    r = MathAccuracy(item_timeout_s=60, workers=2)
+    results: list[list[float]] = []
+    threads = [threading.Thread(target=lambda: results.append(r(["\\boxed{(x+1)^2}"] * 3, answer=["x^2+2x+1"] * 3)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [[1.0] * 3, [1.0] * 3]
+
+
+def test_reward_and_pool_pickle_and_work_after() -> None:
+    r = MathAccuracy(item_timeout_s=60, workers=1)
+    assert r(["\\boxed{(x+1)^2}"], answer=["x^2+2x+1"]) == [1.0]
+    r2 = pickle.loads(pickle.dumps(r))
+    assert r2(["\\boxed{(x+1)^2}", "\\boxed{x^2}"], answer=["x^2+2x+1"] * 2) == [1.0, 0.0]
+    pool = GraderPool(1)
+    try:
+        assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+        copy = pickle.loads(pickle.dumps(pool))
+        assert copy.pids() == []  # the copy starts its own workers when used
+        assert copy.run([[("x", "y")]], 60) == [[False]]
+        assert set(copy.pids()).isdisjoint(pool.pids())
+        copy.close()
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_pool_survives_fork() -> None:
+    """A forked child gets fresh workers (never the parent's); the parent's keep working."""
+    pool = GraderPool(1)
+    try:
+        assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+        before = pool.pids()
+        pid = os.fork()
+        if pid == 0:  # child: grade, then leave without running the parent's atexit handlers
+            code = 1
+            with contextlib.suppress(BaseException):
+                ok = pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+                code = 0 if ok and pool.pids() and set(pool.pids()).isdisjoint(before) else 3
+                pool.close()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pool.pids() == before
+        assert pool.run([[("2x", "x+x")]], 60) == [[True]]
+    finally:
+        pool.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+PARENT = """
+import importlib.util, sys, threading
+spec = importlib.util.spec_from_file_location("math_grader", sys.argv[2])  # not the package: no torch import
+grader = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grader)
+GraderPool = grader.GraderPool
+pool = GraderPool(2)
+if sys.argv[1] == "thread_busy":  # the pool started (zygote spawned) from a thread that then ends
+    t = threading.Thread(target=pool.run, args=([[("x", "x")]], 60))
+    t.start()
+    t.join()
+assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+print(pool.zygote_pid(), *pool.pids(), flush=True)
+if sys.argv[1] == "exit":
+    sys.stdin.readline()  # exit normally once the test has seen the processes
+if sys.argv[1] == "busy":  # both workers busy in C code when the parent is killed
+    pool.run([[("9^{9^{9^{9}}}", "1")], [("9^{9^{9^{9}}}", "2")]], 600)
+if sys.argv[1] == "thread_busy":  # the same, the pool used from a thread
+    threading.Thread(target=pool.run, args=([[("9^{9^{9^{9}}}", "1")], [("9^{9^{9^{9}}}", "2")]], 600)).start()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("how", ["exit", "busy", "thread_busy"])
+def test_no_orphan_workers(how: str) -> None:
+    """The zygote and workers end with their trainer: at a normal exit (atexit), and when it is SIGKILLed while
+    both workers are busy in C code, the pool started from the main thread or from a thread that has ended."""
+    grader_file = str(Path(__file__).resolve().parents[1] / "rewards" / "math_grader.py")
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, how, grader_file], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3 and all(_alive(p) for p in pids)  # the zygote and two workers
+    proc.stdin.close()
+    if how != "exit":
+        time.sleep(1.0)
+        proc.kill()
+    proc.wait(60)
+    assert _wait_gone(pids, 30) == []
+
+
+REAL_SETS = [("gsm8k", "gsm8k", "test"), ("math500", "math500", "test"), ("aime24", "aime24", "test")]
+
+
+@pytest.mark.parametrize(("task", "folder", "split"), REAL_SETS)
+def test_real_gold_answers_grade_as_correct_against_themselves(task: str, folder: str, split: str) -> None:
+    """Every gold of GSM8K test (1319), MATH-500 (500) and AIME24 (30) is correct against itself, boxed or
+    bare, through the fast path and through math-verify (the pool)."""
+    from rewards.math import grade_batch
+    from rl_small.config import DataConfig
+    from rl_small.data import load_task_rows
+    from tests.conftest import SHARED_DATA
+
+    # ../shared/data beside the checkout, or beside the folder of worktrees holding it
+    data = next((d for d in (SHARED_DATA, SHARED_DATA.parents[2] / "shared" / "data") if (d / folder).exists()), None)
+    if data is None:
+        pytest.skip(f"{SHARED_DATA / folder} is absent")
+    rows, _ = load_task_rows(DataConfig(task=task, path=str(data / folder)), split)
+    golds = [str(r["answer"]) for r in rows]
+    assert len(golds) == {"gsm8k": 1319, "math500": 500, "aime24": 30}[task]
+    boxed = grade_batch([f"so \\boxed{{{g}}}" for g in golds], golds, "boxed", timeout_s=60)
+    assert [g for g, (ok, _) in zip(golds, boxed) if not ok] == []
+    bare = [is_equivalent(g, g, timeout_s=60) for g in golds]
+    assert bare == [True] * len(golds)
+    # math-verify itself in the worker pool (no string or number shortcut); GSM8K's are plain integers: 200 of them
+    some = golds[:200]
+    verified = shared_pool().run([[(g, g)] for g in some], timeout_s=60)
+    assert [g for g, res in zip(some, verified) if res != [True]] == []
+
+
+def test_pool_recovers_when_its_zygote_is_killed() -> None:
+    pool = GraderPool(2)
+    try:
+        assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+        zygote, workers = pool.zygote_pid(), pool.pids()
+        assert zygote is not None
+        os.kill(zygote, signal.SIGKILL)  # its workers die with it (PR_SET_PDEATHSIG)
+        assert _wait_gone(workers, 30) == []
+        assert pool.run([[("x+x", "2x")], [("x", "y")]], 60) == [[True], [False]]
+        assert pool.zygote_pid() != zygote and pool.restarts >= 1
+    finally:
+        pool.close()
+
+
+def test_component_keeps_the_batch_when_some_items_are_pathological() -> None:
+    """Through the run's component (its batch deadline 8 s, SIGALRM on the main thread): 10 pathological items
+    at 1 s each used to exhaust it (10 s) and the component abstained for all 20; now they run 4 at a time in
+    the pool (about 3 s), score 0.0 and are counted, and the 10 correct answers earn 1.0."""
+    from rewards.base import CombinedReward, RewardComponent
+
+    fn = MathAccuracy(extract="boxed", item_timeout_s=1.0, workers=4)
+    assert fn(["\\boxed{x+x}"], answer=["2x"]) == [1.0]  # the pool's one-time start
+    fn.metrics()
+    combined = CombinedReward([RewardComponent("math_accuracy", fn, timeout_s=8.0)])
+    comps = [PATHOLOGICAL] * 10 + ["\\boxed{\\frac{\\sqrt{2}}{2}}"] * 10
+    _, per, metrics = combined(comps, answer=["\\sqrt{2}/2"] * 20)
+    assert per["math_accuracy"] == [0.0] * 10 + [1.0] * 10
+    assert metrics["reward/math_accuracy/timeouts"] == 0.0 and metrics["reward/math_accuracy/abstained"] == 0.0
+    timeouts = [v for k, v in metrics.items() if k.endswith("item_timeouts")]  # prefixed or not by rewards.base
+    assert timeouts == [10.0]

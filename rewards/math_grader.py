@@ -1,0 +1,404 @@
+"""A small persistent pool of processes that run math-verify, each item under its own wall clock.
+
+    pool = shared_pool(workers=2)
+    pool.run([[("x^2+2x+1", "(x+1)^2")], [("9^{9^{9^{9}}}", "12")]], timeout_s=2.0)
+    -> [[True], None]          # None: that item overran its deadline; its worker was killed and replaced
+
+Why processes: math-verify / sympy can spend minutes (or all memory) in C code on a completion like
+``\\boxed{9^{9^{9^{9}}}}``. SIGALRM deadlines work only on the main thread, cannot interrupt C code, and a
+reward's own SIGALRM use cancels them; a process can always be killed. The pool
+
+- starts lazily (first item that needs math-verify) a zygote: a fresh interpreter (``python -c`` running this
+  file: no re-import of the trainer's ``__main__`` as multiprocessing's spawn does, no import of the
+  ``rewards`` package or torch) that imports and warms up math-verify once (seconds), then forks each worker
+  on request, so a replacement worker is ready in milliseconds;
+- gives each item its own deadline, counted from when a ready worker receives it; a worker past its deadline
+  is SIGKILLed and replaced, the item is reported as timed out. A batch of n items that need math-verify
+  returns within about ceil(n / workers) x deadline (plus the zygote's one-time start on first use);
+- serves one batch at a time (a lock), from any thread;
+- pickles as its configuration only (a reward holding a pool can be pickled; the copy starts its own workers);
+- forgets (does not kill) a parent's zygote and workers after ``os.fork``; is closed at interpreter exit.
+  No orphans: the zygote exits when its control socket closes (the trainer closed the pool or died) and
+  its workers are SIGKILLed by the kernel when it exits (PR_SET_PDEATHSIG, Linux); a worker also exits
+  when its socket closes, and one stuck in C code holding the GIL hits its CPU limit (``_WORKER_CPU_S``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[str, str]  # (prediction, gold)
+_POOLS: weakref.WeakSet[GraderPool] = weakref.WeakSet()
+_SHARED: dict[int, GraderPool] = {}
+_SHARED_LOCK = threading.Lock()
+# one expression of each kind math-verify first meets slowly (seconds, cold), run before a worker says ready
+_WARM_UP = [("x+x", "2x"), ("\\frac{1}{2}", "0.5"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("(1,2]", "(1,2]"),
+            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "1"), ("x^2+2x+1=0", "1"), ("\\{1,2\\}", "1"),
+            ("10^\\circ", "10"), ("\\text{E}", "E"), ("3\\pi i", "e^{2}"), ("\\infty", "(-\\infty, 0)")]
+_WORKER_CPU_S = 3600  # CPU seconds a worker may use in all; past it the kernel ends it and the pool replaces it
+
+
+def default_workers() -> int:
+    """min(2, usable CPUs): grading is a small share of a step; more workers only help pathological batches."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
+def mv_equivalent(pred: str, gold: str) -> bool:
+    """math-verify's ``verify(parse(gold), parse(pred))`` (gold first, as the community does), its own
+    SIGALRM timeouts off (the pool's wall clock is the deadline). Runs in a worker; any error is "not equal"."""
+    from math_verify import parse, verify
+
+    def boxed(s: str) -> str:
+        return s if "\\boxed" in s else f"\\boxed{{{s}}}"
+
+    try:
+        g = parse(boxed(gold), parsing_timeout=None)  # type: ignore[arg-type]
+        p = parse(boxed(pred), parsing_timeout=None)  # type: ignore[arg-type]
+        return bool(g and p and verify(g, p, timeout_seconds=None))  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001  a parse failure is a wrong answer, as in math-verify itself
+        return False
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the thread that started it exits (PR_SET_PDEATHSIG). The zygote asks
+    for it only when started from the trainer's main thread (whose exit is the process's); every worker asks
+    for it (its parent, the zygote, has one thread)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the parent is gone (reparented). Runs between bytecodes, so it cannot stop a C loop holding the
+    GIL; the CPU limit is the last resort for that."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _serve(conn: Connection) -> None:
+    """A worker's loop: receive ``(job_id, pairs)``, answer ``(job_id, [bool, ...])``; return on None or EOF."""
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        job_id, pairs = msg
+        conn.send((job_id, [mv_equivalent(p, g) for p, g in pairs]))
+
+
+def _zygote_main() -> None:
+    """The zygote (``python -c <run this file> FILE CTRL_FD PARENT_PID PDEATHSIG``): warm math-verify up once,
+    then fork one worker per request (the request carries the worker's socket); exit when the pool closes the
+    control socket or its process dies. Its workers die with it (PR_SET_PDEATHSIG)."""
+    fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[-3:])
+    if pdeathsig:
+        _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes us
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    for pred, gold in _WARM_UP:  # first calls compile grammars and import sympy parts: not an item's time
+        mv_equivalent(pred, gold)
+    ctrl = socket.socket(fileno=fd)
+    ctrl.sendall(b"ready\n")
+    zygote = os.getpid()
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
+        except OSError:
+            os._exit(0)
+        if not msg or not fds:
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            ctrl.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _die_with_parent(zygote)
+            threading.Thread(target=_watch_parent, args=(zygote,), daemon=True).start()
+            with contextlib.suppress(Exception):
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_CPU, (_WORKER_CPU_S, _WORKER_CPU_S + 5))
+            _serve(Connection(fds[0]))
+            os._exit(0)
+        os.close(fds[0])
+        ctrl.sendall(f"{pid}\n".encode())
+
+
+class _Zygote:
+    """A warmed-up math-verify process that forks workers on request: a replacement worker costs a fork
+    (milliseconds), not an interpreter start and a warm-up (seconds)."""
+
+    def __init__(self, startup_timeout_s: float) -> None:
+        ours, theirs = socket.socketpair()
+        pdeathsig = threading.current_thread() is threading.main_thread()
+        # run this file, not ``rewards.math_grader``: importing the package would import every reward (torch)
+        cmd = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+               __file__, str(theirs.fileno()), str(os.getpid()), str(int(pdeathsig))]
+        with theirs:
+            self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self.ctrl = ours
+        self.ctrl.settimeout(startup_timeout_s)
+        self._reader = ours.makefile("rb")
+        ok = False
+        with contextlib.suppress(OSError):
+            ok = self._reader.readline() == b"ready\n"
+        if not ok:
+            self.close()
+            raise RuntimeError(f"math grader: the worker zygote (pid {self.proc.pid}) did not start within "
+                               f"{startup_timeout_s:g}s (exit code {self.proc.poll()})")
+
+    def fork_worker(self) -> tuple[int, Connection]:
+        """A new worker's pid and socket; OSError when the zygote is gone."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            socket.send_fds(self.ctrl, [b"w"], [theirs.fileno()])
+        pid = int(self._reader.readline() or b"0")
+        if not pid:
+            ours.close()
+            raise OSError("the math grader zygote exited")
+        return pid, Connection(ours.detach())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._reader.close()
+            self.ctrl.close()  # EOF: the zygote exits, and its workers with it
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class _Worker:
+    """One worker process (forked by the zygote), its socket, and the job it holds (index, deadline) when busy."""
+
+    def __init__(self, zygote: _Zygote) -> None:
+        self.pid, self.conn = zygote.fork_worker()
+        self.ready = False
+        self.started = time.monotonic()
+        self.job: tuple[int, float] | None = None
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            os.kill(self.pid, signal.SIGKILL)  # the zygote reaps it
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+class GraderPool:
+    """Worker processes for math-verify with per-item deadlines (see the module docstring).
+
+    Args:
+        workers: process count (default ``default_workers()``).
+        startup_timeout_s: a worker not ready within this is an error (a broken environment, not an item).
+    """
+
+    def __init__(self, workers: int | None = None, startup_timeout_s: float = 120.0) -> None:
+        self.workers = workers or default_workers()
+        if self.workers < 1:
+            raise ValueError(f"math grader pool: workers must be >= 1, got {workers!r}")
+        self.startup_timeout_s = startup_timeout_s
+        self.restarts = 0  # workers killed (deadline) or found dead, and replaced
+        self.timeouts = 0  # items that overran their deadline
+        self._init_runtime()
+        _POOLS.add(self)
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._workers: list[_Worker] = []
+        self._zygote: _Zygote | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"workers": self.workers, "startup_timeout_s": self.startup_timeout_s, "restarts": 0, "timeouts": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+        _POOLS.add(self)
+
+    def _check_fork(self) -> None:
+        """In a forked child the zygote and workers are the parent's: drop our handles, never signal them."""
+        if self._pid != os.getpid():
+            for w in self._workers:
+                with contextlib.suppress(Exception):
+                    w.conn.close()
+            if self._zygote is not None:
+                with contextlib.suppress(Exception):
+                    self._zygote._reader.close()
+                    self._zygote.ctrl.close()
+            self._workers, self._zygote = [], None
+            self._pid = os.getpid()
+
+    def _fill(self) -> None:
+        """Start workers up to ``workers`` (and the zygote first, or again if it died)."""
+        while len(self._workers) < self.workers:
+            if self._zygote is None:
+                self._zygote = _Zygote(self.startup_timeout_s)
+            try:
+                self._workers.append(_Worker(self._zygote))
+            except OSError:  # the zygote died (killed from outside): one new one, then a real error
+                log.warning("math grading: the worker zygote (pid %s) is gone; starting another", self._zygote.proc.pid)
+                self._zygote.close()
+                self._zygote = _Zygote(self.startup_timeout_s)
+                self._workers.append(_Worker(self._zygote))
+
+    def _replace(self, w: _Worker) -> None:
+        w.kill()
+        self._workers.remove(w)
+        self.restarts += 1
+        self._fill()
+
+    def run(self, jobs: list[list[Pair]], timeout_s: float) -> list[list[bool] | None]:
+        """Verify every job's pairs; one job (an item) gets ``timeout_s`` of a worker's wall clock.
+
+        Returns per job its list of results, or None when it overran (counted in ``timeouts``). Never raises
+        for an item; raises RuntimeError only when workers cannot start at all."""
+        if timeout_s <= 0:
+            raise ValueError(f"math grader pool: timeout_s must be > 0, got {timeout_s!r}")
+        results: list[list[bool] | None] = [None] * len(jobs)
+        if not jobs:
+            return results
+        with self._lock:
+            self._check_fork()
+            self._fill()
+            try:
+                self._dispatch(jobs, timeout_s, results)
+            except BaseException:  # an outer deadline / KeyboardInterrupt: busy workers hold stale jobs
+                for w in [w for w in self._workers if w.job is not None]:
+                    self._replace(w)
+                raise
+        return results
+
+    def _dispatch(self, jobs: list[list[Pair]], timeout_s: float, results: list[list[bool] | None]) -> None:
+        pending = list(range(len(jobs)))[::-1]  # pop() from the end = submission order
+        left = len(jobs)
+        while left:
+            now = time.monotonic()
+            for w in self._workers:
+                if w.ready and w.job is None and pending:
+                    i = pending.pop()
+                    try:
+                        w.conn.send((i, jobs[i]))
+                    except OSError:  # died while idle (its zygote was killed...): the item waits for another
+                        pending.append(i)
+                        self._lost(w, results, "died")
+                        break  # the worker list changed
+                    w.job = (i, now + timeout_s)
+            waiting = {w.conn: w for w in self._workers if not w.ready or w.job is not None}
+            due = [w.job[1] for w in waiting.values() if w.job] + [
+                w.started + self.startup_timeout_s for w in waiting.values() if not w.ready]
+            for conn in wait(list(waiting), timeout=max(0.0, min(due, default=now) - time.monotonic())):
+                w = waiting[conn]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):  # the worker died (killed from outside, out of memory...)
+                    left -= self._lost(w, results, "died")
+                    continue
+                if msg[0] == "ready":
+                    w.ready = True
+                elif w.job is not None and msg[0] == w.job[0]:
+                    results[msg[0]] = msg[1]
+                    w.job = None
+                    left -= 1
+            now = time.monotonic()
+            for w in list(self._workers):
+                if w.job is not None and now >= w.job[1]:
+                    left -= self._lost(w, results, f"overran its {timeout_s:g}s deadline")
+                elif not w.ready and now >= w.started + self.startup_timeout_s:
+                    raise RuntimeError(f"math grader worker (pid {w.pid}) did not start within "
+                                       f"{self.startup_timeout_s:g}s")
+
+    def _lost(self, w: _Worker, results: list[list[bool] | None], why: str) -> int:
+        """Kill and replace ``w``; its job (if any) scores None. Returns how many jobs ended (0 or 1)."""
+        ended = 0
+        if w.job is not None:
+            i = w.job[0]
+            results[i] = None
+            self.timeouts += 1
+            ended = 1
+            log.warning("math grading: item %d %s; its worker (pid %s) is killed and replaced", i, why, w.pid)
+        elif w.ready:
+            log.warning("math grading: idle worker (pid %s) %s; replaced", w.pid, why)
+        else:
+            raise RuntimeError(f"math grader worker (pid {w.pid}) exited while starting")
+        self._replace(w)
+        return ended
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for tests and diagnostics)."""
+        return [w.pid for w in self._workers]
+
+    def zygote_pid(self) -> int | None:
+        """Process id of the zygote that forks the workers (None before the first start)."""
+        return self._zygote.proc.pid if self._zygote is not None else None
+
+    def close(self) -> None:
+        """Stop every worker (ask, then kill); the pool can be used again (it restarts lazily)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._check_fork()
+                return
+            for w in self._workers:
+                with contextlib.suppress(Exception):
+                    w.conn.send(None)
+            for w in self._workers:
+                w.kill()
+            if self._zygote is not None:
+                self._zygote.close()
+            self._workers, self._zygote = [], None
+
+
+def shared_pool(workers: int | None = None) -> GraderPool:
+    """The process-wide pool with ``workers`` processes (one per distinct count), created on first use."""
+    n = workers or default_workers()
+    with _SHARED_LOCK:
+        if n not in _SHARED:
+            _SHARED[n] = GraderPool(n)
+        return _SHARED[n]
+
+
+def _close_all() -> None:
+    for pool in list(_POOLS):
+        with contextlib.suppress(Exception):
+            pool.close()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._lock = threading.Lock()  # a lock held by another thread at fork time would never be released
+        pool._check_fork()
+
+
+atexit.register(_close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+if __name__ == "__main__":
+    _zygote_main()

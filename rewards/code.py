@@ -27,8 +27,8 @@ every adversarial grade.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
-import itertools
 import json
 import logging
 import os
@@ -42,18 +42,18 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rewards._uids import kill_uid, leased_uid
 from rewards.base import register_reward
 
 log = logging.getLogger(__name__)
 _CHILD = (Path(__file__).parent / "_sandbox_child.py").read_text()
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-_UIDS = itertools.count()
-_UID_LOCK = threading.Lock()
 
 
 def extract_code(completion: str) -> str | None:
@@ -145,22 +145,30 @@ class Sandbox:
     def __init__(
         self, timeout_s: float = 10.0, cpu_s: int = 10, memory_mb: int = 1024, file_mb: int = 16, nproc: int = 16,
         network_namespace: bool = True, drop_privileges: bool = True, base_uid: int = 61000,
+        uid_span: int = 1000,
     ) -> None:
         self.timeout_s, self.cpu_s, self.memory_mb, self.file_mb, self.nproc = timeout_s, cpu_s, memory_mb, file_mb, nproc
         self.netns = network_namespace and sys.platform == "linux"
         self.root = os.geteuid() == 0
         self.drop = drop_privileges and self.root
-        self.base_uid = base_uid
+        self.base_uid, self.uid_span = base_uid, uid_span
         _warn_once(self.drop)
 
-    def _uid(self) -> int | None:
+    @contextlib.contextmanager
+    def _uid(self) -> Iterator[int | None]:
+        """A uid of this program's own, leased machine-wide (``rewards/_uids.py``): NPROC limits and the final
+        kill of every process of the uid then reach this program only, not another trainer process's."""
         if not self.drop:
-            return None
-        with _UID_LOCK:  # a uid per concurrent program: NPROC limits and the final kill are per program
-            return self.base_uid + next(_UIDS) % 1000
+            yield None
+            return
+        with leased_uid(self.base_uid, self.uid_span) as uid:
+            yield uid
 
     def run(self, code: str, spec: TestSpec) -> ExecResult:
-        uid = self._uid()
+        with self._uid() as uid:
+            return self._run(code, spec, uid)
+
+    def _run(self, code: str, spec: TestSpec, uid: int | None) -> ExecResult:
         nonce = secrets.token_hex(16)
         read_end, write_end = os.pipe()
         job = {"code": code, "setup": spec.setup, "tests": spec.tests, "entry_point": spec.entry_point,
@@ -224,15 +232,8 @@ def _kill(pgid: int, uid: int | None) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid is None:
-        return
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                pass
+    if uid is not None:  # the uid is leased to this program alone: its processes are this program's
+        kill_uid(uid)
 
 
 def item_specs(n: int, **cols: Any) -> list[TestSpec | None]:

@@ -6,12 +6,15 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from rewards._uids import leased_uid
 from rewards.code import (
     CodeExecution,
     Sandbox,
@@ -214,6 +217,42 @@ def test_no_sandbox_process_survives() -> None:
     lo, hi = 61000, 62000
     alive = [p for p in os.listdir("/proc") if p.isdigit() and lo <= _uid(p) < hi]
     assert alive == []
+
+
+# One trainer process grading slow correct solutions (each sleeps a different time, so programs of the two
+# processes overlap and end at different moments); prints the scores as JSON.
+TWO_PROCESS_GRADER = """
+import json, sys
+from rewards.code import CodeExecution
+sleeps = [0.1 * (i % 7) for i in range(12)]
+code = "```python\\nimport time\\ntime.sleep({})\\ndef add(a, b):\\n    return a + b\\n```"
+reward = CodeExecution(mode="pass", workers=4, timeout_s=60.0, cpu_s=20)
+print(json.dumps(reward([code.format(s) for s in sleeps], test_list=[sys.argv[1:]] * len(sleeps))))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")
+def test_two_trainer_processes_do_not_kill_each_others_programs() -> None:
+    # Two processes on one machine (DDP ranks) grading at once: before uids were leased machine-wide both
+    # handed out 61000, 61001, ... and one's clean-up killed the other's running program (scored 0, crashed).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_GRADER, *ADD_TESTS], stdout=subprocess.PIPE,
+                              env=env, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert [json.loads(o) for o in outs] == [[1.0] * 12, [1.0] * 12]
+
+
+def test_uid_leases_are_exclusive_and_freed(tmp_path: Path) -> None:
+    with leased_uid(70000, 2, str(tmp_path)) as a, leased_uid(70000, 2, str(tmp_path)) as b:
+        assert {a, b} == {70000, 70001}
+        assert (tmp_path / f"uid-{a}").read_text() == f"{os.getpid()}\n"  # in use: the holder's pid
+        with pytest.raises(RuntimeError, match="all 2 sandbox uids 70000..70001 are in use"):
+            with leased_uid(70000, 2, str(tmp_path)):
+                pass
+    assert (tmp_path / f"uid-{a}").read_text() == ""  # cleaned up and released
+    with leased_uid(70000, 1, str(tmp_path)) as c:
+        assert c == 70000
 
 
 def _uid(pid: str) -> int:

@@ -64,6 +64,7 @@ def confine(job):
             libc.unshare(0x10000000 | 0x40000000)
         else:
             libc.unshare(0x40000000)  # CLONE_NEWNET; failure leaves the audit hook as the guard
+    reads = readable_paths()  # listed while the directories are still readable
     uid = job["uid"]
     if uid is not None:
         for name in PRELOAD.split():
@@ -72,19 +73,50 @@ def confine(job):
         os.setgid(uid)
         os.setuid(uid)
         resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
-    landlock(ctypes, libc, os.getcwd())
+    landlock(ctypes, libc, os.getcwd(), reads)
     for name in [m for m in sys.modules if m.split(".")[0] in DENY_MODULES]:
         del sys.modules[name]  # so that importing them again goes through the audit hook
 
 
-def landlock(ctypes, libc, root):
-    """Kernel-enforced write confinement to ``root`` (+ no TCP, no signals out); a no-op without Landlock."""
+LIB_DIRS = ("/usr/lib", "/usr/lib64", "/lib64", "/usr/local/lib", "/usr/local/lib64")
+DEVICES = ("/etc/ld.so.cache", "/dev/null", "/dev/urandom", "/dev/zero")
+PRIVATE_DIRS = {"site-packages", "dist-packages"}  # where a dataset package (its reference solutions) may live
+
+
+def readable_paths():
+    """What the interpreter may read once confined: each entry of its import path's directories (the stdlib
+    and lib-dynload) except site-packages, but not the directories themselves (the import system has cached
+    their listings already), so nothing else under the prefix is reachable; the shared libraries that
+    extension modules load (the multiarch library directory, ``lib*.so*`` files in the library
+    directories), the loader's cache and harmless devices."""
+    out = []
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry)
+        except OSError:
+            continue
+        out += [os.path.join(entry, n) for n in names if n not in PRIVATE_DIRS]
+    arch = getattr(sys.implementation, "_multiarch", "")
+    out += [os.path.join(d, arch) for d in ("/usr/lib", "/lib") if arch]
+    for d in LIB_DIRS:
+        try:
+            out += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(("lib", "ld-")) and ".so" in n]
+        except OSError:
+            pass
+    return [p for p in out + list(DEVICES) if os.path.exists(p)]
+
+
+def landlock(ctypes, libc, root, reads):
+    """Kernel-enforced confinement: reads only ``reads`` and ``root``, writes only in ``root``, no execve at all,
+    no TCP, no signals out (by ABI version); a no-op without Landlock."""
     c = ctypes.c_long
     abi = libc.syscall(c(444), None, c(0), c(1))  # landlock_create_ruleset(NULL, 0, ..._VERSION)
     if abi < 1:
         return 0
+    read_file, read_dir = 1 << 2, 1 << 3
     fs = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 10 | 1 << 11 | 1 << 12  # write/rm/mk*
     fs |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # REFER (renames/links), TRUNCATE
+    fs |= 1 << 0 | read_file | read_dir  # EXECUTE (granted nowhere), READ_FILE, READ_DIR
     attr = (ctypes.c_uint64 * 3)(fs, 1 | 2, 1 | 2)  # fs; bind/connect TCP; abstract unix sockets, signals
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = libc.syscall(c(444), ctypes.byref(attr), c(size), c(0))
@@ -95,12 +127,24 @@ def landlock(ctypes, libc, root):
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]  # noqa: RUF012
 
-    dirfd = os.open(root, os.O_PATH | os.O_CLOEXEC)
-    rule = PathBeneath(fs, dirfd)
-    ok = libc.syscall(c(445), c(ruleset), c(1), ctypes.byref(rule), c(0)) == 0  # LANDLOCK_RULE_PATH_BENEATH
+    def allow(path, access):
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:  # unreadable to this uid anyway (a private home)
+            return True
+        try:
+            if not os.path.isdir(path):
+                access &= 1 << 0 | 1 << 1 | read_file | 1 << 14  # the rights a file can carry
+            rule = PathBeneath(access, fd)
+            return libc.syscall(c(445), c(ruleset), c(1), ctypes.byref(rule), c(0)) == 0  # PATH_BENEATH
+        finally:
+            os.close(fd)
+
+    ok = allow(root, fs & ~1)  # everything but execute in the working directory
+    for path in reads:  # a read rule that fails only leaves that path unreadable
+        allow(path, read_file | read_dir)
     ok = ok and libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
     ok = ok and libc.syscall(c(446), c(ruleset), c(0)) == 0  # landlock_restrict_self
-    os.close(dirfd)
     os.close(ruleset)
     return abi if ok else 0
 

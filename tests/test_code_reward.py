@@ -193,14 +193,35 @@ def test_ordinary_introspecting_code_still_runs(drop: bool) -> None:
     # namedtuple, TypeVar and Enum call sys._getframe; traceback reads frames; writing in the working
     # directory is allowed. None of it may be mistaken for an attack.
     code = (
-        "import collections, enum, traceback, typing\nT = typing.TypeVar('T')\n"
+        "import collections, enum, traceback, typing, itertools, math, re, heapq, functools, string, json\n"
+        "T = typing.TypeVar('T')\n"
         "Pair = collections.namedtuple('Pair', 'a b')\nColor = enum.Enum('Color', 'RED GREEN')\n"
         "try:\n    1 / 0\nexcept ZeroDivisionError:\n    TB = traceback.format_exc()\n"
-        "open('scratch.txt', 'w').write(TB)\n"
+        "open('scratch.txt', 'w').write(TB)\nassert open('scratch.txt').read() == TB\n"
+        "assert heapq.nsmallest(1, [3, 1]) == [1] and math.gcd(4, 6) == 2 and re.match('a', 'ab')\n"
         "def add(a: T, b: T) -> T:\n    return Pair(a, b).a + Pair(a, b).b + (Color.RED.value - 1)\n"
     )
     reward = CodeExecution(mode="pass", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
     assert reward([fenced(code)], test_list=[ADD_TESTS]) == [1.0]
+
+
+@pytest.mark.skipif(not landlock_abi(), reason="without Landlock a world-readable file is readable to any uid")
+@pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
+def test_files_outside_the_working_directory_cannot_be_read(drop: bool) -> None:
+    # A world-readable folder outside the sandbox stands in for the dataset: its reference solution must be
+    # neither readable (to exec it) nor listable.
+    key_dir = Path(tempfile.mkdtemp(prefix="answer_key_"))
+    try:
+        key_dir.chmod(0o755)
+        (key_dir / "reference.py").write_text(GOOD)
+        (key_dir / "reference.py").chmod(0o644)
+        steal = (f"import os\ntry:\n    exec(open({str(key_dir / 'reference.py')!r}).read())\nexcept OSError:\n"
+                 f"    add = lambda a, b: -7\ntry:\n    LISTED = os.listdir({str(key_dir)!r})\nexcept OSError:\n"
+                 f"    LISTED = []\nif LISTED:\n    add = lambda a, b: a + b\n")
+        reward = CodeExecution(mode="fraction", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
+        assert reward([fenced(steal)], test_list=[ADD_TESTS]) == [0.0]
+    finally:
+        shutil.rmtree(key_dir)
 
 
 @pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])

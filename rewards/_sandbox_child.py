@@ -183,7 +183,61 @@ def install_hook(root):
     sys.addaudithook(hook)
 
 
-def run(job, _exec=exec, _compile=compile, _base=BaseException):  # builtins bound before the candidate runs
+def make_encoder(dumps, cap):
+    """Encode a test value as JSON text in a tagged form of plain builtins (``rewards/_judge.py`` decodes it):
+    ``["i", hex]``, ``["f", float.hex]``, ``["s", str]``, ``["l"|"t"|"S"|"F", items]``, ``["d", [["p", [k, v]]]]``,
+    ``["q", num, den]`` (Fraction), ``["D", str]`` (Decimal); ``["?", type, truth]`` when it is none of these,
+    ``["?", "too large"]`` when its text exceeds ``cap``. Subclasses encode as their builtin base (a namedtuple as a tuple)."""
+    _isinstance, _type, _int, _float, _str, _complex = isinstance, type, int, float, str, complex
+    _bytes, _bytearray, _list, _tuple, _dict, _set, _frozenset = bytes, bytearray, list, tuple, dict, set, frozenset
+    int_hex, float_hex, str_copy, modules, _len, _type_error, _bool = (
+        lambda v: _int.__format__(v, "x"), _float.hex, _str.__str__, sys.modules, len, TypeError, bool)
+
+    def enc(v, depth):
+        if depth > 100:
+            raise _type_error("nested too deep")
+        if v is None or v is True or v is False:
+            return v
+        if _isinstance(v, _int):
+            return ["i", int_hex(v)]
+        if _isinstance(v, _float):
+            return ["f", float_hex(v)]
+        if _isinstance(v, _str):
+            return ["s", str_copy(v)]
+        if _isinstance(v, _complex):
+            return ["c", float_hex(v.real), float_hex(v.imag)]
+        if _isinstance(v, _bytes | _bytearray):
+            return ["y" if _isinstance(v, _bytes) else "Y", v.hex()]
+        for cls, tag in ((_list, "l"), (_tuple, "t"), (_set, "S"), (_frozenset, "F")):
+            if _isinstance(v, cls):
+                return [tag, [enc(x, depth + 1) for x in v]]
+        if _isinstance(v, _dict):
+            return ["d", [["p", [enc(k, depth + 1), enc(x, depth + 1)]] for k, x in v.items()]]
+        fr, dec = modules.get("fractions"), modules.get("decimal")
+        if fr is not None and _isinstance(v, fr.Fraction):
+            return ["q", int_hex(v.numerator), int_hex(v.denominator)]
+        if dec is not None and _isinstance(v, dec.Decimal):
+            return ["D", _str(v)]
+        raise _type_error(_type(v).__name__)
+
+    def encode(v):
+        try:
+            text = dumps(enc(v, 0))
+        except BaseException:  # not a builtin value (a re.Match): its type name and truth value only
+            try:
+                return dumps(["?", _type(v).__name__, _bool(v)])
+            except BaseException as exc:
+                return dumps(["!", _type(exc).__name__])
+        return text if _len(text) <= cap else '["?", "too large"]'
+
+    return encode
+
+
+def run(job, encode, _exec=exec, _eval=eval, _compile=compile, _base=BaseException, _len=len, _type=type,
+        _dumps=json.dumps):
+    """Run the candidate, then each test in order: a sandbox-judged test counts as passed when it runs without
+    raising; a trainer-judged one only has its holes evaluated and encoded (``["!", exception]`` when one raises).
+    Returns (passed, [JSON text of one trainer-judged test's hole values, ...])."""
     ns = {"__name__": "__sandbox__", "__builtins__": __builtins__}
     try:
         _exec(_compile(job["code"], "<solution>", "exec"), ns)
@@ -192,25 +246,39 @@ def run(job, _exec=exec, _compile=compile, _base=BaseException):  # builtins bou
         if job["entry_point"]:
             ns["candidate"] = ns[job["entry_point"]]
     except _base:  # SystemExit included: code that exits before the tests fails them all
-        return 0
-    passed = 0
-    for src in job["tests"]:
+        return 0, []
+    passed, values, room = 0, [], job["result_cap"]
+    for test in job["tests"]:
+        if "holes" in test:
+            out = []
+            for src in test["holes"]:
+                try:
+                    text = encode(_eval(_compile(src, "<test>", "eval"), ns))
+                except _base as exc:
+                    text = _dumps(["!", _type(exc).__name__])
+                room -= _len(text) + 2
+                out.append(text if room > 0 else '["?", "too large"]')
+            values.append("[" + ", ".join(out) + "]")
+            continue
         try:
-            _exec(_compile(src, "<test>", "exec"), ns)
+            _exec(_compile(test["src"], "<test>", "exec"), ns)
             passed += 1
         except _base:
             pass
-    return passed
+    return passed, values
 
 
 def main():
     job = json.loads(sys.stdin.read())
     nonce, fd, total = job.pop("nonce"), job.pop("result_fd"), len(job["tests"])
     write, exit_ = os.write, os._exit
+    encode = make_encoder(json.dumps, job["result_cap"] // 4)
     confine(job)
     install_hook(os.path.realpath(os.getcwd()))
-    passed = run(job)
-    write(fd, f'{{"nonce": "{nonce}", "passed": {passed}, "total": {total}}}'.encode())  # no json: patchable
+    passed, values = run(job, encode)
+    # Formatted without json (patchable), the harness's own fields last: in JSON the last of duplicate keys wins.
+    write(fd, (f'{{"values": [{", ".join(values)}], "nonce": "{nonce}", "passed": {passed}, "total": {total}}}')
+          .encode())
     exit_(0)
 
 

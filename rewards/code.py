@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rewards._judge import Judged, passes, setup_names, split_test
 from rewards._uids import kill_uid, leased_uid
 from rewards.base import register_reward
 
@@ -170,10 +172,16 @@ class Sandbox:
 
     def _run(self, code: str, spec: TestSpec, uid: int | None) -> ExecResult:
         nonce = secrets.token_hex(16)
+        plan = plan_tests(spec)
         read_end, write_end = os.pipe()
-        job = {"code": code, "setup": spec.setup, "tests": spec.tests, "entry_point": spec.entry_point,
+        try:  # room for the test values: the program writes its report before the trainer reads it
+            cap = fcntl.fcntl(write_end, 1031, 1 << 20) - 4096  # F_SETPIPE_SZ
+        except OSError:
+            cap = (1 << 16) - 4096
+        tests = [{"holes": j.holes} if j else {"src": t} for t, j in zip(spec.tests, plan, strict=True)]
+        job = {"code": code, "setup": spec.setup, "tests": tests, "entry_point": spec.entry_point,
                "cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "file_mb": self.file_mb, "nproc": self.nproc,
-               "netns": self.netns, "uid": uid, "nonce": nonce, "result_fd": write_end}
+               "netns": self.netns, "uid": uid, "nonce": nonce, "result_fd": write_end, "result_cap": cap}
         work = tempfile.mkdtemp(prefix="rl_small_sbx_")
         if uid is not None:
             os.chown(work, uid, uid)
@@ -200,15 +208,32 @@ class Sandbox:
         try:  # what the sandbox wrote to the pipe as its last act, with this run's secret, then a clean exit
             if status == "timeout":  # whatever it wrote before running out of time does not count
                 return ExecResult(0, len(spec.tests), status)
-            res = json.loads(_read_all(read_end, limit=1 << 16))
+            res = json.loads(_read_all(read_end, limit=cap + 4096))
             if proc.returncode != 0 or not secrets.compare_digest(str(res["nonce"]), nonce):
                 return ExecResult(0, len(spec.tests), "crashed")
-            return ExecResult(min(int(res["passed"]), len(spec.tests)), len(spec.tests), status)
-        except (OSError, ValueError, KeyError, TypeError):
+            return ExecResult(_score(plan, res), len(spec.tests), status)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return ExecResult(0, len(spec.tests), "crashed")
         finally:
             os.close(read_end)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def plan_tests(spec: TestSpec) -> list[Judged | None]:
+    """Per test, its trainer-judged form (``rewards/_judge.py``) or None when it runs inside the sandbox."""
+    forbidden = setup_names(spec.setup)
+    return [split_test(t, forbidden) for t in spec.tests]
+
+
+def _score(plan: list[Judged | None], res: dict[str, Any]) -> int:
+    """Tests passed: the sandbox's count of the tests it judged (at most their number), plus the trainer-judged
+    tests whose returned values satisfy their templates here."""
+    in_sandbox = sum(j is None for j in plan)
+    values = res.get("values")
+    values = values if isinstance(values, list) else []
+    judged = [j for j in plan if j is not None]
+    ok = sum(passes(j, values[k]) for k, j in enumerate(judged) if k < len(values))
+    return min(int(res["passed"]), in_sandbox) + ok
 
 
 def _read_all(fd: int, limit: int) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rewards._judge import setup_names, split_test
 from rewards._uids import leased_uid
 from rewards.code import (
     CodeExecution,
@@ -229,6 +230,71 @@ def test_files_outside_the_working_directory_cannot_be_read(drop: bool) -> None:
 def test_patching_the_harness_does_not_forge_a_grade(name: str, drop: bool) -> None:
     reward = CodeExecution(mode="fraction", timeout_s=2.0, cpu_s=2, drop_privileges=drop)
     assert reward([fenced(FORGED_GRADES[name] + WRONG)], test_list=[ADD_TESTS]) == [pytest.approx(2 / 3)]
+
+
+# A wrong solution that finds the harness's job with gc.get_objects() and rewrites its tests so that they pass
+# (old format: test sources; new: sources of the sandbox-judged tests and holes of the trainer-judged ones).
+GC_REWRITE = (
+    "import gc\nfor o in gc.get_objects():\n    if isinstance(o, dict) and isinstance(o.get('tests'), list):\n"
+    "        for i, t in enumerate(o['tests']):\n            if isinstance(t, str):\n"
+    "                o['tests'][i] = 'pass'\n            elif 'holes' in t:\n"
+    "                t['holes'] = ['True'] * len(t['holes'])\n            else:\n                t['src'] = 'pass'\n"
+)
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
+def test_rewriting_the_job_through_gc_does_not_forge_a_grade(drop: bool) -> None:
+    # The single-assert tests are judged in the trainer: the sandbox never sees the expected values, so rewriting
+    # what it evaluates yields values that fail (before, this wrong solution scored 1.0).
+    reward = CodeExecution(mode="pass", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
+    assert reward([fenced(GC_REWRITE + WRONG)], test_list=[ADD_TESTS]) == [0.0]
+    assert reward([fenced(GC_REWRITE + GOOD)], test_list=[ADD_TESTS]) == [0.0]  # its holes were rewritten too
+
+
+@pytest.mark.parametrize(
+    ("test", "holes"),
+    [
+        ("assert add(1, 2) == 3", ["add(1, 2)"]),
+        ("assert set(f((3, 4), (5, 4))) == set((4,))", ["f((3, 4), (5, 4))"]),
+        ("assert math.isclose(f(1), 0.5, rel_tol=0.001)", ["f(1)"]),
+        ("assert abs(candidate(1.5) - 0.5) < 1e-06, 'message'", ["candidate(1.5)"]),
+        ("assert not is_prime(8)", ["is_prime(8)"]),
+        ("assert candidate([1, 2])[0] == [f(1)][0]", ["candidate([1, 2])", "f(1)"]),
+        ("assert sorted(f(x), key=lambda t: t[1]) == [(1, 2)]", ["sorted(f(x), key=lambda t: t[1])"]),
+        ("assert [candidate(i) for i in range(3)] == [0, 1, 2]", ["[candidate(i) for i in range(3)]"]),
+        ("for i in range(3):\n    assert candidate(i) == i", None),  # several statements: in the sandbox
+        ("assert candidate(2) == helper(2)", None),  # a name from the dataset's setup code
+        ("assert [x for x in f(3) if x > 1] == [2]", None),  # a comparison inside a hole would leak
+        ("assert candidate(2)", ["candidate(2)"]),
+    ],
+)
+def test_which_tests_are_judged_in_the_trainer(test: str, holes: list[str] | None) -> None:
+    judged = split_test(test, setup_names(["def helper(x):\n    return x", "import math"]))
+    assert (judged.holes if judged else None) == holes
+
+
+def test_trainer_judged_values_keep_python_equality() -> None:
+    # What the candidate returns is rebuilt as plain builtins in the trainer; equality is Python's.
+    code = (
+        "import collections, enum, fractions, re\nP = collections.namedtuple('P', 'a b')\n"
+        "class N(enum.IntEnum):\n    ONE = 1\n"
+        "def f(k):\n    return {'nt': P(1, 2), 'counter': collections.Counter('aab'), 'frac': fractions.Fraction(1, 2),"
+        " 'enum': N.ONE, 'nan': float('nan'), 'set': {1, 2}, 'fs': frozenset({3}), 'bytes': b'x', 'c': 1 + 2j,"
+        " 'nested': [(1, [2.5, {'k': None}])], 'match': re.match('m', k), 'big': 2 ** 200, 'true': True}.get(k)\n"
+    )
+    tests = [
+        "assert f('nt') == (1, 2)", "assert f('counter') == {'a': 2, 'b': 1}", "assert f('frac') == 0.5",
+        "assert f('enum') == 1", "assert f('nan') != f('nan')", "assert f('set') == {2, 1}",
+        "assert f('fs') == {3}", "assert f('bytes') == b'x'", "assert f('c') == 1+2j",
+        "assert f('nested') == [(1, [2.5, {'k': None}])]", "assert f('match')", "assert not f('bmatch')",
+        "assert f('big') == 2 ** 200", "assert f('true') is True", "assert f('nt') != [1, 2]",
+        "assert f('missing') is None", "assert len(f('nested')[0][1]) == 2",
+    ]
+    assert all(split_test(t, set()) for t in tests)
+    reward = CodeExecution(mode="fraction", timeout_s=5.0, cpu_s=5)
+    assert reward([fenced(code)], test_list=[tests]) == [1.0]
+    wrong = code.replace("P(1, 2)", "P(2, 1)").replace("2 ** 200", "2 ** 200 + 1")
+    assert reward([fenced(wrong)], test_list=[tests]) == [pytest.approx(15 / 17)]  # nt == (1, 2) and big fail
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")

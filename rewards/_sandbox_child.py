@@ -1,29 +1,33 @@
 """The program run inside each code-execution sandbox (``python -I -S -c <this source>``), stdlib only.
 
-It reads one job (JSON) from stdin, confines itself, runs the candidate code and then each test, and writes
-``{"nonce", "passed", "total"}`` to the result pipe (``job["result_fd"]``, whose read end only the
-parent holds), then exits 0. The nonce is a per-run secret from the parent: a result file, a write to the
-pipe without it, or an exit before the harness's own counts as a crash. Its stdout/stderr are /dev/null
-(set by the parent), so printing cannot flood the trainer.
+It reads one job (JSON) from stdin, confines itself, runs the candidate code and then each test in order:
+a sandbox-judged test (``{"src"}``) counts as passed when it runs without raising; a trainer-judged one
+(``{"holes"}``, ``rewards/_judge.py``) only has its hole expressions evaluated and their values encoded. It
+writes ``{"values", "nonce", "passed", "total"}`` to the result pipe (``job["result_fd"]``, whose read end only
+the parent holds), then exits 0. The nonce is a per-run secret from the parent: a result file, a write to the
+pipe without it, or an exit before the harness's own counts as a crash. Its stdout/stderr are /dev/null (set
+by the parent), so printing cannot flood the trainer.
 
 Confinement, in order (each layer is the kernel's, except the audit hook):
 1. rlimits: CPU seconds, address space, file size, no core files (soft = hard, so they cannot be raised);
 2. a fresh network namespace (no interfaces but a down loopback) when allowed;
-3. as root: stdlib modules a solution may need are imported first, then the process drops to an unprivileged
-   uid of its own (so it cannot read /root, write the repo or $HOME, or signal the trainer) with
-   RLIMIT_NPROC (fork bombs stop);
-4. Landlock (Linux >= 5.13, also for a non-root trainer): no file creation, writing, removal or renaming
-   outside the working directory, no TCP (ABI >= 4), no signals to processes outside the sandbox (ABI >= 6);
+3. as root: stdlib modules a solution may need are imported first, then the process drops to the
+   unprivileged uid leased to it (so it cannot read /root, write the repo or $HOME, or signal the trainer)
+   with RLIMIT_NPROC (fork bombs stop);
+4. Landlock (Linux >= 5.13, also for a non-root trainer): reads only the entries of the interpreter's import
+   path but site-packages, the shared libraries and a few devices; no file creation, writing, removal or
+   renaming outside the working directory; no execve anywhere; no TCP (ABI >= 4); no signals to processes
+   outside the sandbox (ABI >= 6);
 5. a ``sys.addaudithook`` that refuses sockets, process creation, signals, ctypes, writes outside the
    temporary working directory and reading ``/proc``. Python-level hooks can be subverted by code that
    patches modules, so the hook binds everything it uses when installed, and the harness binds
    ``exec``/``compile``/``os.write`` before the candidate runs; the kernel layers are what hold.
 
-Not defended: the tests run in the candidate's interpreter, so code that walks the interpreter's frames
-(``sys._getframe().f_back``) can reach the harness's state (the test list, the secret); so can code that reads
-its own memory where /proc/self/mem is readable (a non-root trainer) by a route the hook cannot see (a
-``dir_fd``). Refusing frame access would break ordinary code (``namedtuple``, ``TypeVar`` and ``Enum`` call
-``sys._getframe``).
+Not defended: the sandbox-judged tests run in the candidate's interpreter, so code that rewrites the job
+(``gc.get_objects()``) or walks the interpreter's frames (``sys._getframe().f_back``) can make them pass or
+read the secret (so can reading its own memory by a ``dir_fd`` route the hook cannot see, where no Landlock
+stops reads of /proc and the trainer is not root). Refusing frame access would break ordinary code (``namedtuple``, ``TypeVar`` and ``Enum``
+call ``sys._getframe``). The trainer-judged tests do not depend on this process's honesty.
 """
 
 import json

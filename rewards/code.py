@@ -9,19 +9,22 @@ HumanEval (``test`` defining ``check(candidate)``, ``entry_point``; each top-lev
 that asserts is one test) or MBPP (``test_list`` asserts, ``test_imports``, ``test_setup_code``).
 
 Each program runs in ``python -I -S`` with its own temporary directory as the working directory, CPU-time,
-memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid (when
-the trainer runs as root), Landlock (writes only in its directory, no TCP, no signals out; also for a
-non-root trainer), an audit hook that refuses sockets, processes, signals and writes outside the temporary
+memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid of its own
+(when the trainer runs as root; leased machine-wide with a lock file per uid, ``rewards/_uids.py``, so trainer
+processes on one node never share one), Landlock (reads only the stdlib without site-packages, the system's
+shared libraries and its directory; writes only in its directory; no execve, no TCP, no signals out; also for
+a non-root trainer), an audit hook that refuses sockets, processes, signals and writes outside the temporary
 directory (see ``rewards/_sandbox_child.py``). The result comes back on a pipe with a per-run secret and
-counts only after a clean exit, so a forged result file, a forged write to the pipe, an early exit or
-rebinding the builtins / ``os.write`` / ``json`` the harness uses scores nothing. Afterwards its process
-group and every process of its uid are killed and the directory removed. A thread pool runs a batch in
-parallel.
+counts only after a clean exit. Afterwards its process group and every process of its uid are killed and the
+directory removed. A thread pool runs a batch in parallel.
 
-Known limit: the candidate runs in the same interpreter as the test loop, so code written to defeat the
-checker itself (an object whose ``__eq__`` is always true, builtins the tests call patched, the harness's
-frames walked) can pass; the sandbox protects the machine and the run, and stops the cheap forgeries, not
-every adversarial grade.
+Judging: a test that is one ``assert`` (every MBPP test; HumanEval's except six items' loops and helper
+statements) is judged in the trainer (``rewards/_judge.py``): the sandbox evaluates only the candidate's
+sub-expressions (``candidate(3)``) and returns their values; the expected values never enter its process, so
+rewriting the harness (``gc.get_objects()``, frames, the report) gains nothing a function returning those
+values would not. Known limit: the other tests run and are judged inside the candidate's interpreter, where
+code written to defeat the checker (rewriting the job, patched builtins, the harness's frames) can pass them;
+a returned object that is not a builtin value keeps only its truth value (its ``__eq__`` is not consulted).
 """
 
 from __future__ import annotations

@@ -266,6 +266,7 @@ def test_rewriting_the_job_through_gc_does_not_forge_a_grade(drop: bool) -> None
         ("assert candidate(2) == helper(2)", None),  # a name from the dataset's setup code
         ("assert [x for x in f(3) if x > 1] == [2]", None),  # a comparison inside a hole would leak
         ("assert candidate(2)", ["candidate(2)"]),
+        ("assert True, 'This prints if this assert fails'", []),  # HumanEval's filler: the trainer alone
     ],
 )
 def test_which_tests_are_judged_in_the_trainer(test: str, holes: list[str] | None) -> None:

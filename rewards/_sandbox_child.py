@@ -88,26 +88,28 @@ PRIVATE_DIRS = {"site-packages", "dist-packages"}  # where a dataset package (it
 
 
 def readable_paths():
-    """What the interpreter may read once confined: each entry of its import path's directories (the stdlib
-    and lib-dynload) except site-packages, but not the directories themselves (the import system has cached
-    their listings already), so nothing else under the prefix is reachable; the shared libraries that
-    extension modules load (the multiarch library directory, ``lib*.so*`` files in the library
+    """What the interpreter may read once confined, as (path, is_dir): each entry of its import path's
+    directories (the stdlib and lib-dynload) except site-packages, but not the directories themselves (the
+    import system has cached their listings already), so nothing else under the prefix is reachable; the shared
+    libraries that extension modules load (the multiarch library directory, ``lib*.so*`` files in the library
     directories), the loader's cache and harmless devices."""
     out = []
     for entry in sys.path:
         try:
-            names = os.listdir(entry)
+            with os.scandir(entry) as it:
+                out += [(e.path, e.is_dir()) for e in it if e.name not in PRIVATE_DIRS]
         except OSError:
             continue
-        out += [os.path.join(entry, n) for n in names if n not in PRIVATE_DIRS]
     arch = getattr(sys.implementation, "_multiarch", "")
-    out += [os.path.join(d, arch) for d in ("/usr/lib", "/lib") if arch]
+    out += [(os.path.join(d, arch), True) for d in ("/usr/lib", "/lib") if arch and os.path.isdir(d + "/" + arch)]
     for d in LIB_DIRS:
         try:
-            out += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(("lib", "ld-")) and ".so" in n]
+            with os.scandir(d) as it:
+                out += [(e.path, False) for e in it if e.name.startswith(("lib", "ld-")) and ".so" in e.name
+                        and not e.is_dir()]
         except OSError:
             pass
-    return [p for p in out + list(DEVICES) if os.path.exists(p)]
+    return out + [(p, False) for p in DEVICES if os.path.exists(p)]
 
 
 def landlock(ctypes, libc, root, reads):
@@ -131,22 +133,23 @@ def landlock(ctypes, libc, root, reads):
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]  # noqa: RUF012
 
-    def allow(path, access):
+    rule, syscall, os_open, close, flags = PathBeneath(0, -1), libc.syscall, os.open, os.close, os.O_PATH | os.O_CLOEXEC
+    args = (c(445), c(ruleset), c(1), ctypes.byref(rule), c(0))  # landlock_add_rule(..., PATH_BENEATH, &rule, 0)
+
+    def allow(path, access):  # one reused rule struct: hundreds of rules per program, each must be cheap
         try:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            fd = os_open(path, flags)
         except OSError:  # unreadable to this uid anyway (a private home)
             return True
+        rule.allowed_access, rule.parent_fd = access, fd
         try:
-            if not os.path.isdir(path):
-                access &= 1 << 0 | 1 << 1 | read_file | 1 << 14  # the rights a file can carry
-            rule = PathBeneath(access, fd)
-            return libc.syscall(c(445), c(ruleset), c(1), ctypes.byref(rule), c(0)) == 0  # PATH_BENEATH
+            return syscall(*args) == 0
         finally:
-            os.close(fd)
+            close(fd)
 
     ok = allow(root, fs & ~1)  # everything but execute in the working directory
-    for path in reads:  # a read rule that fails only leaves that path unreadable
-        allow(path, read_file | read_dir)
+    for path, is_dir in reads:  # a read rule that fails only leaves that path unreadable
+        allow(path, read_file | read_dir if is_dir else read_file)
     ok = ok and libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
     ok = ok and libc.syscall(c(446), c(ruleset), c(0)) == 0  # landlock_restrict_self
     os.close(ruleset)

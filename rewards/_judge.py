@@ -136,6 +136,11 @@ def split_test(src: str, forbidden: set[str]) -> Judged | None:
     return Judged(template, splitter.holes)
 
 
+def _pairs(items: list[Any]) -> list[Any]:
+    _no_collisions([k for k, _ in items])
+    return items
+
+
 class Opaque:
     """A value that is no builtin (a ``re.Match``): only its truth value comes back, and it equals nothing
     but itself, as an object without ``__eq__`` would."""
@@ -154,6 +159,43 @@ class _Missing(Exception):
     """A hole whose value could not be computed or rebuilt (the test fails when the template uses it)."""
 
 
+def _no_collisions(items: Any) -> Any:
+    """``items`` as a list, refused when many share one hash: ints (unlike strings) hash predictably, and a set
+    of thousands of colliding values (multiples of 2**61 - 1) would take the trainer minutes to build."""
+    items = list(items)
+    counts: dict[int, int] = {}
+    for x in items:
+        h = hash(x)
+        counts[h] = counts.get(h, 0) + 1
+        if counts[h] > 64:
+            raise _Missing("too many equal hashes")
+    return items
+
+
+def _checked(build: Any, pairs: bool = False) -> Any:
+    """``set``/``frozenset``/``dict`` for the template's calls, with the collision check on their input."""
+    def make(items: Any = (), **kw: Any) -> Any:
+        if pairs and isinstance(items, dict):
+            items = items.items()
+        items = list(items)
+        _no_collisions([k for k, _ in items] if pairs else items)
+        return build(items, **kw)
+    make.__name__ = build.__name__
+    _TYPES[make] = build
+    return make
+
+
+def _isinstance(obj: Any, types: Any) -> bool:
+    """``isinstance`` that reads the checked constructors as the types they build."""
+    types = tuple(_TYPES.get(t, t) for t in types) if isinstance(types, tuple) else _TYPES.get(types, types)
+    return isinstance(obj, types)
+
+
+_TYPES: dict[Any, type] = {}
+SAFE_CALLS.update(set=_checked(set), frozenset=_checked(frozenset), dict=_checked(dict, pairs=True),
+                  isinstance=_isinstance)
+
+
 def decode(v: Any, depth: int = 0) -> Any:
     """Rebuild a value from the sandbox's tagged encoding (plain builtins only)."""
     if v is None or isinstance(v, bool):
@@ -166,7 +208,8 @@ def decode(v: Any, depth: int = 0) -> Any:
         "i": lambda: int(a[0], 16), "f": lambda: float.fromhex(a[0]), "s": lambda: str(a[0]),
         "c": lambda: complex(float.fromhex(a[0]), float.fromhex(a[1])), "y": lambda: bytes.fromhex(a[0]),
         "Y": lambda: bytearray.fromhex(a[0]), "l": items, "t": lambda: tuple(items()),
-        "S": lambda: set(items()), "F": lambda: frozenset(items()), "d": lambda: dict(items()),
+        "S": lambda: set(_no_collisions(items())), "F": lambda: frozenset(_no_collisions(items())),
+        "d": lambda: dict(_pairs(items())),
         "q": lambda: fractions.Fraction(int(a[0], 16), int(a[1], 16)), "D": lambda: decimal.Decimal(a[0]),
         "p": lambda: tuple(items()),  # a [key, value] pair of a dict
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rewards._judge import setup_names, split_test
+from rewards._judge import passes, setup_names, split_test
 from rewards._uids import leased_uid
 from rewards.code import (
     CodeExecution,
@@ -296,6 +296,17 @@ def test_trainer_judged_values_keep_python_equality() -> None:
     assert reward([fenced(code)], test_list=[tests]) == [1.0]
     wrong = code.replace("P(1, 2)", "P(2, 1)").replace("2 ** 200", "2 ** 200 + 1")
     assert reward([fenced(wrong)], test_list=[tests]) == [pytest.approx(15 / 17)]  # nt == (1, 2) and big fail
+
+
+def test_colliding_hashes_cannot_stall_the_trainer() -> None:
+    # Multiples of 2**61 - 1 all hash to 0: a set of thousands of them would take the trainer minutes to build,
+    # so many equal hashes are refused (the test fails) whether the set is returned or built by the template.
+    collide = [["i", format(k * (2**61 - 1), "x")] for k in range(1, 200)]
+    distinct = [["i", format(k, "x")] for k in range(1, 200)]
+    built, returned = split_test("assert len(set(f(1))) == 199", set()), split_test("assert len(f(2)) == 199", set())
+    assert passes(built, [["l", distinct]]) and passes(returned, [["S", distinct]])
+    assert not passes(built, [["l", collide]]) and not passes(returned, [["S", collide]])
+    assert passes(split_test("assert isinstance(f(2), set)", set()), [["S", []]])  # the real type, not the check
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")

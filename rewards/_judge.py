@@ -71,21 +71,23 @@ def setup_names(setup: list[str]) -> set[str]:
     return names - {"math"}  # ``math.<pure function>`` is evaluated by the trainer with its own math
 
 
-def _evaluable(node: ast.AST) -> bool:
-    """Whether the trainer can evaluate ``node`` by itself (no hole inside)."""
+def _evaluable(node: ast.AST, own: frozenset[str] = frozenset()) -> bool:
+    """Whether the trainer can evaluate ``node`` by itself (no hole inside); ``own``: safe names that are the
+    candidate's functions in this test."""
     if isinstance(node, ast.Constant):
         return True
     if isinstance(node, ast.Name):
-        return node.id in SAFE_CALLS
+        return node.id in SAFE_CALLS and node.id not in own
     if isinstance(node, ast.Attribute):
-        return isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr in MATH
-    return _structural(node) and all(_evaluable(c) for c in _children(node))
+        return (isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr in MATH
+                and "math" not in own)
+    return _structural(node, own) and all(_evaluable(c, own) for c in _children(node))
 
 
-def _structural(node: ast.AST) -> bool:
+def _structural(node: ast.AST, own: frozenset[str] = frozenset()) -> bool:
     """Nodes the trainer's interpreter evaluates itself once their children are known."""
     if isinstance(node, ast.Call):  # a lambda argument (sorted's key) keeps the whole call in one hole
-        return (_evaluable(node.func) and not any(isinstance(a, ast.Starred | ast.Lambda) for a in node.args)
+        return (_evaluable(node.func, own) and not any(isinstance(a, ast.Starred | ast.Lambda) for a in node.args)
                 and all(k.arg and not isinstance(k.value, ast.Lambda) for k in node.keywords))
     if isinstance(node, ast.Tuple | ast.List | ast.Set):
         return not any(isinstance(e, ast.Starred) for e in node.elts)
@@ -103,15 +105,15 @@ def _children(node: ast.AST) -> list[ast.AST]:
 
 
 class _Splitter(ast.NodeTransformer):
-    def __init__(self, forbidden: set[str]) -> None:
+    def __init__(self, forbidden: set[str], own: frozenset[str]) -> None:
         self.holes: list[str] = []
         self.ok = True
-        self.forbidden = forbidden
+        self.forbidden, self.own = forbidden, own
 
     def visit(self, node: ast.AST) -> ast.AST:
-        if not isinstance(node, ast.expr) or _evaluable(node):
+        if not isinstance(node, ast.expr) or _evaluable(node, self.own):
             return node
-        if _structural(node):
+        if _structural(node, self.own):
             return self.generic_visit(node)
         inner = list(ast.walk(node))
         if any(isinstance(n, ast.Compare) for n in inner) or any(
@@ -121,15 +123,47 @@ class _Splitter(ast.NodeTransformer):
         return ast.copy_location(ast.Name(f"{HOLE}{len(self.holes) - 1}", ast.Load()), node)
 
 
-def split_test(src: str, forbidden: set[str]) -> Judged | None:
-    """The judge-side form of a test, or None when it must run inside the sandbox."""
+def candidate_names(code: str) -> set[str]:
+    """Names the candidate's code binds at module level (its functions, classes, variables)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            continue  # what a function binds inside is not the test's namespace
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        if isinstance(node, ast.Import):  # ``import math`` binds the real math: no shadowing
+            names.update(a.asname for a in node.names if a.asname)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(a.asname or a.name for a in node.names)
+        if not isinstance(node, ast.Lambda | ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp):
+            todo.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def split_test(src: str, forbidden: set[str], shadowed: set[str] | frozenset[str] = frozenset()) -> Judged | None:
+    """The judge-side form of a test, or None when it must run inside the sandbox.
+
+    ``shadowed``: names the candidate's code binds. A safe name (``sum``, ``math``) stays the real builtin in
+    the trainer, unless the test names nothing else: then it is the function under test (MBPP's own ``sum``)
+    and becomes a hole. Shadowing ``set`` to pull ``set(f(x)) == set([1, 2])`` into the sandbox does not work.
+    """
     try:
         body = ast.parse(src).body
     except SyntaxError:
         return None
     if len(body) != 1 or not isinstance(body[0], ast.Assert):
         return None
-    splitter = _Splitter(forbidden)
+    used = {n.id for n in ast.walk(body[0].test) if isinstance(n, ast.Name)}
+    safe = set(SAFE_CALLS) | {"math"}
+    own = frozenset(used & set(shadowed)) if used <= safe else frozenset()
+    splitter = _Splitter(forbidden, own)
     template = splitter.visit(body[0].test)
     if not splitter.ok or not isinstance(template, ast.expr):  # no hole (``assert True``): the trainer alone
         return None
@@ -203,7 +237,7 @@ def decode(v: Any, depth: int = 0) -> Any:
     if depth > 100 or not isinstance(v, list) or not v or not isinstance(v[0], str):
         raise _Missing("malformed")
     tag, *a = v
-    items = (lambda: [decode(x, depth + 1) for x in a[0]])  # noqa: E731
+    items = (lambda: [decode(x, depth + 1) for x in a[0]])
     builders = {
         "i": lambda: int(a[0], 16), "f": lambda: float.fromhex(a[0]), "s": lambda: str(a[0]),
         "c": lambda: complex(float.fromhex(a[0]), float.fromhex(a[1])), "y": lambda: bytes.fromhex(a[0]),
@@ -234,9 +268,9 @@ SAFE_CALLS["round"] = _round
 
 def _binop(op: ast.operator, a: Any, b: Any) -> Any:
     """Arithmetic with the sizes a test's expected side needs, refused beyond MAX_SIZE (no trainer DoS)."""
-    if isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and b > 0:
-        if max(abs(a).bit_length(), 1) * b > 3 * MAX_SIZE:
-            raise _Missing("power too large")
+    if (isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and b > 0
+            and max(abs(a).bit_length(), 1) * b > 3 * MAX_SIZE):
+        raise _Missing("power too large")
     if isinstance(op, ast.Mod) and isinstance(a, str | bytes):  # '%999999999d' % 1: no formatting
         raise _Missing("string formatting")
     if isinstance(op, ast.Mult) and isinstance(a, int | bool) != isinstance(b, int | bool):
@@ -248,7 +282,7 @@ def _binop(op: ast.operator, a: Any, b: Any) -> Any:
 
 def evaluate(node: ast.AST, values: list[Any]) -> Any:
     """Evaluate a template with the rebuilt hole values (``_Missing`` for a hole that has none)."""
-    ev = lambda n: evaluate(n, values)  # noqa: E731
+    ev = lambda n: evaluate(n, values)
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):

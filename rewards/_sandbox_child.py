@@ -230,10 +230,10 @@ def make_encoder(dumps, cap):
     def encode(v):
         try:
             text = dumps(enc(v, 0))
-        except BaseException:  # not a builtin value (a re.Match): its type name and truth value only
+        except BaseException:  # noqa: BLE001 - not a builtin value (a re.Match): its type and truth value only
             try:
                 return dumps(["?", _type(v).__name__, _bool(v)])
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - its __bool__ raised
                 return dumps(["!", _type(exc).__name__])
         return text if _len(text) <= cap else '["?", "too large"]'
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rewards._judge import Judged, passes, setup_names, split_test
+from rewards._judge import Judged, candidate_names, passes, setup_names, split_test
 from rewards._uids import kill_uid, leased_uid
 from rewards.base import register_reward
 
@@ -175,7 +175,7 @@ class Sandbox:
 
     def _run(self, code: str, spec: TestSpec, uid: int | None) -> ExecResult:
         nonce = secrets.token_hex(16)
-        plan = plan_tests(spec)
+        plan = plan_tests(spec, code)
         read_end, write_end = os.pipe()
         try:  # room for the test values: the program writes its report before the trainer reads it
             cap = fcntl.fcntl(write_end, 1031, 1 << 20) - 4096  # F_SETPIPE_SZ
@@ -222,10 +222,10 @@ class Sandbox:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def plan_tests(spec: TestSpec) -> list[Judged | None]:
+def plan_tests(spec: TestSpec, code: str = "") -> list[Judged | None]:
     """Per test, its trainer-judged form (``rewards/_judge.py``) or None when it runs inside the sandbox."""
-    forbidden = setup_names(spec.setup)
-    return [split_test(t, forbidden) for t in spec.tests]
+    forbidden, shadowed = setup_names(spec.setup), candidate_names(code)
+    return [split_test(t, forbidden, shadowed) for t in spec.tests]
 
 
 def _score(plan: list[Judged | None], res: dict[str, Any]) -> int:
@@ -268,7 +268,7 @@ def item_specs(n: int, **cols: Any) -> list[TestSpec | None]:
     """Per-item test specs from HumanEval (test, entry_point) or MBPP (test_list, ...) columns."""
     specs: list[TestSpec | None] = []
     for i in range(n):
-        get = lambda k: cols[k][i] if cols.get(k) is not None else None  # noqa: E731
+        get = lambda k, i=i: cols[k][i] if cols.get(k) is not None else None
         if get("test") and get("entry_point"):
             specs.append(humaneval_spec(get("test"), get("entry_point")))
         elif get("test_list"):

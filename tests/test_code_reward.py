@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rewards._judge import passes, setup_names, split_test
+from rewards._judge import candidate_names, passes, setup_names, split_test
 from rewards._uids import leased_uid
 from rewards.code import (
     CodeExecution,
@@ -274,6 +274,19 @@ def test_which_tests_are_judged_in_the_trainer(test: str, holes: list[str] | Non
     assert (judged.holes if judged else None) == holes
 
 
+def test_a_shadowed_builtin_is_the_function_under_test_only_when_the_test_names_nothing_else() -> None:
+    # MBPP 126 names its solution ``sum``: ``assert sum(10, 15) == 6`` tests the candidate's sum. Shadowing ``set``
+    # does not pull ``set(f(x)) == set((4,))`` into the sandbox, where the candidate would compute both sides.
+    own = candidate_names("import math\nset = set\ndef sum(a, b):\n    return 0\nfor i in range(2):\n    k = i\n")
+    assert own == {"set", "sum", "i", "k"}
+    assert split_test("assert sum(10, 15) == 6", set(), own).holes == ["sum(10, 15)"]
+    assert split_test("assert set(f(1)) == set((4,))", set(), own).holes == ["f(1)"]
+    assert split_test("assert math.isclose(f(1), 0.5)", set(), own).holes == ["f(1)"]
+    gcd = fenced("def sum(a, b):\n    return max(i for i in range(1, min(a, b) + 1) if a % i == 0 and b % i == 0)\n")
+    assert CodeExecution(mode="fraction")([gcd], test_list=[["assert sum(10, 15) == 5", "assert sum(4, 6) == 2"]]) \
+        == [1.0]
+
+
 def test_trainer_judged_values_keep_python_equality() -> None:
     # What the candidate returns is rebuilt as plain builtins in the trainer; equality is Python's.
     code = (
@@ -346,9 +359,9 @@ def test_uid_leases_are_exclusive_and_freed(tmp_path: Path) -> None:
     with leased_uid(70000, 2, str(tmp_path)) as a, leased_uid(70000, 2, str(tmp_path)) as b:
         assert {a, b} == {70000, 70001}
         assert (tmp_path / f"uid-{a}").read_text() == f"{os.getpid()}\n"  # in use: the holder's pid
-        with pytest.raises(RuntimeError, match="all 2 sandbox uids 70000..70001 are in use"):
-            with leased_uid(70000, 2, str(tmp_path)):
-                pass
+        with pytest.raises(RuntimeError, match="all 2 sandbox uids 70000..70001 are in use"), \
+                leased_uid(70000, 2, str(tmp_path)):
+            pass
     assert (tmp_path / f"uid-{a}").read_text() == ""  # cleaned up and released
     with leased_uid(70000, 1, str(tmp_path)) as c:
         assert c == 70000

@@ -6,6 +6,8 @@ program: an exclusive ``flock`` on ``<lock dir>/uid-<N>``, taken without waiting
 held until the program's processes are dead. The kernel drops the lock when its holder dies, so a killed
 trainer frees its uids; the file holds the holder's pid while a program runs and is emptied after its clean-up,
 so the next holder of a non-empty file knows that processes of that uid may be left over and kills them first.
+A process forked (without exec) while a program runs shares the open lock and keeps that uid unavailable until
+it exits: a uid can be withheld that way, never shared.
 
 The lock directory is ``/run/rl-small-sandbox`` (root) or ``$TMPDIR/rl-small-sandbox-<euid>``, created 0700
 and refused when someone else owns it or it is open to others.

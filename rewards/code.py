@@ -9,26 +9,30 @@ HumanEval (``test`` defining ``check(candidate)``, ``entry_point``; each top-lev
 that asserts is one test) or MBPP (``test_list`` asserts, ``test_imports``, ``test_setup_code``).
 
 Each program runs in ``python -I -S`` with its own temporary directory as the working directory, CPU-time,
-memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid (when
-the trainer runs as root), Landlock (writes only in its directory, no TCP, no signals out; also for a
-non-root trainer), an audit hook that refuses sockets, processes, signals and writes outside the temporary
+memory and file-size rlimits, a wall-clock timeout, a fresh network namespace, an unprivileged uid of its own
+(when the trainer runs as root; leased machine-wide with a lock file per uid, ``rewards/_uids.py``, so trainer
+processes on one node never share one), Landlock (reads only the stdlib without site-packages, the system's
+shared libraries and its directory; writes only in its directory; no execve, no TCP, no signals out; also for
+a non-root trainer), an audit hook that refuses sockets, processes, signals and writes outside the temporary
 directory (see ``rewards/_sandbox_child.py``). The result comes back on a pipe with a per-run secret and
-counts only after a clean exit, so a forged result file, a forged write to the pipe, an early exit or
-rebinding the builtins / ``os.write`` / ``json`` the harness uses scores nothing. Afterwards its process
-group and every process of its uid are killed and the directory removed. A thread pool runs a batch in
-parallel.
+counts only after a clean exit. Afterwards its process group and every process of its uid are killed and the
+directory removed. A thread pool runs a batch in parallel.
 
-Known limit: the candidate runs in the same interpreter as the test loop, so code written to defeat the
-checker itself (an object whose ``__eq__`` is always true, builtins the tests call patched, the harness's
-frames walked) can pass; the sandbox protects the machine and the run, and stops the cheap forgeries, not
-every adversarial grade.
+Judging: a test that is one ``assert`` (every MBPP test; HumanEval's except six items' loops and helper
+statements) is judged in the trainer (``rewards/_judge.py``): the sandbox evaluates only the candidate's
+sub-expressions (``candidate(3)``) and returns their values; the expected values never enter its process, so
+rewriting the harness (``gc.get_objects()``, frames, the report) gains nothing a function returning those
+values would not. Known limit: the other tests run and are judged inside the candidate's interpreter, where
+code written to defeat the checker (rewriting the job, patched builtins, the harness's frames) can pass them;
+a returned object that is not a builtin value keeps only its truth value (its ``__eq__`` is not consulted).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import functools
-import itertools
 import json
 import logging
 import os
@@ -42,18 +46,19 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rewards._judge import Judged, candidate_names, passes, setup_names, split_test
+from rewards._uids import kill_uid, leased_uid
 from rewards.base import register_reward
 
 log = logging.getLogger(__name__)
 _CHILD = (Path(__file__).parent / "_sandbox_child.py").read_text()
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-_UIDS = itertools.count()
-_UID_LOCK = threading.Lock()
 
 
 def extract_code(completion: str) -> str | None:
@@ -145,27 +150,41 @@ class Sandbox:
     def __init__(
         self, timeout_s: float = 10.0, cpu_s: int = 10, memory_mb: int = 1024, file_mb: int = 16, nproc: int = 16,
         network_namespace: bool = True, drop_privileges: bool = True, base_uid: int = 61000,
+        uid_span: int = 1000,
     ) -> None:
         self.timeout_s, self.cpu_s, self.memory_mb, self.file_mb, self.nproc = timeout_s, cpu_s, memory_mb, file_mb, nproc
         self.netns = network_namespace and sys.platform == "linux"
         self.root = os.geteuid() == 0
         self.drop = drop_privileges and self.root
-        self.base_uid = base_uid
+        self.base_uid, self.uid_span = base_uid, uid_span
         _warn_once(self.drop)
 
-    def _uid(self) -> int | None:
+    @contextlib.contextmanager
+    def _uid(self) -> Iterator[int | None]:
+        """A uid of this program's own, leased machine-wide (``rewards/_uids.py``): NPROC limits and the final
+        kill of every process of the uid then reach this program only, not another trainer process's."""
         if not self.drop:
-            return None
-        with _UID_LOCK:  # a uid per concurrent program: NPROC limits and the final kill are per program
-            return self.base_uid + next(_UIDS) % 1000
+            yield None
+            return
+        with leased_uid(self.base_uid, self.uid_span) as uid:
+            yield uid
 
     def run(self, code: str, spec: TestSpec) -> ExecResult:
-        uid = self._uid()
+        with self._uid() as uid:
+            return self._run(code, spec, uid)
+
+    def _run(self, code: str, spec: TestSpec, uid: int | None) -> ExecResult:
         nonce = secrets.token_hex(16)
+        plan = plan_tests(spec, code)
         read_end, write_end = os.pipe()
-        job = {"code": code, "setup": spec.setup, "tests": spec.tests, "entry_point": spec.entry_point,
+        try:  # room for the test values: the program writes its report before the trainer reads it
+            cap = fcntl.fcntl(write_end, 1031, 1 << 20) - 4096  # F_SETPIPE_SZ
+        except OSError:
+            cap = (1 << 16) - 4096
+        tests = [{"holes": j.holes} if j else {"src": t} for t, j in zip(spec.tests, plan, strict=True)]
+        job = {"code": code, "setup": spec.setup, "tests": tests, "entry_point": spec.entry_point,
                "cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "file_mb": self.file_mb, "nproc": self.nproc,
-               "netns": self.netns, "uid": uid, "nonce": nonce, "result_fd": write_end}
+               "netns": self.netns, "uid": uid, "nonce": nonce, "result_fd": write_end, "result_cap": cap}
         work = tempfile.mkdtemp(prefix="rl_small_sbx_")
         if uid is not None:
             os.chown(work, uid, uid)
@@ -192,15 +211,32 @@ class Sandbox:
         try:  # what the sandbox wrote to the pipe as its last act, with this run's secret, then a clean exit
             if status == "timeout":  # whatever it wrote before running out of time does not count
                 return ExecResult(0, len(spec.tests), status)
-            res = json.loads(_read_all(read_end, limit=1 << 16))
+            res = json.loads(_read_all(read_end, limit=cap + 4096))
             if proc.returncode != 0 or not secrets.compare_digest(str(res["nonce"]), nonce):
                 return ExecResult(0, len(spec.tests), "crashed")
-            return ExecResult(min(int(res["passed"]), len(spec.tests)), len(spec.tests), status)
-        except (OSError, ValueError, KeyError, TypeError):
+            return ExecResult(_score(plan, res), len(spec.tests), status)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return ExecResult(0, len(spec.tests), "crashed")
         finally:
             os.close(read_end)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def plan_tests(spec: TestSpec, code: str = "") -> list[Judged | None]:
+    """Per test, its trainer-judged form (``rewards/_judge.py``) or None when it runs inside the sandbox."""
+    forbidden, shadowed = setup_names(spec.setup), candidate_names(code)
+    return [split_test(t, forbidden, shadowed) for t in spec.tests]
+
+
+def _score(plan: list[Judged | None], res: dict[str, Any]) -> int:
+    """Tests passed: the sandbox's count of the tests it judged (at most their number), plus the trainer-judged
+    tests whose returned values satisfy their templates here."""
+    in_sandbox = sum(j is None for j in plan)
+    values = res.get("values")
+    values = values if isinstance(values, list) else []
+    judged = [j for j in plan if j is not None]
+    ok = sum(passes(j, values[k]) for k, j in enumerate(judged) if k < len(values))
+    return min(int(res["passed"]), in_sandbox) + ok
 
 
 def _read_all(fd: int, limit: int) -> bytes:
@@ -224,22 +260,15 @@ def _kill(pgid: int, uid: int | None) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid is None:
-        return
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                pass
+    if uid is not None:  # the uid is leased to this program alone: its processes are this program's
+        kill_uid(uid)
 
 
 def item_specs(n: int, **cols: Any) -> list[TestSpec | None]:
     """Per-item test specs from HumanEval (test, entry_point) or MBPP (test_list, ...) columns."""
     specs: list[TestSpec | None] = []
     for i in range(n):
-        get = lambda k: cols[k][i] if cols.get(k) is not None else None  # noqa: E731
+        get = lambda k, i=i: cols[k][i] if cols.get(k) is not None else None
         if get("test") and get("entry_point"):
             specs.append(humaneval_spec(get("test"), get("entry_point")))
         elif get("test_list"):

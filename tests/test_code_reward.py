@@ -6,12 +6,16 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from rewards._judge import candidate_names, passes, setup_names, split_test
+from rewards._uids import leased_uid
 from rewards.code import (
     CodeExecution,
     Sandbox,
@@ -190,14 +194,35 @@ def test_ordinary_introspecting_code_still_runs(drop: bool) -> None:
     # namedtuple, TypeVar and Enum call sys._getframe; traceback reads frames; writing in the working
     # directory is allowed. None of it may be mistaken for an attack.
     code = (
-        "import collections, enum, traceback, typing\nT = typing.TypeVar('T')\n"
+        "import collections, enum, traceback, typing, itertools, math, re, heapq, functools, string, json\n"
+        "T = typing.TypeVar('T')\n"
         "Pair = collections.namedtuple('Pair', 'a b')\nColor = enum.Enum('Color', 'RED GREEN')\n"
         "try:\n    1 / 0\nexcept ZeroDivisionError:\n    TB = traceback.format_exc()\n"
-        "open('scratch.txt', 'w').write(TB)\n"
+        "open('scratch.txt', 'w').write(TB)\nassert open('scratch.txt').read() == TB\n"
+        "assert heapq.nsmallest(1, [3, 1]) == [1] and math.gcd(4, 6) == 2 and re.match('a', 'ab')\n"
         "def add(a: T, b: T) -> T:\n    return Pair(a, b).a + Pair(a, b).b + (Color.RED.value - 1)\n"
     )
     reward = CodeExecution(mode="pass", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
     assert reward([fenced(code)], test_list=[ADD_TESTS]) == [1.0]
+
+
+@pytest.mark.skipif(not landlock_abi(), reason="without Landlock a world-readable file is readable to any uid")
+@pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
+def test_files_outside_the_working_directory_cannot_be_read(drop: bool) -> None:
+    # A world-readable folder outside the sandbox stands in for the dataset: its reference solution must be
+    # neither readable (to exec it) nor listable.
+    key_dir = Path(tempfile.mkdtemp(prefix="answer_key_"))
+    try:
+        key_dir.chmod(0o755)
+        (key_dir / "reference.py").write_text(GOOD)
+        (key_dir / "reference.py").chmod(0o644)
+        steal = (f"import os\ntry:\n    exec(open({str(key_dir / 'reference.py')!r}).read())\nexcept OSError:\n"
+                 f"    add = lambda a, b: -7\ntry:\n    LISTED = os.listdir({str(key_dir)!r})\nexcept OSError:\n"
+                 f"    LISTED = []\nif LISTED:\n    add = lambda a, b: a + b\n")
+        reward = CodeExecution(mode="fraction", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
+        assert reward([fenced(steal)], test_list=[ADD_TESTS]) == [0.0]
+    finally:
+        shutil.rmtree(key_dir)
 
 
 @pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
@@ -207,6 +232,96 @@ def test_patching_the_harness_does_not_forge_a_grade(name: str, drop: bool) -> N
     assert reward([fenced(FORGED_GRADES[name] + WRONG)], test_list=[ADD_TESTS]) == [pytest.approx(2 / 3)]
 
 
+# A wrong solution that finds the harness's job with gc.get_objects() and rewrites its tests so that they pass
+# (old format: test sources; new: sources of the sandbox-judged tests and holes of the trainer-judged ones).
+GC_REWRITE = (
+    "import gc\nfor o in gc.get_objects():\n    if isinstance(o, dict) and isinstance(o.get('tests'), list):\n"
+    "        for i, t in enumerate(o['tests']):\n            if isinstance(t, str):\n"
+    "                o['tests'][i] = 'pass'\n            elif 'holes' in t:\n"
+    "                t['holes'] = ['True'] * len(t['holes'])\n            else:\n                t['src'] = 'pass'\n"
+)
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
+def test_rewriting_the_job_through_gc_does_not_forge_a_grade(drop: bool) -> None:
+    # The single-assert tests are judged in the trainer: the sandbox never sees the expected values, so rewriting
+    # what it evaluates yields values that fail (before, this wrong solution scored 1.0).
+    reward = CodeExecution(mode="pass", timeout_s=5.0, cpu_s=5, drop_privileges=drop)
+    assert reward([fenced(GC_REWRITE + WRONG)], test_list=[ADD_TESTS]) == [0.0]
+    assert reward([fenced(GC_REWRITE + GOOD)], test_list=[ADD_TESTS]) == [0.0]  # its holes were rewritten too
+
+
+@pytest.mark.parametrize(
+    ("test", "holes"),
+    [
+        ("assert add(1, 2) == 3", ["add(1, 2)"]),
+        ("assert set(f((3, 4), (5, 4))) == set((4,))", ["f((3, 4), (5, 4))"]),
+        ("assert math.isclose(f(1), 0.5, rel_tol=0.001)", ["f(1)"]),
+        ("assert abs(candidate(1.5) - 0.5) < 1e-06, 'message'", ["candidate(1.5)"]),
+        ("assert not is_prime(8)", ["is_prime(8)"]),
+        ("assert candidate([1, 2])[0] == [f(1)][0]", ["candidate([1, 2])", "f(1)"]),
+        ("assert sorted(f(x), key=lambda t: t[1]) == [(1, 2)]", ["sorted(f(x), key=lambda t: t[1])"]),
+        ("assert [candidate(i) for i in range(3)] == [0, 1, 2]", ["[candidate(i) for i in range(3)]"]),
+        ("for i in range(3):\n    assert candidate(i) == i", None),  # several statements: in the sandbox
+        ("assert candidate(2) == helper(2)", None),  # a name from the dataset's setup code
+        ("assert [x for x in f(3) if x > 1] == [2]", None),  # a comparison inside a hole would leak
+        ("assert candidate(2)", ["candidate(2)"]),
+        ("assert True, 'This prints if this assert fails'", []),  # HumanEval's filler: the trainer alone
+    ],
+)
+def test_which_tests_are_judged_in_the_trainer(test: str, holes: list[str] | None) -> None:
+    judged = split_test(test, setup_names(["def helper(x):\n    return x", "import math"]))
+    assert (judged.holes if judged else None) == holes
+
+
+def test_a_shadowed_builtin_is_the_function_under_test_only_when_the_test_names_nothing_else() -> None:
+    # MBPP 126 names its solution ``sum``: ``assert sum(10, 15) == 6`` tests the candidate's sum. Shadowing ``set``
+    # does not pull ``set(f(x)) == set((4,))`` into the sandbox, where the candidate would compute both sides.
+    own = candidate_names("import math\nset = set\ndef sum(a, b):\n    return 0\nfor i in range(2):\n    k = i\n")
+    assert own == {"set", "sum", "i", "k"}
+    assert split_test("assert sum(10, 15) == 6", set(), own).holes == ["sum(10, 15)"]
+    assert split_test("assert set(f(1)) == set((4,))", set(), own).holes == ["f(1)"]
+    assert split_test("assert math.isclose(f(1), 0.5)", set(), own).holes == ["f(1)"]
+    gcd = fenced("def sum(a, b):\n    return max(i for i in range(1, min(a, b) + 1) if a % i == 0 and b % i == 0)\n")
+    assert CodeExecution(mode="fraction")([gcd], test_list=[["assert sum(10, 15) == 5", "assert sum(4, 6) == 2"]]) \
+        == [1.0]
+
+
+def test_trainer_judged_values_keep_python_equality() -> None:
+    # What the candidate returns is rebuilt as plain builtins in the trainer; equality is Python's.
+    code = (
+        "import collections, enum, fractions, re\nP = collections.namedtuple('P', 'a b')\n"
+        "class N(enum.IntEnum):\n    ONE = 1\n"
+        "def f(k):\n    return {'nt': P(1, 2), 'counter': collections.Counter('aab'), 'frac': fractions.Fraction(1, 2),"
+        " 'enum': N.ONE, 'nan': float('nan'), 'set': {1, 2}, 'fs': frozenset({3}), 'bytes': b'x', 'c': 1 + 2j,"
+        " 'nested': [(1, [2.5, {'k': None}])], 'match': re.match('m', k), 'big': 2 ** 200, 'true': True}.get(k)\n"
+    )
+    tests = [
+        "assert f('nt') == (1, 2)", "assert f('counter') == {'a': 2, 'b': 1}", "assert f('frac') == 0.5",
+        "assert f('enum') == 1", "assert f('nan') != f('nan')", "assert f('set') == {2, 1}",
+        "assert f('fs') == {3}", "assert f('bytes') == b'x'", "assert f('c') == 1+2j",
+        "assert f('nested') == [(1, [2.5, {'k': None}])]", "assert f('match')", "assert not f('bmatch')",
+        "assert f('big') == 2 ** 200", "assert f('true') is True", "assert f('nt') != [1, 2]",
+        "assert f('missing') is None", "assert len(f('nested')[0][1]) == 2",
+    ]
+    assert all(split_test(t, set()) for t in tests)
+    reward = CodeExecution(mode="fraction", timeout_s=5.0, cpu_s=5)
+    assert reward([fenced(code)], test_list=[tests]) == [1.0]
+    wrong = code.replace("P(1, 2)", "P(2, 1)").replace("2 ** 200", "2 ** 200 + 1")
+    assert reward([fenced(wrong)], test_list=[tests]) == [pytest.approx(15 / 17)]  # nt == (1, 2) and big fail
+
+
+def test_colliding_hashes_cannot_stall_the_trainer() -> None:
+    # Multiples of 2**61 - 1 all hash to 0: a set of thousands of them would take the trainer minutes to build,
+    # so many equal hashes are refused (the test fails) whether the set is returned or built by the template.
+    collide = [["i", format(k * (2**61 - 1), "x")] for k in range(1, 200)]
+    distinct = [["i", format(k, "x")] for k in range(1, 200)]
+    built, returned = split_test("assert len(set(f(1))) == 199", set()), split_test("assert len(f(2)) == 199", set())
+    assert passes(built, [["l", distinct]]) and passes(returned, [["S", distinct]])
+    assert not passes(built, [["l", collide]]) and not passes(returned, [["S", collide]])
+    assert passes(split_test("assert isinstance(f(2), set)", set()), [["S", []]])  # the real type, not the check
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")
 def test_no_sandbox_process_survives() -> None:
     code = "import os, time\ntime.sleep(30)"
@@ -214,6 +329,42 @@ def test_no_sandbox_process_survives() -> None:
     lo, hi = 61000, 62000
     alive = [p for p in os.listdir("/proc") if p.isdigit() and lo <= _uid(p) < hi]
     assert alive == []
+
+
+# One trainer process grading slow correct solutions (each sleeps a different time, so programs of the two
+# processes overlap and end at different moments); prints the scores as JSON.
+TWO_PROCESS_GRADER = """
+import json, sys
+from rewards.code import CodeExecution
+sleeps = [0.1 * (i % 7) for i in range(12)]
+code = "```python\\nimport time\\ntime.sleep({})\\ndef add(a, b):\\n    return a + b\\n```"
+reward = CodeExecution(mode="pass", workers=4, timeout_s=60.0, cpu_s=20)
+print(json.dumps(reward([code.format(s) for s in sleeps], test_list=[sys.argv[1:]] * len(sleeps))))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")
+def test_two_trainer_processes_do_not_kill_each_others_programs() -> None:
+    # Two processes on one machine (DDP ranks) grading at once: before uids were leased machine-wide both
+    # handed out 61000, 61001, ... and one's clean-up killed the other's running program (scored 0, crashed).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_GRADER, *ADD_TESTS], stdout=subprocess.PIPE,
+                              env=env, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert [json.loads(o) for o in outs] == [[1.0] * 12, [1.0] * 12]
+
+
+def test_uid_leases_are_exclusive_and_freed(tmp_path: Path) -> None:
+    with leased_uid(70000, 2, str(tmp_path)) as a, leased_uid(70000, 2, str(tmp_path)) as b:
+        assert {a, b} == {70000, 70001}
+        assert (tmp_path / f"uid-{a}").read_text() == f"{os.getpid()}\n"  # in use: the holder's pid
+        with pytest.raises(RuntimeError, match="all 2 sandbox uids 70000..70001 are in use"), \
+                leased_uid(70000, 2, str(tmp_path)):
+            pass
+    assert (tmp_path / f"uid-{a}").read_text() == ""  # cleaned up and released
+    with leased_uid(70000, 1, str(tmp_path)) as c:
+        assert c == 70000
 
 
 def _uid(pid: str) -> int:

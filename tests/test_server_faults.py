@@ -136,17 +136,21 @@ def test_refused_external_url_fails_after_the_grace_with_progress(fast_progress:
     assert waits and url in waits[0] and "connection refused" in waits[0]
 
 
-def test_hanging_server_costs_the_request_timeout_not_ten_minutes() -> None:
+def test_hanging_server_costs_one_request_timeout_and_the_grace(caplog: pytest.LogCaptureFixture) -> None:
+    """Not 600 s x 4 attempts: the request times out (1 s here), /health does not answer either, and with no
+    other server up the error comes once the grace has passed."""
     fake = FakeVLLM().start()
     fake.hang = True  # accepts connections, never answers (/health included)
     try:
-        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=1.0, max_retries=1,
-                                    connect_grace=2.0)
+        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=1.0, max_retries=3,
+                                    connect_grace=2.0, health_every=600)  # the watchdog is tested below
         t0 = time.monotonic()
-        with pytest.raises(RolloutError, match=rf"after 2 attempts; last error: {fake.url}: timed out "
-                                               r"\(no answer within 1 s\)"):
+        with caplog.at_level(logging.WARNING, logger="rl_small.rollout"), \
+                pytest.raises(RolloutError, match=rf"{fake.url} is not answering /health \(timed out\) for \d+ s "
+                                                  r"\(rollout.connect_grace_s=2\), and no other server is up"):
             backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=4))
         assert time.monotonic() - t0 < 40
+        assert f"{fake.url}: timed out (no answer within 1 s)), attempt 1 of 4" in caplog.text
         with pytest.raises(RolloutError, match="not healthy after 2 s .*timed out"):
             backend.wait_ready(timeout=2.0)  # a hang is not "refused": waited for up to startup_timeout
     finally:
@@ -246,3 +250,23 @@ def test_stale_pid_file_of_another_process_is_left_alone(tmp_path: Path) -> None
         assert not server.pid_path.exists()
     finally:
         other.kill()
+
+
+def test_watchdog_aborts_requests_to_a_server_that_stops_answering(caplog: pytest.LogCaptureFixture) -> None:
+    """A long request timeout (auto on a big batch) does not matter: /health goes unanswered, the watchdog
+    closes the requests after 3 checks, and with no other server up the error comes after the grace."""
+    fake = FakeVLLM().start()
+    fake.hang = True
+    try:
+        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=600, max_retries=3,
+                                    connect_grace=2.0, health_every=0.5)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="rl_small.rollout"), \
+                pytest.raises(RolloutError, match=rf"{fake.url} is not answering /health \(timed out\)"):
+            backend.generate([Prompt(f"p{i}", "hi", "") for i in range(3)], SamplingSpec(n=2, max_new_tokens=4))
+        assert time.monotonic() - t0 < 60
+        assert "has not answered /health for 3 checks" in caplog.text
+        assert "ServerHung: no answer to /health" in caplog.text  # the retry log names the abort
+    finally:
+        backend.close()
+        fake.stop()

@@ -17,20 +17,28 @@ Waits are never silent and a missing server fails fast: while waiting for a serv
 for ``connect_grace`` seconds (rollout.connect_grace_s) is an error naming it; servers the run spawns are waited
 for as long as their process lives (rollout.startup_timeout). A request's timeout (rollout.request_timeout,
 ``auto``) grows with the tokens in flight on its server: ``AUTO_BASE_S + AUTO_S_PER_TOKEN`` x n x
-max_new_tokens x requests in flight there. Adapter versions are served as ``v{version}``
+max_new_tokens x requests in flight there. A server that hangs (accepts connections, answers nothing) is
+found sooner by a watchdog: while requests are in flight it checks /health every ``health_every`` seconds, and
+after ``HANG_STRIKES`` checks in a row without an answer it closes those requests' connections, so that they
+are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
 (the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import http.client
+import io
 import json
+import socket
 import logging
 import shutil
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,10 +63,15 @@ _RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not
 _NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
 AUTO_BASE_S = 60.0  # request_timeout "auto": fixed part (queueing, prefill)
 AUTO_S_PER_TOKEN = 0.05  # ... plus this per token in flight on the server: a floor of 20 tokens/s per server
+HANG_STRIKES = 3  # consecutive /health checks without an answer before in-flight requests are aborted
 
 
 class RolloutError(RuntimeError):
     """Generation failed for good (after retries) or the request itself is wrong."""
+
+
+class ServerHung(ConnectionError):
+    """The watchdog closed a request's connection: its server stopped answering /health."""
 
 
 class VLLMServerBackend:
@@ -70,6 +83,7 @@ class VLLMServerBackend:
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
         request_timeout: float | str = "auto", max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
         is_main: bool = True, connect_grace: float = 60.0, spawned: set[str] | None = None,
+        health_every: float = 10.0,
     ) -> None:
         if not urls:
             raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
@@ -91,6 +105,11 @@ class VLLMServerBackend:
         self._down: dict[str, float] = {}
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
+        self._conns: dict[str, set[http.client.HTTPConnection]] = {u: set() for u in self.urls}
+        self._aborted: set[http.client.HTTPConnection] = set()
+        self.health_every = health_every
+        self._closed = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     @classmethod
     def from_config(
@@ -133,6 +152,7 @@ class VLLMServerBackend:
         version, model = self.version, self._name(self.version)
         if not reqs:
             return []
+        self._start_watchdog()
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
             results = [f.result() for f in futures]
@@ -157,7 +177,7 @@ class VLLMServerBackend:
             url = self._pick()
             timeout = self.timeout_for(url, sampling)
             try:
-                resp = self._post(url, "/v1/completions", body, timeout)
+                resp = self._post_abortable(url, "/v1/completions", body, timeout)
                 with self._lock:
                     self.stats["requests"] += 1
                     self.answered[url] += 1
@@ -213,8 +233,10 @@ class VLLMServerBackend:
                 with self._lock:
                     since = self._down.setdefault(url, time.monotonic())
                     all_down = len(self._down) == len(self.urls)
-                if all_down:  # nothing else to send to: wait for it, within the grace period of its first failure
-                    self._wait_back(url, since, self.connect_grace)
+                if all_down and not self._wait_back(url, since, self.connect_grace):  # nothing else to send to
+                    raise RolloutError(f"vLLM server {url} is not answering /health ({probe(url)}) for "
+                                       f"{time.monotonic() - since:.0f} s (rollout.connect_grace_s="
+                                       f"{self.connect_grace:g}), and no other server is up: is it running?")
                 return
             log.warning("vLLM server %s is not answering /health: restarting it", url)
             with self._lock:
@@ -366,11 +388,68 @@ class VLLMServerBackend:
             data = r.read()
         return data if raw else json.loads(data)
 
+    def _post_abortable(self, url: str, route: str, body: dict[str, Any], timeout: float) -> Any:
+        """``_post`` on a connection the watchdog can close (http.client; urllib hides the socket)."""
+        parts = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = kind(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+        with self._lock:
+            self._conns[url].add(conn)
+        try:
+            conn.request("POST", parts.path + route, json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status >= 400:
+                raise urllib.error.HTTPError(url + route, resp.status, resp.reason, resp.headers, io.BytesIO(data))
+            return json.loads(data)
+        except (OSError, http.client.HTTPException) as err:
+            if conn in self._aborted:
+                raise ServerHung(f"no answer to /health for {HANG_STRIKES} checks: request aborted") from err
+            if isinstance(err, http.client.HTTPException) and not isinstance(err, OSError):
+                raise ConnectionError(f"{type(err).__name__}: {err}") from err
+            raise
+        finally:
+            with self._lock:
+                self._conns[url].discard(conn)
+                self._aborted.discard(conn)
+            conn.close()
+
+    def _start_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog is None or not self._watchdog.is_alive():
+                self._watchdog = threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Every ``health_every`` s, probe each server with requests in flight; after HANG_STRIKES probes in a
+        row without an answer, shut its in-flight connections down (the requests fail and are retried)."""
+        strikes = dict.fromkeys(self.urls, 0)
+        while not self._closed.wait(self.health_every):
+            for url in self.urls:
+                with self._lock:
+                    busy = list(self._conns[url])
+                if not busy or healthy(url, timeout=self.health_every):
+                    strikes[url] = 0
+                    continue
+                strikes[url] += 1
+                if strikes[url] < HANG_STRIKES:
+                    continue
+                strikes[url] = 0
+                log.warning("vLLM server %s has not answered /health for %d checks (%.0f s apart) with %d requests in "
+                            "flight: aborting them", url, HANG_STRIKES, self.health_every, len(busy))
+                for conn in busy:
+                    with self._lock:
+                        self._aborted.add(conn)
+                    if conn.sock is not None:
+                        with contextlib.suppress(OSError):
+                            conn.sock.shutdown(socket.SHUT_RDWR)
+
     def _get(self, url: str, route: str) -> Any:
         with urllib.request.urlopen(f"{url}{route}", timeout=10.0) as r:
             return json.loads(r.read())
 
     def close(self) -> None:
+        self._closed.set()
         for server in self.servers.values():
             server.stop()
 

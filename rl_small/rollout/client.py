@@ -31,9 +31,9 @@ import contextlib
 import http.client
 import io
 import json
-import socket
 import logging
 import shutil
+import socket
 import tempfile
 import threading
 import time

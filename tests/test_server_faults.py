@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def test_hanging_server_costs_one_request_timeout_and_the_grace(caplog: pytest.L
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="rl_small.rollout"), \
                 pytest.raises(RolloutError, match=rf"{fake.url} is not answering /health \(timed out\) for \d+ s "
-                                                  r"\(rollout.connect_grace_s=2\), and no other server is up"):
+                                                  r"\(grace 2 s: rollout.connect_grace_s\), and no other server is up"):
             backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=4))
         assert time.monotonic() - t0 < 40
         assert f"{fake.url}: timed out (no answer within 1 s)), attempt 1 of 4" in caplog.text
@@ -270,3 +271,32 @@ def test_watchdog_aborts_requests_to_a_server_that_stops_answering(caplog: pytes
     finally:
         backend.close()
         fake.stop()
+
+
+def test_other_rank_waits_for_a_restarting_spawned_server_beyond_the_grace() -> None:
+    """On data-parallel rank > 0 the main process's spawned servers look external, but a restart (minutes for
+    vLLM) is waited for up to startup_timeout, not connect_grace_s."""
+    fake = FakeVLLM().start()
+    fake.models.add("v1")
+    backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), connect_grace=1.0, startup_timeout=60,
+                                spawned={fake.url}, is_main=False)
+    backend.sync(Path("/unused"), version=1)  # rank > 0: the main process loaded it
+    backend.paths[1] = Path("/unused")
+    fake.stop()
+    box: list[FakeVLLM] = []
+    revive = threading.Timer(4.0, lambda: box.append(_revived(fake.port)))
+    revive.start()
+    try:
+        out = backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=3))
+        assert [r.version for r in out] == [1, 1] and box and box[0].completions == 1
+    finally:
+        revive.join()
+        backend.close()
+        for f in box:
+            f.stop()
+
+
+def _revived(port: int) -> FakeVLLM:
+    fake = FakeVLLM(port).start()
+    fake.models.add("v1")
+    return fake

@@ -83,7 +83,7 @@ class VLLMServerBackend:
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
         request_timeout: float | str = "auto", max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
         is_main: bool = True, connect_grace: float = 60.0, spawned: set[str] | None = None,
-        health_every: float = 10.0,
+        health_every: float = 10.0, startup_timeout: float = 900.0,
     ) -> None:
         if not urls:
             raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
@@ -93,7 +93,7 @@ class VLLMServerBackend:
         self.servers = {s.url: s for s in servers or []}
         self.request_timeout, self.max_retries, self.keep = request_timeout, max_retries, keep_versions
         self.max_workers, self.is_main = max_workers, is_main
-        self.connect_grace = connect_grace
+        self.connect_grace, self.startup_timeout = connect_grace, startup_timeout
         self.spawned = {u.rstrip("/") for u in spawned or ()} | set(self.servers)  # waited for, never "refused"
         self.version = 0
         self.loaded: list[int] = []  # adapter versions on the servers, oldest first
@@ -141,7 +141,8 @@ class VLLMServerBackend:
             else:
                 servers = []  # the main process owns and restarts them
         backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
-                      cfg.keep_versions, is_main=is_main, connect_grace=cfg.connect_grace_s, spawned=spawned)
+                      cfg.keep_versions, is_main=is_main, connect_grace=cfg.connect_grace_s, spawned=spawned,
+                      startup_timeout=cfg.startup_timeout)
         backend.wait_ready(cfg.startup_timeout)
         return backend
 
@@ -233,10 +234,13 @@ class VLLMServerBackend:
                 with self._lock:
                     since = self._down.setdefault(url, time.monotonic())
                     all_down = len(self._down) == len(self.urls)
-                if all_down and not self._wait_back(url, since, self.connect_grace):  # nothing else to send to
+                # spawned by the main process (this one is another data-parallel rank): it may be restarting
+                grace = self.startup_timeout if url in self.spawned else self.connect_grace
+                if all_down and not self._wait_back(url, since, grace):  # nothing else to send to
                     raise RolloutError(f"vLLM server {url} is not answering /health ({probe(url)}) for "
-                                       f"{time.monotonic() - since:.0f} s (rollout.connect_grace_s="
-                                       f"{self.connect_grace:g}), and no other server is up: is it running?")
+                                       f"{time.monotonic() - since:.0f} s (grace {grace:g} s: rollout."
+                                       f"{'startup_timeout' if url in self.spawned else 'connect_grace_s'}), "
+                                       "and no other server is up: is it running?")
                 return
             log.warning("vLLM server %s is not answering /health: restarting it", url)
             with self._lock:

@@ -23,7 +23,7 @@ from typing import Any
 
 class FakeVLLM:
     """The server state; ``hang``: accept connections and never answer; ``reset_loads``: that many adapter
-    loads are answered by closing the connection."""
+    loads are answered by closing the connection; ``delay``: seconds each completion takes."""
 
     def __init__(self, port: int = 0, die_on_load: str | None = None) -> None:
         self.models = {"base"}
@@ -32,6 +32,7 @@ class FakeVLLM:
         self.reset_loads = 0
         self.die_on_load = die_on_load
         self.completions = 0
+        self.delay = 0.0  # seconds before a completion is answered (a slow server; /health stays quick)
         self._release = threading.Event()
         fake = self
 
@@ -71,6 +72,8 @@ class FakeVLLM:
                 elif self.path == "/v1/completions":
                     if body["model"] not in fake.models:
                         self._send({"error": f"model {body['model']} not found"}, 404)
+                        return
+                    if fake._release.wait(fake.delay):
                         return
                     fake.completions += 1
                     k = body["max_tokens"]

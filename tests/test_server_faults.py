@@ -264,7 +264,7 @@ def test_watchdog_aborts_requests_to_a_server_that_stops_answering(caplog: pytes
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="rl_small.rollout"), \
                 pytest.raises(RolloutError, match=rf"{fake.url} is not answering /health \(timed out\)"):
-            backend.generate([Prompt(f"p{i}", "hi", "") for i in range(3)], SamplingSpec(n=2, max_new_tokens=4))
+            backend.generate([Prompt(f"p{i}", "hi", "") for i in range(16)], SamplingSpec(n=2, max_new_tokens=4))
         assert time.monotonic() - t0 < 60
         assert "has not answered /health for 3 checks" in caplog.text
         assert "ServerHung: no answer to /health" in caplog.text  # the retry log names the abort
@@ -300,3 +300,18 @@ def _revived(port: int) -> FakeVLLM:
     fake = FakeVLLM(port).start()
     fake.models.add("v1")
     return fake
+
+
+def test_slow_server_gets_a_doubled_timeout_on_retry_instead_of_a_livelock() -> None:
+    """A completion that takes 1.5 s with a 1 s timeout: the first attempt times out, the retry (2 s) succeeds;
+    with a fixed timeout every retry would be cut off again."""
+    fake = FakeVLLM().start()
+    fake.delay = 1.5
+    try:
+        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=1.0, max_retries=2,
+                                    connect_grace=5.0)
+        out = backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=3))
+        assert len(out) == 2 and backend.stats["retries"] == 1  # attempt 2 had 2 s
+    finally:
+        backend.close()
+        fake.stop()

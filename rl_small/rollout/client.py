@@ -17,7 +17,9 @@ Waits are never silent and a missing server fails fast: while waiting for a serv
 for ``connect_grace`` seconds (rollout.connect_grace_s) is an error naming it; servers the run spawns are waited
 for as long as their process lives (rollout.startup_timeout). A request's timeout (rollout.request_timeout,
 ``auto``) grows with the tokens in flight on its server: ``AUTO_BASE_S + AUTO_S_PER_TOKEN`` x n x
-max_new_tokens x requests in flight there. A server that hangs (accepts connections, answers nothing) is
+max_new_tokens x requests in flight there, doubled at every retry: a request that timed out on a slow (not hung)
+server is aborted by vLLM and generated again from the start, so a fixed timeout that is too short never
+completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs (accepts connections, answers nothing) is
 found sooner by a watchdog: while requests are in flight it checks /health every ``health_every`` seconds, and
 after ``HANG_STRIKES`` checks in a row without an answer it closes those requests' connections, so that they
 are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
@@ -103,6 +105,7 @@ class VLLMServerBackend:
         self._inflight = dict.fromkeys(self.urls, 0)
         self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
         self._down: dict[str, float] = {}
+        self._fatal: str | None = None  # set when generation gave up: the other requests stop at once
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
         self._conns: dict[str, set[http.client.HTTPConnection]] = {u: set() for u in self.urls}
@@ -154,6 +157,7 @@ class VLLMServerBackend:
         if not reqs:
             return []
         self._start_watchdog()
+        self._fatal = None
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
             results = [f.result() for f in futures]
@@ -175,8 +179,10 @@ class VLLMServerBackend:
         }
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
+            if self._fatal:
+                raise RolloutError(self._fatal)
             url = self._pick()
-            timeout = self.timeout_for(url, sampling)
+            timeout = self.timeout_for(url, sampling) * 2**attempt  # a slow server is not retried into a livelock
             try:
                 resp = self._post_abortable(url, "/v1/completions", body, timeout)
                 with self._lock:
@@ -226,6 +232,8 @@ class VLLMServerBackend:
         """After a failed request: restart the server if it is ours and dead, or set it aside; re-add the
         current adapter to it (a restarted server has none)."""
         with self._restart_locks[url]:
+            if self._fatal:
+                raise RolloutError(self._fatal)
             if healthy(url):
                 self._ensure_adapter(url)
                 return
@@ -237,10 +245,11 @@ class VLLMServerBackend:
                 # spawned by the main process (this one is another data-parallel rank): it may be restarting
                 grace = self.startup_timeout if url in self.spawned else self.connect_grace
                 if all_down and not self._wait_back(url, since, grace):  # nothing else to send to
-                    raise RolloutError(f"vLLM server {url} is not answering /health ({probe(url)}) for "
-                                       f"{time.monotonic() - since:.0f} s (grace {grace:g} s: rollout."
-                                       f"{'startup_timeout' if url in self.spawned else 'connect_grace_s'}), "
-                                       "and no other server is up: is it running?")
+                    self._fatal = (f"vLLM server {url} is not answering /health ({probe(url)}) for "
+                                   f"{time.monotonic() - since:.0f} s (grace {grace:g} s: rollout."
+                                   f"{'startup_timeout' if url in self.spawned else 'connect_grace_s'}), "
+                                   "and no other server is up: is it running?")
+                    raise RolloutError(self._fatal)
                 return
             log.warning("vLLM server %s is not answering /health: restarting it", url)
             with self._lock:

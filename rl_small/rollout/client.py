@@ -20,8 +20,8 @@ for as long as their process lives (rollout.startup_timeout). A request's timeou
 max_new_tokens x requests in flight there, doubled at every retry: a request that timed out on a slow (not hung)
 server is aborted by vLLM and generated again from the start, so a fixed timeout that is too short never
 completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs (accepts connections, answers nothing) is
-found sooner by a watchdog: while requests are in flight it checks /health every ``health_every`` seconds, and
-after ``HANG_STRIKES`` checks in a row without an answer it closes those requests' connections, so that they
+found sooner by a watchdog (watchdog.py): while requests are in flight it checks /health every ``health_every``
+seconds, and after 3 checks in a row without an answer it closes those requests' connections, so that they
 are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
 (the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
 """
@@ -29,18 +29,13 @@ are retried at once (a spawned server is restarted first). Adapter versions are 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import http.client
-import io
 import json
 import logging
 import shutil
-import socket
 import tempfile
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +50,7 @@ from rl_small.rollout.vllm_server import (
     healthy,
     probe,
 )
+from rl_small.rollout.watchdog import Watchdog
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
@@ -65,15 +61,10 @@ _RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not
 _NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
 AUTO_BASE_S = 60.0  # request_timeout "auto": fixed part (queueing, prefill)
 AUTO_S_PER_TOKEN = 0.05  # ... plus this per token in flight on the server: a floor of 20 tokens/s per server
-HANG_STRIKES = 3  # consecutive /health checks without an answer before in-flight requests are aborted
 
 
 class RolloutError(RuntimeError):
     """Generation failed for good (after retries) or the request itself is wrong."""
-
-
-class ServerHung(ConnectionError):
-    """The watchdog closed a request's connection: its server stopped answering /health."""
 
 
 class VLLMServerBackend:
@@ -108,11 +99,7 @@ class VLLMServerBackend:
         self._fatal: str | None = None  # set when generation gave up: the other requests stop at once
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
-        self._conns: dict[str, set[http.client.HTTPConnection]] = {u: set() for u in self.urls}
-        self._aborted: set[http.client.HTTPConnection] = set()
-        self.health_every = health_every
-        self._closed = threading.Event()
-        self._watchdog: threading.Thread | None = None
+        self.watchdog = Watchdog(self.urls, health_every)  # aborts the requests of a server that hangs
 
     @classmethod
     def from_config(
@@ -156,7 +143,6 @@ class VLLMServerBackend:
         version, model = self.version, self._name(self.version)
         if not reqs:
             return []
-        self._start_watchdog()
         self._fatal = None
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
@@ -184,7 +170,7 @@ class VLLMServerBackend:
             url = self._pick()
             timeout = self.timeout_for(url, sampling) * 2**attempt  # a slow server is not retried into a livelock
             try:
-                resp = self._post_abortable(url, "/v1/completions", body, timeout)
+                resp = self.watchdog.post(url, "/v1/completions", body, timeout)
                 with self._lock:
                     self.stats["requests"] += 1
                     self.answered[url] += 1
@@ -401,68 +387,12 @@ class VLLMServerBackend:
             data = r.read()
         return data if raw else json.loads(data)
 
-    def _post_abortable(self, url: str, route: str, body: dict[str, Any], timeout: float) -> Any:
-        """``_post`` on a connection the watchdog can close (http.client; urllib hides the socket)."""
-        parts = urllib.parse.urlsplit(url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = kind(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
-        with self._lock:
-            self._conns[url].add(conn)
-        try:
-            conn.request("POST", parts.path + route, json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.status >= 400:
-                raise urllib.error.HTTPError(url + route, resp.status, resp.reason, resp.headers, io.BytesIO(data))
-            return json.loads(data)
-        except (OSError, http.client.HTTPException) as err:
-            if conn in self._aborted:
-                raise ServerHung(f"no answer to /health for {HANG_STRIKES} checks: request aborted") from err
-            if isinstance(err, http.client.HTTPException) and not isinstance(err, OSError):
-                raise ConnectionError(f"{type(err).__name__}: {err}") from err
-            raise
-        finally:
-            with self._lock:
-                self._conns[url].discard(conn)
-                self._aborted.discard(conn)
-            conn.close()
-
-    def _start_watchdog(self) -> None:
-        with self._lock:
-            if self._watchdog is None or not self._watchdog.is_alive():
-                self._watchdog = threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True)
-                self._watchdog.start()
-
-    def _watch(self) -> None:
-        """Every ``health_every`` s, probe each server with requests in flight; after HANG_STRIKES probes in a
-        row without an answer, shut its in-flight connections down (the requests fail and are retried)."""
-        strikes = dict.fromkeys(self.urls, 0)
-        while not self._closed.wait(self.health_every):
-            for url in self.urls:
-                with self._lock:
-                    busy = list(self._conns[url])
-                if not busy or healthy(url, timeout=self.health_every):
-                    strikes[url] = 0
-                    continue
-                strikes[url] += 1
-                if strikes[url] < HANG_STRIKES:
-                    continue
-                strikes[url] = 0
-                log.warning("vLLM server %s has not answered /health for %d checks (%.0f s apart) with %d requests in "
-                            "flight: aborting them", url, HANG_STRIKES, self.health_every, len(busy))
-                for conn in busy:
-                    with self._lock:
-                        self._aborted.add(conn)
-                    if conn.sock is not None:
-                        with contextlib.suppress(OSError):
-                            conn.sock.shutdown(socket.SHUT_RDWR)
-
     def _get(self, url: str, route: str) -> Any:
         with urllib.request.urlopen(f"{url}{route}", timeout=10.0) as r:
             return json.loads(r.read())
 
     def close(self) -> None:
-        self._closed.set()
+        self.watchdog.close()
         for server in self.servers.values():
             server.stop()
 

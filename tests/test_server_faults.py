@@ -315,3 +315,42 @@ def test_slow_server_gets_a_doubled_timeout_on_retry_instead_of_a_livelock() -> 
     finally:
         backend.close()
         fake.stop()
+
+
+def test_trainer_killed_with_9_then_resumed_on_the_same_port(tiny_overrides: list[str], fake_python: str,
+                                                              tmp_path: Path) -> None:
+    """End to end with `python -m rl_small.train` and a spawned (fake) server: kill -9 the trainer after a
+    checkpoint; its server goes with it, and `--resume` starts a new server on the same port and finishes."""
+    from rl_small.checkpoint import list_checkpoints
+
+    port = _free_port()
+    over = tiny_overrides + [
+        "rewards=[{name: 'tests.helpers:token_reward'}]", "rollout.backend=vllm_server", "rollout.spawn=true",
+        f"rollout.server_python={fake_python}", f"rollout.port={port}", "train.steps=100", "train.save_every=1",
+    ]
+    run_dir = tmp_path / "t"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    trainer = subprocess.Popen([sys.executable, "-m", "rl_small.train", *over], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = run_dir / f"vllm_server_{port}.pid"
+    try:
+        deadline = time.monotonic() + 300
+        while not (list_checkpoints(run_dir) and pid_file.exists()) and time.monotonic() < deadline:
+            assert trainer.poll() is None, "the trainer exited before its first checkpoint"
+            time.sleep(0.5)
+        pgid = json.loads(pid_file.read_text())["pgid"]
+        assert healthy(f"http://127.0.0.1:{port}")
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    finally:
+        trainer.kill()
+    deadline = time.monotonic() + 20
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(pgid) == [] and server_mod.port_free("127.0.0.1", port)
+    step = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())["step"]
+    resumed = subprocess.run([sys.executable, "-m", "rl_small.train", "--resume", str(run_dir),
+                              f"train.steps={step + 1}"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())["step"] == step + 1
+    assert not pid_file.exists() and server_mod.port_free("127.0.0.1", port)  # stopped at the end of the run

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 
 class _Closed(BaseModel):
@@ -110,7 +110,24 @@ class RolloutConfig(_Closed):
     server_args: list[str] = Field(
         default_factory=list, description="Extra `vllm serve` arguments for spawned servers and `rl-small serve`."
     )
-    request_timeout: float = Field(600.0, gt=0, description="vllm_server: seconds before a request is retried.")
+    request_timeout: Literal["auto"] | PositiveFloat = Field(
+        "auto", description="vllm_server: seconds before a request is retried (doubled at each retry); auto = 60 + "
+        "0.05 x n x max_new_tokens x requests in flight on that server (a floor of 20 tokens/s per server).",
+    )
+    connect_grace_s: float = Field(
+        60.0, gt=0, description="vllm_server: an external server (server_urls) that refuses connections this long, "
+        "at start or in a run, is an error naming it; spawned servers are waited for while their process lives.",
+    )
+    sync_check_warn: float = Field(
+        5.0, gt=1, description="Sync check (rl_small.rollout.sync_check): warn when rollout/sampler_logp_absdiff "
+        "exceeds this multiple of its running median at the same version lag (stale or unloaded weights).",
+    )
+    sync_check_error: float | None = Field(
+        50.0, gt=1, description="Sync check: stop the run past this multiple of the running median; null = never.",
+    )
+    sync_check_min_delta: float = Field(
+        1e-3, ge=0, description="Sync check: jumps smaller than this many nats per token above the median never alarm.",
+    )
     max_retries: int = Field(3, ge=0, description="vllm_server: retries of one request (after a restart if dead).")
     startup_timeout: float = Field(900.0, gt=0, description="Seconds a spawned server may take to become healthy.")
     sync_every: int = Field(

@@ -34,7 +34,7 @@ from rl_small.distributed import World, gather_object, reduce_metrics
 from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
-from rl_small.rollout.base import SamplingSpec, make_backend
+from rl_small.rollout import SamplingSpec, SyncCheck, make_backend
 from rl_small.sampling import PassRateTracker, dynamic_sample, merge_round_metrics
 from rl_small.tracking import Progress, Tracker, timer, truncate_metrics
 from rl_small.types import Prompt, Rollout, ScoredRollout, TrainBatch, batch_columns
@@ -97,6 +97,7 @@ class Trainer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.step_no = 0
         self._skipped = 0
+        self.sync_check = SyncCheck.from_config(cfg.rollout)  # alarms on stale sampler weights
         if resume:
             self._resume()
         self.tracker = Tracker(run_dir, cfg.train.tensorboard, self.acc.is_main_process)
@@ -320,6 +321,7 @@ class Trainer:
                 m.update(compute_advantages(batch, self.cfg.algo, self.world.sum))
             with timer(m, "update"):
                 m.update(self.update(batch))
+            m.update(self.sync_check(m, scored, self.step_no, self.world))
             self.step_no += 1
             if self.step_no % self.cfg.rollout.sync_every == 0:
                 with timer(m, "sync"):

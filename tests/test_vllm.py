@@ -184,6 +184,22 @@ def test_server_killed_mid_rollout_every_prompt_answered_once(server_backend, sm
 
 
 @needs_vllm
+def test_server_dead_at_sync_is_restarted_and_serves_the_new_version(server_backend, smol) -> None:  # noqa: ANN001
+    """A weight sync that finds the spawned server dead (the load gets connection refused / reset) restarts it
+    and loads the new version instead of failing the run."""
+    path, tok = smol
+    server = next(iter(server_backend.servers.values()))
+    restarts, version = server_backend.stats["restarts"], server_backend.version + 1
+    server.kill()
+    server_backend.sync(_peft(path, seed=4, scale=3.0), version=version)
+    assert server_backend.stats["restarts"] == restarts + 1 and server_backend.stats["sync_retries"] >= 1
+    served = {m["id"] for m in server_backend._get(server_backend.urls[0], "/v1/models")["data"]}
+    assert f"v{version}" in served
+    out = server_backend.generate(_prompts(tok, 1), SamplingSpec(n=1, max_new_tokens=8, temperature=0.0))
+    assert [r.version for r in out] == [version] and len(out[0].completion_ids) > 0
+
+
+@needs_vllm
 def test_engine_backend_versions_and_logprobs(smol, tmp_path: Path) -> None:  # noqa: ANN001
     import torch
 

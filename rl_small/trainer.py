@@ -5,9 +5,8 @@
 
 Stages of a step: prompts -> rollout -> reward (repeated by dynamic sampling until the batch is full) ->
 prepare (no-grad old / reference logprobs and critic values) -> advantage -> update (epochs x minibatches of
-policy and value steps) -> sync. The maths live in advantages.py and losses.py, batch selection in
-sampling.py, the critic in critic.py. Runs under Accelerate, so the same code serves
-``python -m rl_small.train`` and ``accelerate launch -m rl_small.train``.
+policy and value steps) -> sync. Maths: advantages.py, losses.py; batch selection: sampling.py; critic:
+critic.py. Runs under Accelerate: ``python -m rl_small.train`` and ``accelerate launch -m rl_small.train``.
 """
 
 from __future__ import annotations
@@ -247,9 +246,8 @@ class Trainer:
     def _minibatch_step(self, batch: TrainBatch, idx: list[int], stats: dict[str, float], n_opt: int) -> None:
         """One optimizer step on the sequences ``idx``; per-token terms are normalised by this minibatch's
         sequence / token counts, so the micro-batches add up to the minibatch loss (metrics: mean per step)."""
-        a, mgn = self.cfg.algo, self.cfg.optim.max_grad_norm
-        temp, pad = self.cfg.rollout.temperature or 1.0, self.tok.pad_token_id
-        norm_len = self.cfg.rollout.max_new_tokens
+        a, pad, norm_len = self.cfg.algo, self.tok.pad_token_id, self.cfg.rollout.max_new_tokens
+        temp = self.cfg.rollout.temperature or 1.0
         sel = torch.tensor(idx)
         keep = batch.loss_weight[sel]
         # counts over every process's minibatch, divided by the process count because DDP averages gradients:

@@ -33,7 +33,13 @@ from common import save_results  # noqa: E402
 
 from rl_small.archs import LORA_MODULES, Arch  # noqa: E402
 from rl_small.plan import head_rows  # noqa: E402
-from rl_small.plan_memory import activation_bytes, head_bytes, micro_batch, no_grad_bytes  # noqa: E402
+from rl_small.plan_memory import (  # noqa: E402
+    activation_bytes,
+    head_bytes,
+    head_transient_bytes,
+    micro_batch,
+    no_grad_bytes,
+)  # noqa: E402
 
 TOLERANCE = 0.25
 SMOL = dict(family="llama", layers=2, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True)
@@ -85,7 +91,8 @@ def estimate(case: dict[str, Any]) -> int:
         return no_grad_bytes(arch, mb, s, case["T"], rows)
     dims = arch.module_dims()
     grads = 4 * case["r"] * sum(dims[t][0] + dims[t][1] for t in case["targets"]) * arch.layers
-    acts = activation_bytes(arch, mb, s, tuple(case["targets"]), case["r"], case["dropout"] > 0, case["ckpt"])
+    acts = activation_bytes(arch, mb, s, tuple(case["targets"]), case["r"], case["dropout"] > 0, case["ckpt"],
+                            head_transient_bytes(arch, mb, rows))
     return acts + head_bytes(mb, arch, s, case["T"], rows) + grads
 
 

@@ -86,6 +86,9 @@ class _LMHead(torch.autograd.Function):
                 g_lp[sl] = (d_lp.to(w.dtype) @ w).float() * scale
                 if d_ent is not None:
                     g_ent[sl] = (d_ent.to(w.dtype) @ w).float() * scale
+                del d_lp, d_ent
+            # free this chunk's buffers before the next chunk allocates its own (else 5 are alive, not 3)
+            del lsm, p
         ctx.save_for_backward(g_lp, g_ent)
         ctx.h_dtype = h.dtype
         if not (entropy and entropy_grad):
@@ -136,6 +139,7 @@ class _LogitsHead(torch.autograd.Function):
             z = logits[sl].float()
             z = z / temp if temp not in (0, 1) else z
             _, logp[sl], _, e = _stats(z, t[sl], entropy, probs=False)
+            del z
             if entropy:
                 ent[sl] = e
         ctx.save_for_backward(logits, t, ent)
@@ -161,6 +165,7 @@ class _LogitsHead(torch.autograd.Function):
             if g_ent is not None and d_ent is not None:
                 g = g + g_ent * d_ent[sl].unsqueeze(-1)
             grad[sl] = g / temp if temp not in (0, 1) else g
+            del lsm, g_lp, g_ent, g
         return grad, None, None, None, None, None
 
 

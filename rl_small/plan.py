@@ -27,6 +27,7 @@ from rl_small.plan_memory import (
     activation_bytes,
     cache_bytes_per_token,
     head_bytes,
+    head_transient_bytes,
     micro_batch,
     no_grad_bytes,
 )
@@ -44,7 +45,7 @@ CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspace of one process (typica
 PROMPT_TOKENS = {"arith": 64, "gsm8k": 256, "math": 384}
 DEFAULT_PROMPT_TOKENS = 512
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-HEAD_CHUNK_ELEMENTS = 1 << 23  # rl_small.head.CHUNK_ELEMENTS (tests/test_plan.py checks that they agree)
+HEAD_CHUNK_ELEMENTS = 1 << 24  # rl_small.head.CHUNK_ELEMENTS (tests/test_plan.py checks that they agree)
 VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS = 8192, 256  # vLLM's profiling batch (defaults of its server)
 
 
@@ -142,7 +143,8 @@ def make_plan(cfg: RunConfig, gpu: str = "h100-80gb", gpus: int = 1, prompt_toke
     n_train = _trainable_params(arch, cfg)
     targets = lora_targets(cfg) if m.lora else LORA_MODULES
     rank_r, drop = (m.lora.r, m.lora.dropout > 0) if m.lora else (0, False)
-    acts = {ck: activation_bytes(arch, mb, s, targets, rank_r, drop, ck) / GiB for ck in (False, True)}
+    transient = head_transient_bytes(arch, mb, head_chunk)
+    acts = {ck: activation_bytes(arch, mb, s, targets, rank_r, drop, ck, transient) / GiB for ck in (False, True)}
     head_gib = head_bytes(mb, arch, s, temp, head_chunk) / GiB
     train_peak = acts[m.gradient_checkpointing] + head_gib
     shape = f"{mb.seqs} seqs x ({lp} prompt + {mb.completion_len} new tokens)"

@@ -81,8 +81,12 @@ def cache_bytes_per_token(arch: Arch, dtype_bytes: int) -> int:
 
 
 def activation_bytes(arch: Arch, mb: MicroBatch, dtype_bytes: int, targets: tuple[str, ...], lora_r: int,
-                     dropout: bool = False, checkpointing: bool = False) -> int:
-    """Peak bytes kept by autograd for one micro-batch forward, excluding the LM head (``head_bytes``)."""
+                     dropout: bool = False, checkpointing: bool = False, head_transient: int = 0) -> int:
+    """Peak bytes kept by autograd for one micro-batch forward, excluding the LM head (``head_bytes``).
+
+    With checkpointing, one layer is recomputed during the backward pass, after the fused head's per-chunk
+    buffers (``head_transient`` bytes, counted in ``head_bytes``) are gone, so only what it needs beyond them
+    is added (measured: counting both overestimated the peak 1.4-1.6x)."""
     s, L = dtype_bytes, arch.layers
     p_tok, c_tok = mb.prompts * mb.prompt_len, mb.seqs * mb.completion_len
     prefix_cache = cache_bytes_per_token(arch, s) * L * (mb.prompts + mb.seqs) * mb.prompt_len
@@ -92,9 +96,14 @@ def activation_bytes(arch: Arch, mb: MicroBatch, dtype_bytes: int, targets: tupl
     one_layer = layer_token_bytes(arch, s, targets, lora_r, dropout) * (p_tok + c_tok) + kv
     if checkpointing:  # layer inputs + one recomputed layer (its saved tensors and about as much gradient)
         inputs = s * arch.hidden * (p_tok + c_tok) * L
-        return inputs + prefix_cache + masks + final_norm + 2 * one_layer
+        return inputs + prefix_cache + masks + final_norm + max(0, 2 * one_layer - head_transient)
     first = layer_token_bytes(arch, s, targets, lora_r, dropout, first=True) * (p_tok + c_tok) + kv
     return first + (L - 1) * one_layer + prefix_cache + masks + final_norm
+
+
+def head_transient_bytes(arch: Arch, mb: MicroBatch, chunk_rows: int | None) -> int:
+    """The fused head's per-chunk buffers (freed before the backward pass); 0 for the naive head."""
+    return 0 if chunk_rows is None else 3 * FP32 * min(chunk_rows, mb.seqs * mb.completion_len) * arch.vocab
 
 
 def head_bytes(mb: MicroBatch, arch: Arch, dtype_bytes: int, temperature: float = 1.0,
@@ -106,7 +115,7 @@ def head_bytes(mb: MicroBatch, arch: Arch, dtype_bytes: int, temperature: float 
     division), the fp32 log-softmax (kept for backward) and, for the entropy metric, exp and product, all
     (positions, vocab). ``chunk_rows`` = rows per chunk, the fused head (``rl_small.head``): hidden states go
     through the LM head ``chunk_rows`` positions at a time, so the full logits never exist; per chunk the
-    log-softmax, probabilities and the model-dtype gradient of the logits are alive, and one fp32
+    fp32 logits, their log-softmax and the probabilities are alive (3 x 4 bytes x rows x V), and one fp32
     d log p / d hidden row per position (two with ``entropy_grad``) is kept for backward (``grad``).
     """
     n, v, s = mb.seqs * mb.completion_len, arch.vocab, dtype_bytes
@@ -114,9 +123,10 @@ def head_bytes(mb: MicroBatch, arch: Arch, dtype_bytes: int, temperature: float 
         upcast = FP32 if (s != FP32 or temperature not in (0, 1)) else 0
         return (s + upcast + FP32 + (2 * FP32 if entropy else 0)) * n * v
     rows = min(chunk_rows, n)
-    # grad: log-softmax + probabilities (fp32) + the logits' gradient cast to the model dtype; no grad: the fp32
-    # logits and their log-softmax
-    per_chunk = (2 * FP32 + (s if s != FP32 else 0)) * rows * v if grad else 2 * FP32 * rows * v
+    # per chunk, fp32: the scaled logits, their log-softmax and the probabilities are alive together (the
+    # model-dtype logits before the cast and the gradient cast back to the model dtype are smaller); no grad:
+    # the logits and the log-softmax (+ the probabilities for the entropy)
+    per_chunk = 3 * FP32 * rows * v if grad or entropy else 2 * FP32 * rows * v
     kept = FP32 * arch.hidden * n * (1 + int(entropy_grad)) if grad else 0
     return per_chunk + kept + s * arch.hidden * n + 3 * FP32 * n  # + the gathered hidden rows, per-row results
 

@@ -34,7 +34,7 @@ def check_run(cfg: RunConfig, acc: Any) -> None:
     if a.domain_sampling and len(cfg.data.mix) < 2:
         raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")
     names = [r.name for r in cfg.rewards]
-    if a.difficulty_filter and a.pass_reward not in names:
+    if (a.difficulty_filter or (a.dynamic_sampling and a.dynamic_sampling_on == "pass")) and a.pass_reward not in names:
         raise RecipeError(f"algo.pass_reward {a.pass_reward!r} is not one of the recipe's rewards {names}")
 
 

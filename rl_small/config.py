@@ -203,7 +203,13 @@ class AlgoConfig(_Closed):
         None, gt=0, description="ppo: critic (adapter + head) learning rate; null = optim.lr."
     )
     dynamic_sampling: bool = Field(
-        False, description="DAPO: drop groups whose rewards are all equal and draw more prompts to refill the batch."
+        False, description="DAPO: drop groups that all pass or all fail (see dynamic_sampling_on) and draw more "
+        "prompts to refill the batch."
+    )
+    dynamic_sampling_on: Literal["auto", "pass", "reward"] = Field(
+        "auto", description="dynamic_sampling: what must differ within a group to keep it. pass: whether each "
+        "completion passes (algo.pass_reward >= algo.pass_threshold; DAPO's accuracy filter); reward: the total "
+        "reward; auto: pass when algo.pass_reward is one of the rewards, else reward."
     )
     max_sampling_rounds: int = Field(3, ge=0, description="dynamic_sampling: cap on extra generation rounds per step.")
     overlong_filter: bool = Field(
@@ -212,7 +218,8 @@ class AlgoConfig(_Closed):
     difficulty_filter: bool = Field(
         False, description="SimpleRL-Zoo: skip prompts whose running pass rate is 0 or 1 once they have been seen."
     )
-    pass_reward: str = Field("math_accuracy", description="difficulty_filter: reward component that defines a pass.")
+    pass_reward: str = Field("math_accuracy", description="difficulty_filter, dynamic_sampling: the reward component "
+                             "that defines a pass.")
     pass_threshold: float = Field(0.5, description="difficulty_filter: a completion passes if that score >= this.")
     domain_sampling: bool = Field(
         False, description="RuleReasoner domain-aware dynamic sampling over data.mix: domains with a lower "

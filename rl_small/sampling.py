@@ -1,6 +1,6 @@
 """Batch-level sampling (METHODS.md §3): which prompts and groups a training step uses.
 
-    scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)   # DAPO: drop tied groups, refill
+    scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)   # DAPO: drop all-pass/all-fail groups
     keep = overlong_keep(truncated)                                  # DAPO overlong filtering: (N,) 0/1
     tracker = PassRateTracker(); tracker.update(ids, passed); tracker.skip(pid)   # SimpleRL-Zoo difficulty
     w = domain_weights(ewma(prev, batch_means, 0.5), target=1.0, tau=0.8)       # RuleReasoner DADS
@@ -34,17 +34,43 @@ def split_groups(scored: list[ScoredRollout]) -> list[list[ScoredRollout]]:
     return groups
 
 
-def is_informative(group: list[ScoredRollout], tol: float = 1e-6) -> bool:
-    """A group teaches something only if its rewards differ (otherwise every advantage is 0)."""
-    rewards = [s.reward for s in group]
-    return max(rewards) - min(rewards) > tol
+def total_reward(s: ScoredRollout) -> float:
+    return s.reward
+
+
+def group_signal(algo: Any, reward_names: list[str]) -> Callable[[ScoredRollout], float]:
+    """What dynamic sampling compares within a group (``algo.dynamic_sampling_on``). DAPO (arXiv 2503.14476
+    eq. 11) keeps a group unless its accuracy is all 0 or all 1: with shaping terms in the total reward
+    (format, overlong penalty) an all-wrong group still has unequal totals, so ``pass`` (and ``auto`` when the
+    pass reward exists) compares 1/0 passes of ``algo.pass_reward`` >= ``algo.pass_threshold`` (an abstained
+    score counts as a fail); ``reward`` compares the total reward."""
+    on = algo.dynamic_sampling_on
+    if on == "reward" or (on == "auto" and algo.pass_reward not in reward_names):
+        return total_reward
+    name, threshold = algo.pass_reward, algo.pass_threshold
+
+    def passed(s: ScoredRollout) -> float:
+        c = s.components.get(name)
+        return float(c is not None and c >= threshold)
+
+    return passed
+
+
+def is_informative(
+    group: list[ScoredRollout], tol: float = 1e-6, signal: Callable[[ScoredRollout], float] = total_reward
+) -> bool:
+    """A group teaches something only if its ``signal`` (default: the total reward) differs."""
+    values = [signal(s) for s in group]
+    return max(values) - min(values) > tol
 
 
 def dynamic_sample(
-    draw: Callable[[int], list[ScoredRollout]], target: int, max_extra_rounds: int, world: World | None = None
+    draw: Callable[[int], list[ScoredRollout]], target: int, max_extra_rounds: int, world: World | None = None,
+    signal: Callable[[ScoredRollout], float] = total_reward,
 ) -> tuple[list[ScoredRollout], dict[str, float]]:
-    """DAPO dynamic sampling (arXiv 2503.14476 §3.2): keep only groups whose rewards are not all equal and draw
-    more prompts until ``target`` groups are kept or ``max_extra_rounds`` extra rounds were spent.
+    """DAPO dynamic sampling (arXiv 2503.14476 §3.2): keep only groups whose ``signal`` (``group_signal``: passes
+    or total reward) is not all equal and draw more prompts until ``target`` groups are kept or
+    ``max_extra_rounds`` extra rounds were spent.
 
     Each extra round asks for the missing groups divided by the keep rate seen so far (at most ``target``).
     Extra kept groups beyond ``target`` are discarded; if no group at all was informative the first round is
@@ -72,7 +98,7 @@ def dynamic_sample(
     while True:
         groups = split_groups(draw(n))
         first = groups if first is None else first
-        informative = [is_informative(g) for g in groups]
+        informative = [is_informative(g, signal=signal) for g in groups]
         kept += [((rounds, i * size + rank), g) for i, (g, ok) in enumerate(zip(groups, informative)) if ok]
         n_kept = sum(informative)
         totals += world.sum(torch.tensor([len(groups), n_kept, len(groups) - n_kept], dtype=torch.float64))

@@ -34,7 +34,7 @@ from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout import SamplingSpec, SyncCheck, make_backend
-from rl_small.sampling import PassRateTracker, dynamic_sample, merge_round_metrics
+from rl_small.sampling import PassRateTracker, dynamic_sample, group_signal, merge_round_metrics
 from rl_small.tracking import Progress, Tracker, timer, truncate_metrics
 from rl_small.types import Prompt, Rollout, ScoredRollout, TrainBatch, batch_columns
 
@@ -193,8 +193,7 @@ class Trainer:
                 self._prefetch = None if pre else self._prefetch
             with timer(t, "reward"):
                 scored, rm = self.score(rollouts)
-            for k, v in t.items():
-                m[k] = m.get(k, 0.0) + v
+            m.update({k: m.get(k, 0.0) + v for k, v in t.items()})
             rounds.append((len(scored), rm))
             if self.pass_rates is not None:  # every process counts every process's completions: same skips
                 comps = [s.components.get(a.pass_reward) for s in scored]
@@ -205,7 +204,8 @@ class Trainer:
 
         self._skipped = 0
         if a.dynamic_sampling:
-            scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds, self.world)
+            signal = group_signal(a, [x.name for x in self.cfg.rewards])
+            scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds, self.world, signal)
         else:
             scored, sm = draw(r.prompts_per_step), {}
         m.update(merge_round_metrics(rounds) | sm)

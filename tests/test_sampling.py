@@ -10,6 +10,7 @@ from rl_small.sampling import (
     domain_weights,
     dynamic_sample,
     ewma,
+    group_signal,
     merge_round_metrics,
     overlong_keep,
 )
@@ -170,3 +171,43 @@ def test_dynamic_sampling_across_processes_fills_a_short_batch_with_weightless_g
     assert [s.rollout.group_id for s in s0] == [0, 0, 0, 1, 1, 1]
     assert m0 == m1 == {"sampling/rounds": 2.0, "sampling/dropped_groups": 7.0, "sampling/kept_groups": 1.0,
                         "sampling/batch_fill": 0.25, "sampling/filler_groups": 3.0}
+
+
+def _dapo_groups() -> list[list[ScoredRollout]]:
+    """A DAPO-style total: math_accuracy (1/0) + 0.1 * boxed_format + soft_overlong; group 0 is all wrong but
+    its totals differ (format / length shaping), group 1 has one right answer."""
+    def sr(gid: int, acc: float | None, fmt: float, over: float) -> ScoredRollout:
+        comps = {"math_accuracy": acc, "boxed_format": fmt, "soft_overlong": over}
+        total = (acc or 0.0) + 0.1 * fmt + over
+        return ScoredRollout(Rollout(Prompt(f"g{gid}", "", ""), gid, [1], [2], "", None, False, 0), total, comps)
+
+    return [[sr(0, 0.0, 1.0, 0.0), sr(0, 0.0, 0.0, -0.5), sr(0, None, 1.0, 0.0)],
+            [sr(1, 1.0, 1.0, 0.0), sr(1, 0.0, 1.0, 0.0), sr(1, 0.0, 0.0, 0.0)]]
+
+
+@pytest.mark.parametrize(("on", "names", "kept"), [
+    ("auto", ["math_accuracy", "boxed_format", "soft_overlong"], ["g1"]),  # DAPO: all-wrong group dropped
+    ("pass", ["math_accuracy", "boxed_format", "soft_overlong"], ["g1"]),
+    ("reward", ["math_accuracy", "boxed_format", "soft_overlong"], ["g0", "g1"]),  # totals differ: both kept
+    ("auto", ["boxed_format", "soft_overlong"], ["g0", "g1"]),  # no pass reward: falls back to the total
+])
+def test_dynamic_sampling_filters_on_passes_not_the_shaped_total(on: str, names: list[str], kept: list[str]) -> None:
+    from types import SimpleNamespace
+
+    algo = SimpleNamespace(dynamic_sampling_on=on, pass_reward="math_accuracy", pass_threshold=0.5)
+    groups = _dapo_groups()
+    scored, m = dynamic_sample(lambda n: [s for g in groups for s in g], target=2, max_extra_rounds=0,
+                               signal=group_signal(algo, names))
+    ids = sorted({s.rollout.prompt.id for s in scored})
+    assert ids == kept
+    assert m["sampling/kept_groups"] == len(kept) and m["sampling/dropped_groups"] == 2 - len(kept)
+
+
+def test_dynamic_sampling_on_pass_needs_the_pass_reward() -> None:
+    from rl_small.builders import check_run
+    from rl_small.config import RecipeError, RunConfig
+
+    cfg = RunConfig.model_validate({"algo": {"dynamic_sampling": True, "dynamic_sampling_on": "pass"},
+                                    "rewards": [{"name": "boxed_format"}]})
+    with pytest.raises(RecipeError, match="algo.pass_reward 'math_accuracy'"):
+        check_run(cfg, type("Acc", (), {"distributed_type": "NO"})())

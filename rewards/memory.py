@@ -17,7 +17,7 @@ Mechanics follow the authors' code (thaihungle/Memory-R, rewards/ir_knn_st.py; M
   memory holds ``warmup_keys`` question keys.
 The reward returns exploit + explore (per ``mode``); the two parts are logged under ``memory/*``. Its state
 (memories, windows, annealing) is saved with checkpoints. kNN is a torch matmul over the key matrix, or
-FAISS (``knn: faiss``); bench/rewards.py measures both.
+FAISS (``knn: faiss``); ``bench/reward_speed.py --only knn`` measures both.
 """
 
 from __future__ import annotations
@@ -205,9 +205,13 @@ class EpisodicMemory:
         """Per query: the mean of the successful reasoning stored under its k nearest questions (None: none)."""
         return [f.mean(0) if len(f) else None for f in self.success.lookup(q, self.k, self.knn)]
 
-    def exploit_distance(self, e: torch.Tensor, q: torch.Tensor) -> list[float | None]:
-        """Raw exploitation novelty: ||e - centroid of the successes under the k nearest questions||."""
-        return [None if c is None else float((e[i] - c).norm()) for i, c in enumerate(self.centroids(q))]
+    def exploit_distance(
+        self, e: torch.Tensor, q: torch.Tensor, cents: list[torch.Tensor | None] | None = None
+    ) -> list[float | None]:
+        """Raw exploitation novelty: ||e - centroid of the successes under the k nearest questions|| (the
+        reward's own computation; ``cents``: centroids already looked up for ``q``)."""
+        cents = self.centroids(q) if cents is None else cents
+        return [None if c is None else float((e[i] - c).norm()) for i, c in enumerate(cents)]
 
     def explore_novelty(self, e: torch.Tensor, q: torch.Tensor) -> list[float | None]:
         """Raw exploration novelty: 1 - max cosine to the failures under the k nearest questions."""
@@ -216,7 +220,7 @@ class EpisodicMemory:
 
     def _exploit(self, e: torch.Tensor, q: torch.Tensor) -> list[float]:
         cents = self.centroids(q)
-        raw = [None if c is None else float((e[i] - c).norm()) for i, c in enumerate(cents)]
+        raw = self.exploit_distance(e, q, cents)
         hit = [i for i, d in enumerate(raw) if d is not None]
         out = [0.0] * len(e)  # nothing retrieved: novelty 1 -> bonus 0 (authors)
         if hit:

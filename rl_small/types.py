@@ -55,16 +55,7 @@ class ScoredRollout:
     rollout: Rollout
     reward: float
     components: dict[str, float | None]
-    advantage: float = 0.0
     weight: float = 1.0
-
-
-@dataclass
-class StepMetrics:
-    """What one step reports: flat ``namespace/name`` metrics and the step number."""
-
-    step: int
-    values: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Command line: ``rl-small train [--recipe R] [key=value ...]``, ``rl-small serve --recipe R``,
 ``rl-small eval --model M --benchmarks ...``, ``rl-small report RUN_DIR ...``, ``rl-small bench [NAME ...]`` and
-``rl-small plan RECIPE [--gpu NAME] [--gpus N]`` (memory per process before a launch).
+``rl-small plan RECIPE [--gpu NAME] [--gpus N]`` (memory per process before a launch) and
+``rl-small data download --out DIR`` (the local data layout, from the hub).
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -122,7 +123,21 @@ def main(argv: list[str] | None = None) -> None:
     bn.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     pl = sub.add_parser("plan", help="estimate memory per process for a recipe on a GPU, and whether it fits")
     add_plan_args(pl)
+    dt = sub.add_parser("data", help="data download --out DIR: the local layout --data-dir reads, from the hub")
+    dt.add_argument("action", choices=["download"])
+    dt.add_argument("--out", default="data", help="output folder (default: ./data)")
+    dt.add_argument("--only", help="comma-separated datasets (default: all; see rl_small/data/download.py)")
     args = parser.parse_args(argv)
+    if args.command == "data":
+        from rl_small.data.download import download
+        from rl_small.tracking import setup_logging
+
+        setup_logging()
+        try:
+            download(args.out, args.only.split(",") if args.only else None)
+        except (ValueError, OSError) as err:
+            sys.exit(f"rl-small data: error: {err}")
+        return
     if args.command == "plan":
         sys.exit(run_plan(args))
     if args.command == "bench":

@@ -152,7 +152,7 @@ class RolloutConfig(_Closed):
 
 class AlgoConfig(_Closed):
     """Policy optimisation: advantage estimator, loss terms, update schedule and batch-level sampling
-    (METHODS.md §1-3). Options named after one algorithm are ignored by the others."""
+    (docs/METHODS.md §1-3). Options named after one algorithm are ignored by the others."""
 
     name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
         "grpo", description="Advantage estimator; ppo = GAE with a learned critic (own LoRA adapter + value head)."

@@ -127,3 +127,13 @@ def test_download_cli_names_an_unknown_dataset(tmp_path: Path) -> None:
         main(["data", "download", "--out", str(tmp_path), "--only", "gsm8k,nope"])
     assert "unknown dataset(s) ['nope']" in str(err.value.code)
     assert not list(tmp_path.iterdir())
+
+
+def test_readme_says_the_default_model_is_a_dequantised_gguf() -> None:
+    from rl_small.config import RunConfig
+    from rl_small.models import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS[RunConfig().model.name]
+    text = " ".join(README.read_text().split("## Data:", 1)[0].split())
+    assert f"`{spec.gguf_file}`" in text and f"`{spec.pip_name}`" in text
+    assert "dequantised" in text and "not HuggingFace's original bf16" in text

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="rl-small", description="RL post-training for small language models")
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train with GRPO (default: the embedded SmolLM2-135M + LoRA run on CPU)")
+    tr = sub.add_parser("train", help="train with GRPO (default: the embedded SmolLM2-135M + LoRA run on CPU)",
+                        epilog="every config key, its type, default and meaning: rl-small config [section]")
     add_train_args(tr)
     ev = sub.add_parser("eval", help="evaluate a model / trained adapter on GSM8K, MATH500, AIME, AMC, code")
     add_eval_args(ev)
@@ -123,21 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     bn.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     pl = sub.add_parser("plan", help="estimate memory per process for a recipe on a GPU, and whether it fits")
     add_plan_args(pl)
-    dt = sub.add_parser("data", help="data download --out DIR: the local layout --data-dir reads, from the hub")
-    dt.add_argument("action", choices=["download"])
-    dt.add_argument("--out", default="data", help="output folder (default: ./data)")
-    dt.add_argument("--only", help="comma-separated datasets (default: all; see rl_small/data/download.py)")
-    args = parser.parse_args(argv)
-    if args.command == "data":
-        from rl_small.data.download import download
-        from rl_small.tracking import setup_logging
+    from rl_small.config_help import add_config_args, run_config
+    from rl_small.data.download import add_data_args, run_data
 
-        setup_logging()
-        try:
-            download(args.out, args.only.split(",") if args.only else None)
-        except (ValueError, OSError) as err:
-            sys.exit(f"rl-small data: error: {err}")
-        return
+    add_data_args(sub.add_parser("data", help="data download --out DIR: the local layout --data-dir reads, from the hub"))
+    add_config_args(sub.add_parser("config", help="every config key with its type, default and description"))
+    args = parser.parse_args(argv)
+    if args.command in ("config", "data"):
+        sys.exit((run_config if args.command == "config" else run_data)(args))
     if args.command == "plan":
         sys.exit(run_plan(args))
     if args.command == "bench":

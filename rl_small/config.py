@@ -343,7 +343,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key {loc!r}")
+            from rl_small.config_help import closest_key
+
+            near = closest_key(tuple(e["loc"]))
+            lines.append(f"  unknown key {loc!r}" + (f"; did you mean {near}?" if near else "") + " (rl-small config)")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -120,12 +120,13 @@ def test_download_writes_the_layout_the_readers_use(tmp_path: Path, monkeypatch:
     assert [r["answer"] for r in rows] == ["0", "1", "2"]
 
 
-def test_download_cli_names_an_unknown_dataset(tmp_path: Path) -> None:
+def test_download_cli_names_an_unknown_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from rl_small.cli import main
 
     with pytest.raises(SystemExit) as err:
         main(["data", "download", "--out", str(tmp_path), "--only", "gsm8k,nope"])
-    assert "unknown dataset(s) ['nope']" in str(err.value.code)
+    assert err.value.code == 1
+    assert "rl-small data: error: unknown dataset(s) ['nope']" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

@@ -23,10 +23,12 @@ network; a file is written under a temporary name and renamed, so an interrupted
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,3 +96,22 @@ def download(out: str | Path, only: list[str] | None = None) -> list[Path]:
             log.info("%s: %d rows from %s", Path(out) / f.path, len(rows), task.hub_id)
             written.append(Path(out) / f.path)
     return written
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["download"])
+    p.add_argument("--out", default="data", help="output folder (default: ./data)")
+    p.add_argument("--only", help=f"comma-separated datasets (default: all): {', '.join(LAYOUT)}")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """``rl-small data download``: 0, or a one-line error (unknown name, no network, unwritable folder)."""
+    from rl_small.tracking import setup_logging
+
+    setup_logging()
+    try:
+        download(args.out, args.only.split(",") if args.only else None)
+    except (ValueError, OSError) as err:
+        sys.stderr.write(f"rl-small data: error: {err}\n")
+        return 1
+    return 0

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHECKOUT_RUNS = Path(__file__).resolve().parents[1] / "runs"
+
+
+@pytest.fixture(autouse=True)
+def _no_runs_folder_in_the_checkout() -> Iterator[None]:
+    """A test writes its runs under tmp_path: one that creates ``runs/`` in the checkout (a command run without
+    ``--out`` / ``train.output_dir`` from the repository root) fails, naming itself."""
+    before = CHECKOUT_RUNS.exists()
+    yield
+    if not before and CHECKOUT_RUNS.exists():
+        made = sorted(p.name for p in CHECKOUT_RUNS.iterdir())
+        import shutil
+
+        shutil.rmtree(CHECKOUT_RUNS, ignore_errors=True)
+        pytest.fail(f"this test left {CHECKOUT_RUNS} ({made}): pass --out / train.output_dir under tmp_path")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -48,7 +48,7 @@ def test_report_charts_and_integer_steps(tmp_path: Path, monkeypatch: pytest.Mon
     ticks = {}
     real_png = report._png
 
-    def spy(fig):  # noqa: ANN001, ANN202
+    def spy(fig):
         ax = fig.axes[0]
         lo, hi = ax.get_xlim()
         ticks[ax.get_title()] = [t for t in ax.get_xticks() if lo <= t <= hi]

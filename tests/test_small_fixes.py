@@ -56,7 +56,7 @@ def test_cpu_accelerate_config_runs_the_process_count_it_is_given(tmp_path: Path
         out.mkdir()
         flag = ["--num_processes", "2"] if n == 2 else []
         proc = subprocess.run([launcher, "launch", "--config_file", str(root / "launch/accelerate/cpu.yaml"), *flag,
-                               str(probe), str(out)], capture_output=True, text=True, timeout=300)
+                               str(probe), str(out)], capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         ranks = sorted(json.loads(p.read_text())["n"] for p in out.glob("rank*.json"))
         assert ranks == [n] * n, (n, ranks, proc.stderr[-1000:])

@@ -44,7 +44,7 @@ def test_readme_first_command_resolves_in_a_bare_clone(tmp_path: Path, monkeypat
     from rl_small.config import load_recipe
     from rl_small.train import add_train_args
 
-    block = re.search(r"```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", README.read_text(), re.DOTALL).group(1)
     cmd = block.strip().split("&&")[-1].strip()
     argv = shlex.split(cmd)
     assert argv[:2] == ["rl-small", "train"], cmd
@@ -95,7 +95,7 @@ def test_download_writes_the_layout_the_readers_use(tmp_path: Path, monkeypatch:
 
     calls = []
 
-    def fake_hub(task, split):  # noqa: ANN001, ANN202
+    def fake_hub(task, split):
         calls.append((task.hub_id, split))
         return [_hub_row(task.name, split, i) for i in range(3)]
 
@@ -109,7 +109,8 @@ def test_download_writes_the_layout_the_readers_use(tmp_path: Path, monkeypatch:
     assert not list(tmp_path.rglob(".tmp-*"))
     # the formats the names promise
     assert len(json.loads((tmp_path / "mbpp/sanitized-mbpp.json").read_text())) == 12  # 4 splits x 3
-    assert len(gzip.open(tmp_path / "humaneval/HumanEval.jsonl.gz", "rt").read().splitlines()) == 3
+    with gzip.open(tmp_path / "humaneval/HumanEval.jsonl.gz", "rt") as fh:
+        assert len(fh.read().splitlines()) == 3
     # every benchmark reads it through --data-dir's rule (<data_dir>/<local>), every split it evaluates on
     for bench in BENCHMARKS.values():
         rows, stats = load_task_rows(DataConfig(task=bench.task, path=str(tmp_path / bench.local)), bench.split)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CHECKOUT_RUNS = Path(__file__).resolve().parents[1] / "runs"
+ROOT = Path(__file__).resolve().parents[1]
+# Real data for the tests that read it (each skips when its folder is absent): $RL_SMALL_DATA, else the checkout's
+# data/ (`rl-small data download --out data`), else shared/data beside the checkout.
+_DATA = [Path(os.environ["RL_SMALL_DATA"])] if os.environ.get("RL_SMALL_DATA") else []
+SHARED_DATA = next((p for p in (*_DATA, ROOT / "data", ROOT.parent / "shared" / "data") if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
+CHECKOUT_RUNS = ROOT / "runs"
 
 
 @pytest.fixture(autouse=True)

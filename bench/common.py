@@ -21,6 +21,18 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """Where the benchmarks read real data: ``$RL_SMALL_DATA``, else the checkout's ``data/`` (written by
+    ``rl-small data download --out data``), else a ``shared/data`` folder next to the checkout or next to the
+    folder of git worktrees that holds it; ``data/`` when none exists (the parts that need it are skipped)."""
+    if os.environ.get("RL_SMALL_DATA"):
+        return Path(os.environ["RL_SMALL_DATA"])
+    here = ROOT / "data"
+    side = [p / "shared" / "data" for p in (ROOT.parent, ROOT.parent.parent)]
+    return next((p for p in (here, *side) if p.is_dir()), here)
 
 
 def spread(values: list[float]) -> dict[str, float]:

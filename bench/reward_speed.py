@@ -12,7 +12,7 @@
   agreement of every GSM8K test / MATH-500 / AIME24 gold with ``\\boxed{gold}``; items/s on GSM8K-like
   answers (fast path), MATH-like answers that need math-verify, and a batch of 32 with 5 pathological
   ``\\boxed{9^{9^{9^{9}}}}``; the question-copy guard on the 50 longest MATH problems (ms per item).
-Needs ../shared/data (skips a part whose files are absent). Prints tables; writes bench/results/reward_speed.json.
+Needs the local data layout (`rl-small data download --out data`; skips a part whose files are absent). Prints tables; writes bench/results/reward_speed.json.
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import fmt, spread
+from common import data_root, fmt, spread
 
-_HERE = Path(__file__).resolve()
-# ../shared/data beside the checkout (or beside the folder of git worktrees holding it)
-DATA = next((p / "shared" / "data" for p in _HERE.parents[2:4] if (p / "shared" / "data").exists()),
-            _HERE.parents[2] / "shared" / "data")
+DATA = data_root()  # rl-small data download --out data (or $RL_SMALL_DATA)
 OUT = Path(__file__).resolve().parent / "results" / "reward_speed.json"
 
 

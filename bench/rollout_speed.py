@@ -3,7 +3,7 @@
     python bench/rollout_speed.py [--prompts 16] [--n 8] [--max-new-tokens 128] [--reps 2] [--e2e-steps 3]
 
 On SmolLM2-135M-Instruct (fp32) with one trained-size LoRA adapter (r=16, all linear layers) loaded, the
-same prompts (GSM8K test questions, or arith problems without ../shared/data) and the same sampling
+same prompts (GSM8K test questions, or arith problems without the local data of ``rl-small data download``) and the same sampling
 (n completions, T=1.0, top-p 1.0, max_new_tokens) go through, in one process run on one machine:
 
   raw vllm       ``LLM.generate`` called directly (the reference)
@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import noisy_lora_policy
+from common import data_root, noisy_lora_policy
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = data_root()  # rl-small data download --out data (or $RL_SMALL_DATA)
 
 
 def _prompts(tok: Any, k: int) -> list[Any]:

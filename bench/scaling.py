@@ -4,7 +4,7 @@
                             [--base-group 8] [--base-length 128] [--no-memory] [key=value overrides ...]
 
 rl-small with the ``hf`` backend (the CPU default) on SmolLM2-135M-Instruct + LoRA r=16, GRPO, GSM8K train
-prompts (``recipes/smollm2-135m/grpo/gsm8k.yaml``; the built-in ``arith`` task when ../shared/data is absent),
+prompts (``recipes/smollm2-135m/grpo/gsm8k.yaml``; the built-in ``arith`` task when the local data of ``rl-small data download`` is absent),
 ``--prompts`` prompts per step. Every completion is exactly L tokens long (``rollout.ignore_eos``), so the
 cost is measured at the stated length rather than at whatever the model chose to write. Two sweeps:
 G in --groups at L = --base-length, and L in --lengths at G = --base-group. Then, unless --no-memory, the
@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import fmt, run_worker, save_results, spread
+from common import data_root, fmt, run_worker, save_results, spread
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+GSM8K = data_root() / "gsm8k"  # rl-small data download --out data (or $RL_SMALL_DATA)
 STAGES = ("step", "rollout", "reward", "prepare", "update")
 
 

@@ -1,4 +1,4 @@
-"""Length rewards and penalties (METHODS.md §4), each a registered reward with its own parameters.
+"""Length rewards and penalties (docs/METHODS.md §4), each a registered reward with its own parameters.
 
 Lengths are completion token counts (``completion_ids``). Correctness, where a formula needs it, is the
 ``math_accuracy`` check of the completion against the ``answer`` column.
@@ -153,7 +153,7 @@ class TLDRLength:
     short / medium / long control). The level of an item comes from its ``length_level`` column, else from the
     prompt ("short reasoning", "medium answer", "long thinking"), else ``default_level``; each level has a token
     budget B. r = 1[correct] * (1 - min(1, alpha * max(0, L - B) / B)): full credit within the budget, linearly
-    less beyond it, nothing for a wrong answer. The paper's exact reward is not confirmed (METHODS.md §4/§6);
+    less beyond it, nothing for a wrong answer. The paper's exact reward is not confirmed (docs/METHODS.md §4/§6);
     this is the formula we implement and test.
     """
 

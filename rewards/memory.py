@@ -2,7 +2,7 @@
 
     - {name: episodic_memory, weight: 1.0, mode: exploit_explore, k: 1, encoder: minilm}
 
-Mechanics follow the authors' code (thaihungle/Memory-R, rewards/ir_knn_st.py; METHODS.md §5-6):
+Mechanics follow the authors' code (thaihungle/Memory-R, rewards/ir_knn_st.py; docs/METHODS.md §5-6):
 - Two memories, of **successful** and of **failed** reasoning. A memory is keyed by the embedding of the
   question; each key holds up to ``per_key`` embeddings of reasoning (the text inside <reasoning> tags, else
   the completion without its final answer). Capacity ``capacity`` keys; when full, the oldest key is evicted

@@ -5,7 +5,7 @@
     adv, ret = ADVANTAGES["gae"](values, rewards, mask, gamma=1.0, lam=0.95)            # -> (N, T), (N, T)
 
 The group estimators (grpo, dr_grpo, rloo) return one scalar per completion, broadcast over its tokens by
-the loss; a group whose rewards are all equal gets zero advantage: it carries no signal (METHODS.md §1).
+the loss; a group whose rewards are all equal gets zero advantage: it carries no signal (docs/METHODS.md §1).
 reinforce_pp and gae work per token on right-padded (N, T) tensors with a 0/1 ``mask``; padding gets 0.
 """
 

@@ -1,6 +1,7 @@
 """Command line: ``rl-small train [--recipe R] [key=value ...]``, ``rl-small serve --recipe R``,
 ``rl-small eval --model M --benchmarks ...``, ``rl-small report RUN_DIR ...``, ``rl-small bench [NAME ...]`` and
-``rl-small plan RECIPE [--gpu NAME] [--gpus N]`` (memory per process before a launch).
+``rl-small plan RECIPE [--gpu NAME] [--gpus N]`` (memory per process before a launch) and
+``rl-small data download --out DIR`` (the local data layout, from the hub).
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``rl-small --help`` is instant.
 """
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="rl-small", description="RL post-training for small language models")
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train with GRPO (default: the embedded SmolLM2-135M + LoRA run on CPU)")
+    tr = sub.add_parser("train", help="train with GRPO (default: the embedded SmolLM2-135M + LoRA run on CPU)",
+                        epilog="every config key, its type, default and meaning: rl-small config [section]")
     add_train_args(tr)
     ev = sub.add_parser("eval", help="evaluate a model / trained adapter on GSM8K, MATH500, AIME, AMC, code")
     add_eval_args(ev)
@@ -122,7 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     bn.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     pl = sub.add_parser("plan", help="estimate memory per process for a recipe on a GPU, and whether it fits")
     add_plan_args(pl)
+    from rl_small.config_help import add_config_args, run_config
+    from rl_small.data.download import add_data_args, run_data
+
+    add_data_args(sub.add_parser("data", help="data download --out DIR: the local layout --data-dir reads, from the hub"))
+    add_config_args(sub.add_parser("config", help="every config key with its type, default and description"))
     args = parser.parse_args(argv)
+    if args.command in ("config", "data"):
+        sys.exit((run_config if args.command == "config" else run_data)(args))
     if args.command == "plan":
         sys.exit(run_plan(args))
     if args.command == "bench":

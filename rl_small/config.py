@@ -152,7 +152,7 @@ class RolloutConfig(_Closed):
 
 class AlgoConfig(_Closed):
     """Policy optimisation: advantage estimator, loss terms, update schedule and batch-level sampling
-    (METHODS.md §1-3). Options named after one algorithm are ignored by the others."""
+    (docs/METHODS.md §1-3). Options named after one algorithm are ignored by the others."""
 
     name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
         "grpo", description="Advantage estimator; ppo = GAE with a learned critic (own LoRA adapter + value head)."
@@ -350,7 +350,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key {loc!r}")
+            from rl_small.config_help import closest_key
+
+            near = closest_key(tuple(e["loc"]))
+            lines.append(f"  unknown key {loc!r}" + (f"; did you mean {near}?" if near else "") + " (rl-small config)")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

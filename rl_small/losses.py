@@ -7,7 +7,7 @@
 
 All per-token tensors are (B, T) with ``mask`` (B, T) = 1 on completion tokens and 0 on padding. Every
 per-token term is reduced with ``aggregate``, so micro-batches with gradient accumulation add up to the
-full-batch loss when the global ``num_seqs`` / ``num_tokens`` are passed (METHODS.md §2).
+full-batch loss when the global ``num_seqs`` / ``num_tokens`` are passed (docs/METHODS.md §2).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def clipped_policy_loss(
 # ---- KL to the reference (Schulman, "Approximating KL Divergence", 2020) --------------------------------
 # Tokens are sampled from pi_theta; with r = pi_ref / pi_theta each estimator's expectation is KL(pi || ref):
 #   k1 = -log r (unbiased, high variance, can be negative), k2 = (log r)^2 / 2 (biased, low variance),
-#   k3 = r - 1 - log r (unbiased, low variance, always >= 0; GRPO's choice). METHODS.md §2 writes k1 = log r;
+#   k3 = r - 1 - log r (unbiased, low variance, always >= 0; GRPO's choice). docs/METHODS.md §2 writes k1 = log r;
 #   with r = pi_ref / pi that is minus the KL, so k1 here is log pi - log pi_ref, the estimator of the note.
 KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,8 +108,16 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def quiet_peft_deprecation() -> None:
+    """PEFT's ``PeftModel`` reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning printed on every command that loads a LoRA policy; nothing the user can change, so that one
+    message (matched by its text and category) is ignored. Idempotent: ``filterwarnings`` drops a duplicate."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def load_policy(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the policy named by ``cfg`` and attach a fresh LoRA adapter when ``cfg.lora`` is set."""
+    quiet_peft_deprecation()
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +161,7 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     """Load a saved LoRA adapter onto a base model (for evaluation of a finished run)."""
     from peft import PeftModel
 
+    quiet_peft_deprecation()
     if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{str(adapter_dir)!r} is not a LoRA adapter folder (no adapter_config.json)")
     return PeftModel.from_pretrained(model, str(adapter_dir))

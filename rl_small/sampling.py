@@ -1,4 +1,4 @@
-"""Batch-level sampling (METHODS.md §3): which prompts and groups a training step uses.
+"""Batch-level sampling (docs/METHODS.md §3): which prompts and groups a training step uses.
 
     scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)   # DAPO: drop all-pass/all-fail groups
     keep = overlong_keep(truncated)                                  # DAPO overlong filtering: (N,) 0/1

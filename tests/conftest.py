@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+# Real data for the tests that read it (each skips when its folder is absent): $RL_SMALL_DATA, else the checkout's
+# data/ (`rl-small data download --out data`), else shared/data beside the checkout.
+_DATA = [Path(os.environ["RL_SMALL_DATA"])] if os.environ.get("RL_SMALL_DATA") else []
+SHARED_DATA = next((p for p in (*_DATA, ROOT / "data", ROOT.parent / "shared" / "data") if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
+CHECKOUT_RUNS = ROOT / "runs"
+
+
+@pytest.fixture(autouse=True)
+def _no_runs_folder_in_the_checkout() -> Iterator[None]:
+    """A test writes its runs under tmp_path: one that creates ``runs/`` in the checkout (a command run without
+    ``--out`` / ``train.output_dir`` from the repository root) fails, naming itself."""
+    before = CHECKOUT_RUNS.exists()
+    yield
+    if not before and CHECKOUT_RUNS.exists():
+        made = sorted(p.name for p in CHECKOUT_RUNS.iterdir())
+        import shutil
+
+        shutil.rmtree(CHECKOUT_RUNS, ignore_errors=True)
+        pytest.fail(f"this test left {CHECKOUT_RUNS} ({made}): pass --out / train.output_dir under tmp_path")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -111,8 +111,8 @@ def test_eval_cli_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Path)
         (["--n", "4", "--temperature", "0"], "identical samples"),
     ],
 )
-def test_eval_cli_errors_name_the_bad_value(tiny_model_dir: Path, args: list[str], message: str) -> None:
-    cmd = [sys.executable, "-m", "rl_small.cli", "eval", "--model", str(tiny_model_dir), *args]
+def test_eval_cli_errors_name_the_bad_value(tiny_model_dir: Path, args: list[str], message: str, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "rl_small.cli", "eval", "--model", str(tiny_model_dir), "--out", str(tmp_path), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]
 

@@ -21,7 +21,8 @@ CONFIGS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
 SCRIPTS = [LAUNCH / "local.sh", LAUNCH / "slurm" / "train.sbatch"]
 BASH = shutil.which("bash")
 needs_bash = pytest.mark.skipif(BASH is None, reason="bash not installed")
-EXPECTED = {"cpu": "NO", "single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED",
+# cpu: MULTI_GPU + use_cpu is Accelerate's torchrun launcher on the CPU, so --num_processes N is honoured
+EXPECTED = {"cpu": "MULTI_GPU", "single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED",
             "zero3": "DEEPSPEED"}
 
 
@@ -41,6 +42,8 @@ def test_accelerate_config_is_valid(path: Path) -> None:
     args, _, _ = _validate_launch_command(args)
     if path.stem != "cpu":
         assert args.mixed_precision == "bf16"
+    else:
+        assert args.use_cpu and args.num_processes == 1 and args.main_process_port == 0
     if path.stem == "fsdp":
         fsdp = cfg.fsdp_config
         assert fsdp["fsdp_reshard_after_forward"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is True

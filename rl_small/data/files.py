@@ -1,6 +1,6 @@
 """Reading local dataset files (jsonl, json, parquet); malformed rows are skipped and counted.
 
-    rows, skipped = read_rows("../shared/data/gsm8k", split="test")
+    rows, skipped = read_rows("data/gsm8k", split="test")
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ TEMPLATES: dict[str, str] = {
 }
 
 
-# Prompt styles of the published evaluations (METHODS.md §7): (template, system prompt).
+# Prompt styles of the published evaluations (docs/METHODS.md §7): (template, system prompt).
 BOXED_SENTENCE = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_STYLES: dict[str, tuple[str, str | None]] = {
     "r1": ("boxed", None),  # DeepSeek-R1-distill: no system prompt, the sentence after the problem

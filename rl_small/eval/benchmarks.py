@@ -1,4 +1,4 @@
-"""Evaluation benchmarks and the runner behind ``rl-small eval`` (protocols: METHODS.md §7).
+"""Evaluation benchmarks and the runner behind ``rl-small eval`` (protocols: docs/METHODS.md §7).
 
     bench = BENCHMARKS["math500"]
     report = run_benchmark(bench, backend, tokenizer, EvalProtocol(n=4, temperature=0.6, top_p=0.95))
@@ -6,7 +6,7 @@
     report.samples   # one record per sample: prompt, completion, extracted, gold, correct, tokens
 
 A benchmark is a data-registry task + split + grader + default prompt style. Data comes from the HF hub, or
-from ``<data_dir>/<local>`` (this repository's ../shared/data layout), or from an explicit path.
+from ``<data_dir>/<local>`` (the layout ``rl-small data download`` writes), or from an explicit path.
 """
 
 from __future__ import annotations

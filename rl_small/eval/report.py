@@ -2,9 +2,10 @@
 
     rl-small report runs/a runs/b --out runs/report
 
-Curves (from each run's metrics.jsonl): reward, training accuracy, completion length, KL, entropy, clip
-fraction and any ``eval/<bench>/pass@1``; tables: held-out before/after (summary.json) and benchmark results
-(eval/summary.json). Several runs are drawn on the same axes to compare them. Needs matplotlib.
+Curves (from each run's metrics.jsonl): reward, training accuracy, completion length, truncated share, KL,
+policy entropy, PPO clip fraction and any ``eval/<bench>/pass@1``; a run's KL / entropy / clip-fraction line is
+left out when it is all zero (the feature was off), a chart without lines is not drawn; tables: held-out before/after (summary.json) and benchmark results
+(eval/summary.json). Several runs are drawn on the same axes to compare them. Needs matplotlib (``pip install -e '.[report]'``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-CURVES = [
-    ("reward/total", "total reward"),
-    ("reward/math_accuracy", "training accuracy (math_accuracy)"),
-    ("rollout/len_mean", "completion length (tokens)"),
-    ("loss/kl", "KL to reference"),
-    ("loss/entropy", "entropy"),
-    ("loss/clip_frac", "clip fraction"),
+# (metric keys, the first a run has is drawn; title; drop a run's series when it is all zero: the feature is off)
+CURVES: list[tuple[tuple[str, ...], str, bool]] = [
+    (("reward/total",), "total reward", False),
+    (("reward/math_accuracy",), "training accuracy (math_accuracy)", False),
+    (("rollout/len_mean",), "completion length (tokens)", False),
+    (("rollout/clip_frac",), "truncated completions (share at max_new_tokens)", False),
+    (("policy/kl", "loss/kl"), "KL to reference", True),  # 0 when KL is neither in the loss nor logged
+    (("policy/entropy", "loss/entropy"), "policy entropy", True),
+    (("loss/clip_frac",), "PPO ratio clip fraction", True),  # 0 in on-policy GRPO (one epoch, one minibatch)
 ]
+MATPLOTLIB_HINT = "rl-small report needs matplotlib: pip install matplotlib (or pip install -e '.[report]')"
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
@@ -45,30 +49,54 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def series(metrics: dict[Path, list[dict[str, float]]], keys: tuple[str, ...], drop_zero: bool
+           ) -> dict[str, list[tuple[int, float]]]:
+    """Run name -> (step, value) points of the first of ``keys`` the run logged; runs without points, and with
+    ``drop_zero`` runs whose values are all 0 (the feature was off), are left out."""
+    out = {}
+    for run, rows in metrics.items():
+        key = next((k for k in keys if any(k in m for m in rows)), None)
+        pts = [(int(m["step"]), float(m[key])) for m in rows if key is not None and key in m and "step" in m]
+        if pts and not (drop_zero and all(v == 0 for _, v in pts)):
+            out[run.name] = pts
+    return out
+
+
+def _chart(plt: Any, title: str, lines: dict[str, list[tuple[int, float]]]) -> Any:
+    """One figure: a line per run, integer steps on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, pts in lines.items():
+        ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def make_report(runs: list[Path], out: Path) -> Path:
     """Write ``out/report.html`` and ``out/<curve>.png``; returns the HTML path."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError(MATPLOTLIB_HINT) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = {r: read_metrics(r) for r in runs}
-    keys = [c for c in CURVES if any(c[0] in m for rows in metrics.values() for m in rows)]
     evals = sorted({k for rows in metrics.values() for m in rows for k in m if k.startswith("eval/")})
-    keys += [(k, k) for k in evals]
+    charts = [(keys[0], title, series(metrics, keys, drop)) for keys, title, drop in CURVES]
+    charts += [(k, k, series(metrics, (k,), False)) for k in evals]
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>rl-small report</h1><p>runs: {', '.join(html.escape(str(r)) for r in runs)}</p>"]
     parts.append(_summary_table(runs))
-    for key, title in keys:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for run, rows in metrics.items():
-            pts = [(m["step"], m[key]) for m in rows if key in m]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=run.name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for key, title, lines in charts:
+        if not lines:
+            continue
+        fig = _chart(plt, title, lines)
         png = _png(fig)
         plt.close(fig)
         (out / (key.replace("/", "_") + ".png")).write_bytes(png)

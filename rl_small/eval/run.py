@@ -1,6 +1,6 @@
 """``rl-small eval``: evaluate a model (optionally with a trained adapter) on named benchmarks.
 
-    rl-small eval --model smollm2-135m-instruct --benchmarks gsm8k,math500 --data-dir ../shared/data
+    rl-small eval --model smollm2-135m-instruct --benchmarks gsm8k,math500 --data-dir data
     rl-small eval --run runs/my-run --benchmarks math500 --n 4 --temperature 0.6 --top-p 0.95
 
 Writes ``<out>/eval/<benchmark>.jsonl`` (every sample) and ``<out>/eval/summary.json``, and prints a table.
@@ -30,7 +30,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", metavar="RUN_DIR", help="a training run: its model, its adapter/, output into it")
     p.add_argument("--benchmarks", default="gsm8k,math500", help="comma list: gsm8k,math500,aime24,aime25,amc23,"
                    "humaneval,mbpp")
-    p.add_argument("--data-dir", help="local data root laid out like ../shared/data (default: the HF hub)")
+    p.add_argument("--data-dir", help="local data root (layout: rl-small data download; default: the HF hub)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="local file for one benchmark")
     p.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean accuracy)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) when n=1, else 0.6")

@@ -1,0 +1,137 @@
+"""What the config accepts, from the pydantic models of ``rl_small.config``: the closest key to a typo, and
+``rl-small config [section]`` (every field with its type, default and description).
+
+    closest_key(("algo", "kl_coeff"))   # "algo.kl_coef"
+    closest_key(("rollout", "kl_coef")) # "algo.kl_coef" (the same name in another section)
+    print(describe("algo"))              # algo.clip: tuple[float, float] = [0.2, 0.2]  (eps_low, eps_high); ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``LoraSpec | None``, ``list[MixSpec]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _root() -> type[BaseModel]:
+    from rl_small.config import RunConfig
+
+    return RunConfig
+
+
+def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[str]:
+    """Every dotted key the config accepts (sections and leaves), e.g. ``algo``, ``algo.kl_coef``, ``model.lora.r``."""
+    model = model or _root()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key
+        sub = _model_of(field.annotation)
+        if sub is not None and sub.model_config.get("extra") == "forbid":
+            yield from all_keys(sub, key + ".")
+
+
+def closest_key(loc: tuple[Any, ...]) -> str | None:
+    """The known key nearest to an unknown one: a close name in the same section, else the same name in
+    another section, else the closest dotted key overall; None when nothing is close."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]  # list indices (data.mix.0.x) are not keys
+    wrong, prefix = parts[-1], ".".join(parts[:-1])
+    keys = list(all_keys())
+    siblings = [k.rsplit(".", 1)[-1] for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == prefix]
+    near = difflib.get_close_matches(wrong, siblings, n=1, cutoff=0.6)
+    if near:
+        return f"{prefix}.{near[0]}" if prefix else near[0]
+    elsewhere = [k for k in keys if k.rsplit(".", 1)[-1] == wrong]
+    if elsewhere:
+        return elsewhere[0]
+    near = difflib.get_close_matches(".".join(parts), keys, n=1, cutoff=0.75)
+    return near[0] if near else None
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation)
+    for noise in ("typing.", "rl_small.config.", "NoneType"):
+        text = text.replace(noise, "None" if noise == "NoneType" else "")
+    return text
+
+
+def _default(field: Any) -> str:
+    if field.default is not PydanticUndefined:
+        value = field.default
+    elif field.default_factory is not None:
+        value = field.default_factory()
+    else:
+        return "(required)"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list):
+        value = [v.model_dump(mode="json", exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
+    return json.dumps(value)
+
+
+def _lines(model: type[BaseModel], prefix: str) -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _model_of(field.annotation)
+        desc = " ".join((field.description or "").split())
+        if sub is not None and sub.model_config.get("extra") == "forbid" and typing.get_origin(field.annotation) \
+                is not list:
+            if field.description:
+                yield f"{key}: {_type_name(field.annotation)} = {_default(field)}  {desc}"
+            yield from _lines(sub, key + ".")
+            continue
+        yield f"{key}: {_type_name(field.annotation)} = {_default(field)}" + (f"  {desc}" if desc else "")
+        if sub is not None and sub is not model:  # list items (data.mix[], rewards[]): their own fields
+            yield from _lines(sub, f"{key}[].")
+
+
+def describe(section: str | None = None) -> str:
+    """Every field of ``section`` (``algo``, ``model.lora``, ...; None: the whole config), one per line:
+    ``key: type = default  description``. An unknown section is a ValueError naming the closest one."""
+    model, prefix = _root(), ""
+    for part in (section.split(".") if section else []):
+        field = model.model_fields.get(part)
+        sub = _model_of(field.annotation) if field is not None else None
+        if sub is None:
+            near = closest_key(tuple(f"{prefix}{part}".split(".")))
+            hint = f"; did you mean {near!r}?" if near else ""
+            known = ", ".join(k for k, f in model.model_fields.items() if _model_of(f.annotation))
+            raise ValueError(f"unknown config section {section!r}{hint} (sections here: {known})")
+        listed = typing.get_origin(field.annotation) is list
+        model, prefix = sub, f"{prefix}{part}{'[]' if listed else ''}."
+    extra = [f"{prefix}<any other key>: a parameter of the reward"] if model.model_config.get("extra") == "allow" else []
+    return "\n".join([*_lines(model, prefix), *extra])
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("section", nargs="?", help="model, data, rollout, algo, rewards, optim, train, model.lora, ...")
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """``rl-small config [section]``: print the fields; an unknown section is a one-line error."""
+    try:
+        sys.stdout.write(describe(args.section) + "\n")
+    except ValueError as err:
+        sys.stderr.write(f"rl-small config: error: {err}\n")
+        return 1
+    return 0

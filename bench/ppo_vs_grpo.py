@@ -22,7 +22,7 @@ COLUMNS = [
     ("policy/kl", "KL (k3)", 4),
     ("policy/entropy", "entropy", 3),
     ("loss/clip_frac", "ratio clip frac", 4),
-    ("rollout/clip_frac", "truncated", 3),
+    ("rollout/truncated_frac", "truncated", 3),
     ("loss/value", "value loss", 4),
     ("timing/step", "step s", 1),
 ]

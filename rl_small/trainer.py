@@ -326,9 +326,9 @@ class Trainer:
                     self.sync()
         real = [s.rollout for s in scored if s.weight]  # not the filler groups of dynamic sampling
         m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in real]))
-        m["rollout/clip_frac"] = float(np.mean([r.truncated for r in real]))
+        m["rollout/truncated_frac"] = float(np.mean([r.truncated for r in real]))
         if self.cfg.algo.overlong_filter:
-            m["sampling/overlong_masked"] = m["rollout/clip_frac"]
+            m["sampling/overlong_masked"] = m["rollout/truncated_frac"]
         return m
 
     # ---- loop -----------------------------------------------------------------------------------

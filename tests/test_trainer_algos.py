@@ -132,7 +132,7 @@ def test_overlong_filter_masks_truncated_completions(tiny_overrides: list[str], 
     tr = _trainer(tiny_overrides + fake + [TOKEN_REWARD, "algo.overlong_filter=true"], tmp_path / "on")
     before = _params(tr)
     m = tr.step()
-    assert m["rollout/clip_frac"] == 1.0 and m["sampling/overlong_masked"] == 1.0
+    assert m["rollout/truncated_frac"] == 1.0 and m["sampling/overlong_masked"] == 1.0
     assert m["optim/grad_norm"] == 0.0 and not _changed(before, _params(tr), "lora_")
     off = _trainer(tiny_overrides + fake + [TOKEN_REWARD], tmp_path / "off")
     assert off.step()["optim/grad_norm"] > 0  # the same batch does train without the filter

@@ -22,7 +22,7 @@ CURVES: list[tuple[tuple[str, ...], str, bool]] = [
     (("reward/total",), "total reward", False),
     (("reward/math_accuracy",), "training accuracy (math_accuracy)", False),
     (("rollout/len_mean",), "completion length (tokens)", False),
-    (("rollout/clip_frac",), "truncated completions (share at max_new_tokens)", False),
+    (("rollout/truncated_frac", "rollout/clip_frac"), "truncated completions (share at max_new_tokens)", False),
     (("policy/kl", "loss/kl"), "KL to reference", True),  # 0 when KL is neither in the loss nor logged
     (("policy/entropy", "loss/entropy"), "policy entropy", True),
     (("loss/clip_frac",), "PPO ratio clip fraction", True),  # 0 in on-policy GRPO (one epoch, one minibatch)

@@ -89,20 +89,24 @@ def _cache_under_checkpointing(model: Any) -> Iterator[None]:
             del m._can_checkpoint_with_cache  # back to the class attribute
 
 
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` on transformers >= 5.24, ``past_key_values`` before (read off the wrapped model's forward)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _output_embeddings(model: Any) -> torch.nn.Module | None:
-    """The LM head of a causal LM, through DDP and PEFT wrappers (None if it has none)."""
+def _unwrap(model: Any) -> Any:
+    """The transformers model inside DDP and PEFT wrappers."""
     from torch.nn.parallel import DistributedDataParallel
 
     while isinstance(model, DistributedDataParallel):
         model = model.module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get = getattr(base, "get_output_embeddings", None)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_kwarg(model: Any) -> str:
+    """``cache`` on transformers >= 5.24, ``past_key_values`` before (read off the wrapped model's forward;
+    under DDP the wrapper's ``forward(*inputs, **kwargs)`` says nothing, so it is unwrapped first)."""
+    return "cache" if "cache" in inspect.signature(_unwrap(model).forward).parameters else "past_key_values"
+
+
+def _output_embeddings(model: Any) -> torch.nn.Module | None:
+    """The LM head of a causal LM, through DDP and PEFT wrappers (None if it has none)."""
+    get = getattr(_unwrap(model), "get_output_embeddings", None)
     return get() if callable(get) else None
 
 
@@ -177,12 +181,9 @@ def lm_head_parts(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     """(decoder, LM head) of a causal LM (PEFT- and DDP-unwrapped) when the chunked head applies: a plain,
     frozen, unsharded ``nn.Linear`` head and no logit soft-capping. None otherwise (FSDP / ZeRO-3 sharded
     weights, a trainable or LoRA-wrapped head): the caller then uses the model's own logits."""
-    from torch.nn.parallel import DistributedDataParallel
     from transformers import PreTrainedModel
 
-    while isinstance(model, DistributedDataParallel):
-        model = model.module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     if not isinstance(base, PreTrainedModel) or getattr(base.config, "final_logit_softcapping", None):
         return None
     head = base.get_output_embeddings()

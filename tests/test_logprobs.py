@@ -114,3 +114,36 @@ def test_shared_prefix_under_gradient_checkpointing_matches_plain(tiny_model_dir
     assert sum(g.abs().sum() for g in g0) > 0
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_ddp_wrapped_policy_gets_the_models_cache_keyword_and_same_logprobs(tiny_model_dir: Path) -> None:
+    """Under N processes the policy is DistributedDataParallel(PeftModel(...)): the cache keyword must be read
+    off the transformers model (DDP's forward(*inputs, **kwargs) names none), and values must not change."""
+    import inspect
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rl_small.logprobs import _cache_kwarg
+
+    cfg = load_recipe(None, [f"model.name={tiny_model_dir}", "model.lora.r=4", "model.lora.targets=[q_proj, v_proj]"])
+    model, tok = load_policy(cfg.model)
+    inner = model.get_base_model()
+    want = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        assert _cache_kwarg(ddp) == want == _cache_kwarg(model)
+        rs = _rollouts()
+        with torch.no_grad():
+            lp, mask = completion_logprobs(model, rs, tok.pad_token_id)
+            lp_ddp, _ = completion_logprobs(ddp, rs, tok.pad_token_id)
+        torch.testing.assert_close(lp_ddp * mask, lp * mask)
+    finally:
+        if started:
+            dist.destroy_process_group()

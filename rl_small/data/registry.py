@@ -132,10 +132,44 @@ register_task(Task("mbpp", "google-research-datasets/mbpp", "sanitized", _mbpp_i
 ARITH_TASK = "arith"
 
 
+def gold_text(value: Any, kind: str = "math") -> str | None:
+    """The gold answer in a dataset cell: a list gives its first element (OlympiadBench's ``final_answer``);
+    ``kind="gsm8k"``: the text after the last ``####``; otherwise a text holding ``\\boxed{}`` (a worked
+    solution, as in MATH or Minerva) gives its last boxed content, and any other value its text."""
+    from rewards.math import last_boxed
+
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    if kind == "gsm8k":
+        return gsm8k_gold(text)
+    return last_boxed(text) or text
+
+
+def field_item(question: str, answer: str, kind: str = "math") -> Callable[[dict[str, Any]], tuple[str, str] | None]:
+    """``to_item`` of a dataset named by its columns: the question from ``question``, the gold from ``answer``
+    (read by :func:`gold_text`); used by generic benchmarks (``--benchmark name=path,question=..,answer=..``)."""
+
+    def to_item(row: dict[str, Any]) -> tuple[str, str] | None:
+        q, gold = row.get(question), gold_text(row.get(answer), kind)
+        if not isinstance(q, str) or not q.strip() or gold is None:
+            return None
+        return q, gold
+
+    return to_item
+
+
 def _hub_rows(task: Task, split: str) -> list[dict[str, Any]]:
+    """Rows of ``split`` of the task's hub dataset; an unreachable hub (offline, no cache) is a DataError."""
     import datasets
 
-    ds = datasets.load_dataset(task.hub_id, task.hub_config, split=split)
+    try:
+        ds = datasets.load_dataset(task.hub_id, task.hub_config, split=split)
+    except (OSError, ValueError) as err:  # ConnectionError (offline / no network), missing dataset or split
+        raise DataError(f"task {task.name!r}: hub dataset {task.hub_id!r} split {split!r} is not available "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     return list(ds)
 
 
@@ -147,7 +181,11 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
         return rows, LoadStats(kept=len(rows))
     if cfg.task not in TASKS:
         raise KeyError(f"unknown task {cfg.task!r}; known: {sorted([*TASKS, ARITH_TASK])}")
-    task = TASKS[cfg.task]
+    return rows_of_task(TASKS[cfg.task], cfg, split, limit)
+
+
+def rows_of_task(task: Task, cfg: DataConfig, split: str, limit: int | None = None) -> tuple[list[dict[str, Any]], LoadStats]:
+    """``load_task_rows`` for a task object (registered or made on the fly, as generic benchmarks are)."""
     stats = LoadStats()
     if cfg.path is not None:
         raw, stats.skipped = read_rows(cfg.path, split)
@@ -155,7 +193,7 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
             raw = [r for r in raw if task.in_split(r, split)]
     else:
         if task.hub_id is None:
-            raise ValueError(f"task {cfg.task!r} has no hub dataset; set data.path")
+            raise ValueError(f"task {task.name!r} has no hub dataset; set data.path")
         raw = _hub_rows(task, split)
     rows: list[dict[str, Any]] = []
     for i, r in enumerate(raw):
@@ -164,15 +202,15 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
             stats.skipped += 1
             continue
         q, a = item
-        rows.append({**r, "id": str(r.get("id", r.get("unique_id", f"{cfg.task}-{split}-{i}"))), "question": q, "answer": a})
+        rows.append({**r, "id": str(r.get("id", r.get("unique_id", f"{task.name}-{split}-{i}"))), "question": q, "answer": a})
         if limit is not None and len(rows) >= limit:
             break
     stats.kept = len(rows)
     if stats.skipped:
-        log.warning("task %s/%s: skipped %d malformed rows, kept %d", cfg.task, split, stats.skipped, stats.kept)
+        log.warning("task %s/%s: skipped %d malformed rows, kept %d", task.name, split, stats.skipped, stats.kept)
     if not rows:
         where = repr(str(find_split_file(cfg.path, split))) if cfg.path is not None else f"hub {task.hub_id}"
-        raise DataError(f"task {cfg.task!r} split {split!r} ({where}): no usable rows: {len(raw)} read, "
+        raise DataError(f"task {task.name!r} split {split!r} ({where}): no usable rows: {len(raw)} read, "
                         f"{stats.skipped} skipped (malformed lines or rows without a question/answer for this task)")
     return rows, stats
 

@@ -11,6 +11,7 @@ from ``<data_dir>/<local>`` (this repository's ../shared/data layout), or from a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from rl_small.types import batch_columns
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One evaluation set: which task/split, how to grade, which prompt style and length by default."""
+    """One evaluation set: which task/split, how to grade, which prompt style and length by default.
+
+    A built-in benchmark names a registry task; a generic one (``--benchmark name=path,question=..,answer=..``)
+    names its file or hub dataset (``path``) and the columns holding the question and the gold answer."""
 
     name: str
     task: str
@@ -34,6 +38,10 @@ class Benchmark:
     grader: str = "math_accuracy"
     max_new_tokens: int = 1024
     size: int | None = None  # documented number of problems
+    path: str | None = None  # generic: a local file/folder or a hub dataset id
+    question: str | None = None  # generic: the question column
+    answer: str | None = None  # generic: the gold column (a list: its first element; a solution: its last \boxed{})
+    gold: str = "math"  # generic: how the gold is read ("gsm8k": after the last ####)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -48,6 +56,40 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("mbpp", "mbpp", "test", "mbpp/sanitized-mbpp.json", "code", "code_execution", 512),
     )
 }
+
+
+# grader=... of a generic benchmark: a short name, or any reward name (rewards registry)
+GRADERS = {"math": ("math_accuracy", "math"), "gsm8k": ("math_accuracy", "gsm8k"), "code": ("code_execution", "raw")}
+SPEC_KEYS = ("question", "answer", "grader", "style", "split", "max_new_tokens")
+
+
+def parse_benchmark_spec(text: str) -> Benchmark:
+    """``name=path,question=FIELD,answer=FIELD[,grader=math|gsm8k|code|<reward>][,style=S][,split=S]
+    [,max_new_tokens=N]``: a generic benchmark over any jsonl / json / parquet file, folder (``<split>.jsonl``)
+    or hub dataset id. A built-in name with only a path (``math500=data/math500.jsonl``) is that preset read
+    from the path."""
+    head, *rest = [x.strip() for x in text.split(",") if x.strip()]
+    if "=" not in head:
+        raise ValueError(f"--benchmark expects name=path,question=FIELD,answer=FIELD[,...], got {text!r}")
+    name, path = (x.strip() for x in head.split("=", 1))
+    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or not path:
+        raise ValueError(f"--benchmark {text!r}: the name (letters, digits, _ - .) and the path must be given")
+    opts: dict[str, str] = {}
+    for item in rest:
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or key not in SPEC_KEYS:
+            raise ValueError(f"--benchmark {name}: unknown option {item!r}; known: {', '.join(SPEC_KEYS)}")
+        opts[key] = value
+    if name in BENCHMARKS and not {"question", "answer"} & opts.keys():
+        return dataclasses.replace(BENCHMARKS[name], path=path, **{k: v for k, v in opts.items() if k in ("style", "split")})
+    missing = [k for k in ("question", "answer") if not opts.get(k)]
+    if missing:
+        raise ValueError(f"--benchmark {name}: give {' and '.join(f'{k}=FIELD' for k in missing)} (the column(s) "
+                         f"of {path!r} holding the {' and the '.join(missing)})")
+    grader, gold = GRADERS.get(opts.get("grader", "math"), (opts.get("grader", ""), "raw"))
+    return Benchmark(name, task=name, split=opts.get("split", "test"), local=name, style=opts.get("style", "r1"),
+                     grader=grader, max_new_tokens=int(opts.get("max_new_tokens", 1024)), path=path,
+                     question=opts["question"], answer=opts["answer"], gold=gold)
 
 
 @dataclass(frozen=True)
@@ -77,20 +119,57 @@ def load_benchmark_prompts(
     bench: Benchmark, tokenizer: Any, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None
 ) -> list[Any]:
     """Rows of the benchmark rendered with its prompt style (or the protocol's) and the chat template."""
+    return render_benchmark(load_benchmark_rows(bench, protocol, data_dir, path), tokenizer)
+
+
+def load_benchmark_rows(
+    bench: Benchmark, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None
+) -> tuple[list[dict[str, Any]], Any]:
+    """The benchmark's rows and the data config that renders them; needs no model or tokenizer, so that data
+    that cannot be found stops an evaluation before a model loads (a DataError saying what to pass)."""
     from rl_small.config import DataConfig
-    from rl_small.data import build_prompts, load_task_rows
+    from rl_small.data.files import DataError
+    from rl_small.data.registry import TASKS, Task, field_item, rows_of_task
     from rl_small.data.templates import PROMPT_STYLES
 
     style = protocol.style or bench.style
     if style not in PROMPT_STYLES:
         raise KeyError(f"unknown prompt style {style!r}; known: {sorted(PROMPT_STYLES)}")
     template, system = PROMPT_STYLES[style]
-    where = path or (str(Path(data_dir) / bench.local) if data_dir else None)
+    where = path or bench.path or (str(Path(data_dir) / bench.local) if data_dir else None)
+    hub_id = None
+    if bench.question is not None and where is not None and not Path(where).exists() and _hub_like(where):
+        where, hub_id = None, bench.path  # a generic benchmark named by its hub dataset id
     if where is not None and not Path(where).exists():
         raise FileNotFoundError(f"benchmark {bench.name!r}: local data {where!r} does not exist")
+    if bench.question is not None:
+        task = Task(bench.name, hub_id, None, field_item(bench.question, bench.answer or "", bench.gold))
+    else:
+        task = TASKS[bench.task]
     cfg = DataConfig(task=bench.task, path=where, template=template, system_prompt=system)
-    rows, _ = load_task_rows(cfg, bench.split, limit=protocol.limit)
+    try:
+        rows, _ = rows_of_task(task, cfg, bench.split, limit=protocol.limit)
+    except DataError as err:
+        if where is not None:
+            raise
+        raise DataError(f"benchmark {bench.name!r}: no local data and {err}. Pass --data-dir DIR holding "
+                        f"{bench.local}{'' if '.' in bench.local else '/' + bench.split + '.jsonl (or .json, .parquet)'}"
+                        f", or --benchmark {bench.name}=PATH,question=FIELD,answer=FIELD") from None
+    return rows, cfg
+
+
+def render_benchmark(loaded: tuple[list[dict[str, Any]], Any], tokenizer: Any) -> list[Any]:
+    """``load_benchmark_rows``' rows as prompts (the style's template and the tokenizer's chat template)."""
+    from rl_small.data import build_prompts
+
+    rows, cfg = loaded
     return build_prompts(rows, tokenizer, cfg)
+
+
+def _hub_like(where: str) -> bool:
+    """``owner/name`` that is no local path: a hub dataset id."""
+    parts = where.split("/")
+    return len(parts) == 2 and all(parts) and not where.startswith((".", "~"))
 
 
 def run_benchmark(

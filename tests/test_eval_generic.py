@@ -1,0 +1,144 @@
+"""Generic benchmarks (``rl-small eval --benchmark name=path,question=..,answer=..``) on files shaped as public
+datasets ship them, through the same runner, grading, summary and resume code as the built-ins; progress and
+chunked saving; data checked before any model loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rl_small.eval.benchmarks import BENCHMARKS, parse_benchmark_spec
+
+# Hothan/OlympiadBench (OE_TO_* configs): `final_answer` is a list of LaTeX strings, `solution` a list too.
+OLYMPIAD_ROWS = [
+    {"id": 1003, "question": "Estimate the total energy released by the supernova, in joules.",
+     "solution": ["The energy is $E=M c^{2} \\approx 4.5 \\times 10^{33}$ J."], "final_answer": ["$4.5 \\times 10^{33}$"],
+     "context": None, "image_1": None, "modality": "Text-only", "difficulty": "Competition",
+     "is_multiple_answer": False, "unit": "J", "answer_type": "Numerical", "error": "1e32",
+     "question_type": "Open-ended", "subfield": "Modern Physics", "subject": "Physics", "language": "English"},
+    {"id": 2231, "question": "Find the smallest positive integer $n$ such that $n^2 > 24$.",
+     "solution": ["Since $4^2=16$ and $5^2=25$, $n=5$."], "final_answer": ["$5$"],
+     "context": None, "image_1": None, "modality": "Text-only", "difficulty": "Competition",
+     "is_multiple_answer": False, "unit": None, "answer_type": "Numerical", "error": None,
+     "question_type": "Open-ended", "subfield": "Number Theory", "subject": "Math", "language": "English"},
+]
+# Minerva math (Qwen2.5-Math evaluation/data/minerva_math/test.jsonl): `problem` and a worked `solution` whose
+# final answer is the last \boxed{}.
+MINERVA_ROWS = [
+    {"problem": "A star has apparent magnitude 10 and distance modulus 2.5. What is its absolute magnitude?",
+     "solution": "$M = m - \\mu = 10 - 2.5 = \\boxed{7.5}$.", "type": "Introduction to Astronomy (8.282J Spring 2006)",
+     "idx": 0},
+    {"problem": "How many moles are in 3 liters of a 1 M solution?", "solution": "Moles: \\boxed{3}.",
+     "type": "Introduction to Solid State Chemistry (3.091 Fall 2010)", "idx": 1},
+    {"problem": "What is the period, in seconds, of a wave of angular frequency 1 rad/s?",
+     "solution": "$T = \\frac{2\\pi}{\\omega} = \\boxed{2 \\pi}$", "type": "Physics I", "idx": 2},
+]
+
+
+def write_files(tmp: Path) -> tuple[Path, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    olympiad = tmp / "OE_TO_maths_en_COMP.parquet"
+    pq.write_table(pa.Table.from_pylist(OLYMPIAD_ROWS), olympiad)
+    minerva = tmp / "minerva_math" / "test.jsonl"
+    minerva.parent.mkdir()
+    minerva.write_text("".join(json.dumps(r) + "\n" for r in MINERVA_ROWS))
+    return olympiad, minerva
+
+
+class Scripted:
+    """A fake backend over a real tokenizer: counts problems, raises KeyboardInterrupt on call ``stop_on``."""
+
+    def __init__(self, tok: Any, completions: list[str], stop_on: int | None = None) -> None:
+        from rl_small.rollout.fake import FakeBackend
+
+        self.inner, self.stop_on, self.calls, self.problems = FakeBackend(tok, completions), stop_on, 0, 0
+
+    def generate(self, prompts: list, spec: object) -> list:
+        self.calls += 1
+        if self.calls == self.stop_on:
+            raise KeyboardInterrupt
+        self.problems += len(prompts)
+        return self.inner.generate(prompts, spec)
+
+    def close(self) -> None:
+        pass
+
+
+def eval_args(*argv: str) -> Any:
+    import argparse
+
+    from rl_small.eval.run import add_eval_args
+
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    return p.parse_args(["--model", "m", "--backend", "hf", *argv])
+
+
+def test_spec_parsing_and_presets() -> None:
+    b = parse_benchmark_spec("olympiad=data/ob.parquet, question=question, answer=final_answer, grader=math, style=qwen_math")
+    assert (b.name, b.path, b.question, b.answer, b.grader, b.style, b.split) == (
+        "olympiad", "data/ob.parquet", "question", "final_answer", "math_accuracy", "qwen_math", "test")
+    assert parse_benchmark_spec("g=f.jsonl,question=q,answer=a,grader=gsm8k").gold == "gsm8k"
+    preset = parse_benchmark_spec("math500=/d/m.jsonl")  # a built-in read from a file
+    assert preset.task == "math500" and preset.path == "/d/m.jsonl" and preset.question is None
+    with pytest.raises(ValueError, match="answer=FIELD"):
+        parse_benchmark_spec("x=f.jsonl,question=q")
+    with pytest.raises(ValueError, match="unknown option 'answr=a'"):
+        parse_benchmark_spec("x=f.jsonl,question=q,answr=a")
+
+
+@pytest.mark.parametrize(("value", "kind", "gold"), [
+    (["$4.5 \\times 10^{33}$", "$4.4 \\times 10^{33}$"], "math", "$4.5 \\times 10^{33}$"),  # a list: the first
+    ("so $x = \\boxed{\\frac{1}{2}}$.", "math", "\\frac{1}{2}"),  # a worked solution: its last boxed
+    ("12", "math", "12"),
+    ("3 + 4 = 7\n#### 7", "gsm8k", "7"),
+    ([], "math", None),
+])
+def test_gold_is_read_from_any_answer_column(value: Any, kind: str, gold: str | None) -> None:
+    from rl_small.data.registry import gold_text
+
+    assert gold_text(value, kind) == gold
+
+
+def test_olympiad_and_minerva_files_through_eval_and_resume(tiny_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    import rl_small.eval.run as run_mod
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    olympiad, minerva = write_files(tmp_path / "data")
+    # olympiad: right, wrong (gold 5); minerva: right (7.5), wrong (3), right (2 pi)
+    texts = ["\\boxed{4.5 \\times 10^{33}}", "\\boxed{6}", "\\boxed{7.5}", "\\boxed{0}", "\\boxed{2\\pi}"]
+    backends: list[Scripted] = []
+
+    def fake_backend(kind: str, model: str, adapter: Any, args: Any, out: Path) -> tuple[Scripted, Any]:
+        backends.append(Scripted(tok, texts))
+        return backends[-1], tok
+
+    monkeypatch.setattr(run_mod, "_backend", fake_backend)
+    args = eval_args("--benchmark", f"olympiad={olympiad},question=question,answer=final_answer",
+                     "--benchmark", f"minerva={minerva.parent},question=problem,answer=solution,style=qwen_math",
+                     "--out", str(tmp_path / "out"))
+    summary = run_mod.run_eval(args)
+    ob, mv = summary["benchmarks"]["olympiad"], summary["benchmarks"]["minerva"]
+    assert (ob["problems"], ob["pass@1"]) == (2, 0.5)
+    assert (mv["problems"], mv["pass@1"], mv["style"]) == (3, pytest.approx(2 / 3), "qwen_math")
+    rows = [json.loads(x) for x in (tmp_path / "out" / "eval" / "olympiad.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["gold"], r["correct"]) for r in rows] == [
+        ("1003", "$4.5 \\times 10^{33}$", True), ("2231", "$5$", False)]
+    mrows = [json.loads(x) for x in (tmp_path / "out" / "eval" / "minerva.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in mrows] == ["7.5", "3", "2 \\pi"] and mrows[0]["extracted"] == "7.5"
+    again = run_mod.run_eval(args)  # same folder, model and protocol: everything is resumed, nothing generated
+    assert backends[-1].problems == 0 and again["benchmarks"]["minerva"]["resumed_problems"] == 3
+    assert again["benchmarks"]["olympiad"]["pass@1"] == 0.5

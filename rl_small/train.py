@@ -80,13 +80,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary["train_rows"] = {"kept": trainer.data_stats.kept, "skipped_malformed": trainer.data_stats.skipped}
     prompts, grader = _held_out(trainer) if (cfg.train.eval_before or cfg.train.eval_after) else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    chunk = cfg.rollout.generation_batch_size if cfg.rollout.backend == "hf" else 256  # requests in flight
     main = trainer.acc.is_main_process
     previous = run_dir / "summary.json"
     if args.resume and previous.exists():  # a resumed run keeps the base-model evaluation it already did
         summary.update({k: v for k, v in json.loads(previous.read_text()).items() if k == "before"})
     if cfg.train.eval_before and trainer.step_no == 0 and prompts:
         with trainer.acc.unwrap_model(trainer.model).disable_adapter() if cfg.model.lora else nullcontext():
-            before = evaluate(trainer.backend, prompts, grader, max_tok)
+            before = evaluate(trainer.backend, prompts, grader, max_tok, "held-out before training", chunk)
         summary["before"] = {"accuracy": before.accuracy, "len_mean": before.len_mean, "n": before.n}
         if main:
             log.info("held-out accuracy before training: %.3f (n=%d)", before.accuracy, before.n)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.train.eval_after and prompts:
-            after = evaluate(trainer.backend, prompts, grader, max_tok)
+            after = evaluate(trainer.backend, prompts, grader, max_tok, "held-out after training", chunk)
             summary["after"] = {"accuracy": after.accuracy, "len_mean": after.len_mean, "n": after.n}
             if main:
                 (run_dir / "eval_after.jsonl").write_text("\n".join(json.dumps(s) for s in after.samples) + "\n")

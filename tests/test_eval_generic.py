@@ -142,3 +142,79 @@ def test_olympiad_and_minerva_files_through_eval_and_resume(tiny_model_dir: Path
     again = run_mod.run_eval(args)  # same folder, model and protocol: everything is resumed, nothing generated
     assert backends[-1].problems == 0 and again["benchmarks"]["minerva"]["resumed_problems"] == 3
     assert again["benchmarks"]["olympiad"]["pass@1"] == 0.5
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def eval_log() -> Any:
+    handler, logger = _Lines(), logging.getLogger("rl_small.eval")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_a_stopped_eval_keeps_each_finished_chunk_and_resumes(tiny_model_dir: Path, tmp_path: Path, eval_log: list[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    import rl_small.eval.run as run_mod
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"problem": f"What is {i} times 2?", "solution": f"$2 \\cdot {i} = \\boxed{{{2 * i}}}$"} for i in range(5)]
+    (tmp_path / "five.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    backends: list[Scripted] = []
+    stop_on = [2, None]  # the first run is stopped (Ctrl-C) on its second generation call
+
+    def fake_backend(kind: str, model: str, adapter: Any, args: Any, out: Path) -> tuple[Scripted, Any]:
+        backends.append(Scripted(tok, ["\\boxed{0}", "\\boxed{5}"], stop_on.pop(0)))
+        return backends[-1], tok
+
+    monkeypatch.setattr(run_mod, "_backend", fake_backend)
+    # no --chunk: the default is the requests in flight (hf: --batch-size / n = 2 problems), not 256
+    args = eval_args("--benchmark", f"five={tmp_path / 'five.jsonl'},question=problem,answer=solution",
+                     "--batch-size", "2", "--out", str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):
+        run_mod.run_eval(args)
+    saved = [json.loads(x) for x in (tmp_path / "out" / "eval" / "five.jsonl").read_text().splitlines()]
+    assert [(s["gold"], s["correct"]) for s in saved] == [("0", True), ("2", False)]  # the first chunk is on disk
+    progress = [x for x in eval_log if x.startswith("five: 2/5")]
+    assert progress[0].startswith("five: 2/5 problems, pass@1 so far 50.0%, ") and " tok/s, ETA " in progress[0]
+    assert any("rerun the same command to resume" in x for x in eval_log)
+    summary = run_mod.run_eval(args)
+    assert backends[-1].problems == 3 and backends[-1].calls == 2  # chunks of 2: problems 3-4, then 5
+    s = summary["benchmarks"]["five"]
+    assert (s["problems"], s["resumed_problems"]) == (5, 2)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "eval" / "five.jsonl").read_text().splitlines()]
+    assert [x["gold"] for x in lines] == ["0", "2", "4", "6", "8"]
+    assert s["pass@1"] == pytest.approx(sum(x["correct"] for x in lines) / 5)
+    assert [x for x in eval_log if x.startswith("five: 5/5 problems")], eval_log
+
+
+def test_held_out_evaluation_logs_progress_per_chunk(tiny_model_dir: Path, eval_log: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from rl_small.eval import evaluate
+    from rl_small.rollout.fake import FakeBackend
+    from rl_small.types import Prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [Prompt(id=str(i), text=f"{i}+{i}=", answer=str(2 * i), columns={"answer": str(2 * i)}) for i in range(5)]
+    from rewards.math import MathAccuracy
+
+    result = evaluate(FakeBackend(tok, ["\\boxed{0}", "\\boxed{2}", "\\boxed{9}"]), prompts, MathAccuracy(), 8,
+                      "held-out before training", chunk=2)
+    assert result.accuracy == pytest.approx(2 / 5) and result.n == 5
+    lines = [x for x in eval_log if x.startswith("held-out before training: ")]
+    assert [x.split(", pass@1")[0] for x in lines] == [f"held-out before training: {k}/5 problems" for k in (2, 4, 5)]
+    assert "pass@1 so far 100.0%" in lines[0] and "pass@1 so far 40.0%" in lines[2] and "ETA" in lines[2]

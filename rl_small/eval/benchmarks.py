@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_small.eval.metrics import majority_vote, pass_at_k
+from rl_small.eval.progress import EvalProgress
 from rl_small.rollout.base import RolloutBackend, SamplingSpec
 from rl_small.types import batch_columns
 
@@ -199,6 +200,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     gen_s = 0.0
     step = chunk if chunk and chunk > 0 else max(len(todo), 1)
+    progress = EvalProgress(bench.name, len(prompts), samples)
     for i in range(0, len(todo), step):
         t1 = time.perf_counter()
         rollouts = backend.generate(todo[i : i + step], spec)
@@ -210,6 +212,7 @@ def run_benchmark(
         samples += new
         if on_chunk is not None:
             on_chunk(new)
+        progress.update(len(todo[i : i + step]), new)
     samples.sort(key=lambda x: (order[x["id"]], x["sample"]))
     summary = summarize(samples, protocol.n, bench.grader == "math_accuracy")
     summary |= {"benchmark": bench.name, "mode": protocol.mode, "n": protocol.n, "temperature": protocol.temperature,

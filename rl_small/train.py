@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the trainer from args, evaluate before, fit, evaluate after; returns the summary."""
     from rl_small.checkpoint import clean_temporaries
     from rl_small.config import dump_config, load_recipe
-    from rl_small.eval import evaluate
+    from rl_small.eval import evaluate, paired, read_samples
     from rl_small.rundir import lock_run_dir
     from rl_small.tracking import setup_logging
     from rl_small.trainer import Trainer
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["before"] = {"accuracy": before.accuracy, "len_mean": before.len_mean, "n": before.n}
         if main:
             log.info("held-out accuracy before training: %.3f (n=%d)", before.accuracy, before.n)
+            (run_dir / "eval_before.jsonl").write_text("".join(json.dumps(s) + "\n" for s in before.samples))
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # survives a killed run
     t0 = time.time()
     try:
@@ -106,7 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             after = evaluate(trainer.backend, prompts, grader, max_tok, "held-out after training", chunk)
             summary["after"] = {"accuracy": after.accuracy, "len_mean": after.len_mean, "n": after.n}
             if main:
-                (run_dir / "eval_after.jsonl").write_text("\n".join(json.dumps(s) for s in after.samples) + "\n")
+                (run_dir / "eval_after.jsonl").write_text("".join(json.dumps(s) + "\n" for s in after.samples))
+                if before_rows := read_samples(run_dir / "eval_before.jsonl"):  # this run's, or a resumed one's
+                    summary["paired"] = paired(before_rows, after.samples)
     finally:
         trainer.backend.close()  # stops servers the run spawned
     if main:
@@ -128,7 +131,8 @@ def refuse_earlier_run(run_dir: Path) -> None:
     if list_checkpoints(run_dir) or (run_dir / "adapter").exists():
         raise RunDirError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
                           f"with rl-small train --resume {run_dir}, or choose another train.run_name")
-    stale = [p for p in (run_dir / "metrics.jsonl", run_dir / "summary.json") if p.exists()]
+    stale = [p for p in (run_dir / "metrics.jsonl", run_dir / "summary.json", run_dir / "eval_before.jsonl")
+             if p.exists()]
     if stale and is_main_rank():
         log.warning("%s: an earlier run left no checkpoint; starting over (removed %s)", run_dir,
                     ", ".join(p.name for p in stale))
@@ -162,6 +166,12 @@ def _report(summary: dict[str, Any]) -> None:
     if "before" in summary and "after" in summary:
         delta = 100 * (summary["after"]["accuracy"] - summary["before"]["accuracy"])
         table.add_row("change", f"{delta:+.1f} points", "", "")
+    if "paired" in summary:  # problem by problem: eval_before.jsonl against eval_after.jsonl
+        p = summary["paired"]
+        table.add_row("solved by both", str(p["both"]), "", str(p["problems"]))
+        table.add_row("before only / after only", f"{p['before_only']} / {p['after_only']}", "", "")
+        log.info("held-out, problem by problem: %d solved before and after, %d before only, %d after only, "
+                 "%d neither (of %d)", p["both"], p["before_only"], p["after_only"], p["neither"], p["problems"])
     Console().print(table)
 
 

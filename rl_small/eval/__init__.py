@@ -58,3 +58,34 @@ def evaluate(backend: RolloutBackend, prompts: list[Prompt], grader: Any, max_ne
         truncated=sum(r.truncated for r in rollouts) / max(n, 1),
         samples=samples,
     )
+
+
+def paired(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, int]:
+    """Problem-by-problem comparison of two evaluations of the same problems (matched by ``id``): how many each
+    solved alone, both, neither; a change in accuracy is real when ``after_only`` and ``before_only`` differ by
+    more than noise (McNemar's test uses exactly these two counts)."""
+    was = {s["id"]: bool(s["correct"]) for s in before}
+    now = {s["id"]: bool(s["correct"]) for s in after}
+    common = [i for i in now if i in was]
+    return {
+        "problems": len(common),
+        "both": sum(was[i] and now[i] for i in common),
+        "before_only": sum(was[i] and not now[i] for i in common),
+        "after_only": sum(now[i] and not was[i] for i in common),
+        "neither": sum(not was[i] and not now[i] for i in common),
+    }
+
+
+def read_samples(path: Any) -> list[dict[str, Any]]:
+    """The sample records of an ``eval_*.jsonl`` file (a torn last line is skipped); [] when absent."""
+    import json
+    from pathlib import Path
+
+    out = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out

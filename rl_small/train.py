@@ -32,13 +32,35 @@ def run_dir_for(cfg: Any) -> Path:
     return Path(cfg.train.output_dir) / name
 
 
-def _held_out(trainer: Any) -> tuple[list[Any], Any]:
+def eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
+    """The held-out rows of the before/after evaluations (None when both are off), and a check that the data of
+    ``train.eval_benchmarks`` can be read: both before any model loads or run folder is made, so that data that
+    cannot be found (offline, no local path) is one error line saying what to set."""
+    from rl_small.data import load_task_rows
+    from rl_small.data.files import DataError
+    from rl_small.eval.benchmarks import BENCHMARKS, EvalProtocol, load_benchmark_rows
+
+    t = cfg.train
+    for name in t.eval_benchmarks if t.eval_every else []:
+        if name in BENCHMARKS:  # an unknown name is the trainer's config error
+            load_benchmark_rows(BENCHMARKS[name], EvalProtocol(limit=t.eval_limit), t.eval_data_dir,
+                                data_flag="train.eval_data_dir=DIR")
+    if not (t.eval_before or t.eval_after):
+        return None
+    try:
+        return load_task_rows(cfg.data, cfg.data.eval_split, limit=t.eval_samples)[0]
+    except DataError as err:
+        raise DataError(f"held-out evaluation (data.eval_split={cfg.data.eval_split!r}): {err}; set data.path to "
+                        f"a local file or a folder with {cfg.data.eval_split}.jsonl (or .json, .parquet), or "
+                        "train.eval_before=false train.eval_after=false") from None
+
+
+def _held_out(trainer: Any, rows: list[dict[str, Any]]) -> tuple[list[Any], Any]:
     from rewards import build_reward
-    from rl_small.data import build_prompts, load_task_rows
+    from rl_small.data import build_prompts
     from rl_small.data.registry import TASKS
 
     cfg = trainer.cfg
-    rows, _ = load_task_rows(cfg.data, cfg.data.eval_split, limit=cfg.train.eval_samples)
     name = TASKS[cfg.data.task].grader if cfg.data.task in TASKS else "math_accuracy"
     grader_spec = next((r for r in cfg.rewards if r.name == name), None)  # same parameters as in training
     grader = build_reward(name, grader_spec.params if grader_spec else {})
@@ -64,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
+    held_rows = eval_rows(cfg)  # evaluation data before the run folder and the model
     lock = lock_run_dir(run_dir)  # one writer per run directory, for this process's lifetime
     if not args.resume:
         refuse_earlier_run(run_dir)
@@ -78,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("run dir %s", run_dir)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "seed": cfg.train.seed, "steps": cfg.train.steps}
     summary["train_rows"] = {"kept": trainer.data_stats.kept, "skipped_malformed": trainer.data_stats.skipped}
-    prompts, grader = _held_out(trainer) if (cfg.train.eval_before or cfg.train.eval_after) else ([], None)
+    prompts, grader = _held_out(trainer, held_rows) if held_rows is not None else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
     chunk = cfg.rollout.generation_batch_size if cfg.rollout.backend == "hf" else 256  # requests in flight
     main = trainer.acc.is_main_process

@@ -218,3 +218,30 @@ def test_held_out_evaluation_logs_progress_per_chunk(tiny_model_dir: Path, eval_
     lines = [x for x in eval_log if x.startswith("held-out before training: ")]
     assert [x.split(", pass@1")[0] for x in lines] == [f"held-out before training: {k}/5 problems" for k in (2, 4, 5)]
     assert "pass@1 so far 100.0%" in lines[0] and "pass@1 so far 40.0%" in lines[2] and "ETA" in lines[2]
+
+
+def _offline_env(tmp_path: Path) -> dict[str, str]:
+    """No network and an empty hub cache: the hub cannot give any dataset."""
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["eval", "--benchmarks", "gsm8k,math500"],  # the model does not exist: the data check comes before it loads
+     "Pass --data-dir DIR holding gsm8k/test.jsonl (or .json, .parquet), or --benchmark gsm8k=PATH,"),
+    (["train", "train.eval_every=1", "train.eval_benchmarks=[math500]", "train.output_dir=runs"],
+     "Pass train.eval_data_dir=DIR holding math500/test.jsonl"),
+    (["train", "data.task=gsm8k", "data.path=train-only", "data.eval_split=test", "train.output_dir=runs"],
+     "'test' in 'train-only'"),
+])
+def test_offline_without_data_is_one_line_before_any_model_or_folder(tmp_path: Path, argv: list[str],
+                                                                     expected: str) -> None:
+    (tmp_path / "train-only").mkdir()
+    (tmp_path / "train-only" / "train.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    model = ["--model", "/nonexistent-model"] if argv[0] == "eval" else ["model.name=/nonexistent-model"]
+    proc = subprocess.run([sys.executable, "-m", "rl_small.cli", *argv, *model], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=_offline_env(tmp_path))
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "nonexistent-model" not in proc.stderr
+    assert len([x for x in proc.stderr.splitlines() if "error" in x]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-home") == before  # no runs/ folder left

@@ -124,10 +124,12 @@ def load_benchmark_prompts(
 
 
 def load_benchmark_rows(
-    bench: Benchmark, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None
+    bench: Benchmark, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None,
+    data_flag: str = "--data-dir DIR",
 ) -> tuple[list[dict[str, Any]], Any]:
     """The benchmark's rows and the data config that renders them; needs no model or tokenizer, so that data
-    that cannot be found stops an evaluation before a model loads (a DataError saying what to pass)."""
+    that cannot be found stops an evaluation before a model loads (a DataError saying what to pass: ``data_flag``
+    with the files it must hold)."""
     from rl_small.config import DataConfig
     from rl_small.data.files import DataError
     from rl_small.data.registry import TASKS, Task, field_item, rows_of_task
@@ -153,9 +155,10 @@ def load_benchmark_rows(
     except DataError as err:
         if where is not None:
             raise
-        raise DataError(f"benchmark {bench.name!r}: no local data and {err}. Pass --data-dir DIR holding "
-                        f"{bench.local}{'' if '.' in bench.local else '/' + bench.split + '.jsonl (or .json, .parquet)'}"
-                        f", or --benchmark {bench.name}=PATH,question=FIELD,answer=FIELD") from None
+        files = bench.local if "." in bench.local else f"{bench.local}/{bench.split}.jsonl (or .json, .parquet)"
+        generic = f", or --benchmark {bench.name}=PATH,question=FIELD,answer=FIELD" if data_flag[:2] == "--" else ""
+        raise DataError(f"benchmark {bench.name!r}: no local data and {err}. Pass {data_flag} holding "
+                        f"{files}{generic}") from None
     return rows, cfg
 
 

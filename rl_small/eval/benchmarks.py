@@ -132,7 +132,7 @@ def load_benchmark_rows(
     with the files it must hold)."""
     from rl_small.config import DataConfig
     from rl_small.data.files import DataError
-    from rl_small.data.registry import TASKS, Task, field_item, rows_of_task
+    from rl_small.data.registry import TASKS, Task, field_item, hub_like, rows_of_task
     from rl_small.data.templates import PROMPT_STYLES
 
     style = protocol.style or bench.style
@@ -141,7 +141,7 @@ def load_benchmark_rows(
     template, system = PROMPT_STYLES[style]
     where = path or bench.path or (str(Path(data_dir) / bench.local) if data_dir else None)
     hub_id = None
-    if bench.question is not None and where is not None and not Path(where).exists() and _hub_like(where):
+    if bench.question is not None and where is not None and hub_like(where):
         where, hub_id = None, bench.path  # a generic benchmark named by its hub dataset id
     if where is not None and not Path(where).exists():
         raise FileNotFoundError(f"benchmark {bench.name!r}: local data {where!r} does not exist")
@@ -168,12 +168,6 @@ def render_benchmark(loaded: tuple[list[dict[str, Any]], Any], tokenizer: Any) -
 
     rows, cfg = loaded
     return build_prompts(rows, tokenizer, cfg)
-
-
-def _hub_like(where: str) -> bool:
-    """``owner/name`` that is no local path: a hub dataset id."""
-    parts = where.split("/")
-    return len(parts) == 2 and all(parts) and not where.startswith((".", "~"))
 
 
 def run_benchmark(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 
 class _Closed(BaseModel):
@@ -73,7 +73,7 @@ class DataConfig(_Closed):
 
     @field_validator("path")
     @classmethod
-    def _task_reads_files(cls, v: str | None, info: ValidationInfo) -> str | None:
+    def _task_reads_files(cls, v: str | None, info: Any) -> str | None:  # pydantic ValidationInfo
         if v is not None and info.data.get("task") == "arith":  # ignored, the run would train on arithmetic
             raise ValueError("task 'arith' generates its problems and reads no file; set data.task to a task that "
                              "reads data.path (gsm8k, math, trl, ...) or remove data.path")

@@ -9,6 +9,7 @@ One line per finished chunk, so a long evaluation is never silent (a newcomer to
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -43,8 +44,8 @@ class EvalProgress:
 
 
 def _duration(seconds: float) -> str:
-    if seconds != seconds:  # nan: nothing generated yet
+    if math.isnan(seconds):  # nothing generated yet
         return "?"
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -111,6 +111,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not model_name:
         raise RecipeError("give --model (or --run RUN_DIR)")
     out = Path(args.out or args.run or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}") / "eval"
+    _check_out(out)
     # every benchmark's data first: data that cannot be found stops here, before a model loads or a folder is made
     loaded = {b.name: load_benchmark_rows(b, protocol, args.data_dir) for b in benches}
     kind = args.backend
@@ -138,6 +139,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(out / "merged-model", ignore_errors=True)  # a merged adapter: full weights, not kept
     print_table(summary)
     return summary
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before data or a model loads, an output folder that cannot be made (a file in the way, no
+    permission to write); nothing is created here."""
+    near = next(p for p in [out, *out.parents] if p.exists())
+    if not near.is_dir():
+        raise NotADirectoryError(f"output folder {str(out)!r}: {str(near)!r} is a file, not a folder")
+    if not os.access(near, os.W_OK):
+        raise PermissionError(f"output folder {str(out)!r}: {str(near)!r} is not writable")
 
 
 def _make_dirs(out: Path) -> list[Path]:

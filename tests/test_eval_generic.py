@@ -102,6 +102,7 @@ def test_spec_parsing_and_presets() -> None:
     ("so $x = \\boxed{\\frac{1}{2}}$.", "math", "\\frac{1}{2}"),  # a worked solution: its last boxed
     ("12", "math", "12"),
     ("3 + 4 = 7\n#### 7", "gsm8k", "7"),
+    ("def f():\n    return '\\boxed{1}'", "raw", "def f():\n    return '\\boxed{1}'"),  # e.g. code: as it is
     ([], "math", None),
 ])
 def test_gold_is_read_from_any_answer_column(value: Any, kind: str, gold: str | None) -> None:
@@ -228,6 +229,8 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize(("argv", "expected"), [
     (["eval", "--benchmarks", "gsm8k,math500"],  # the model does not exist: the data check comes before it loads
      "Pass --data-dir DIR holding gsm8k/test.jsonl (or .json, .parquet), or --benchmark gsm8k=PATH,"),
+    (["eval", "--benchmark", "ob=Hothan/OlympiadBench,question=question,answer=final_answer,config=OE_TO_maths_en_COMP"
+      ",split=train"], "hub dataset 'Hothan/OlympiadBench' split 'train' is not available"),
     (["train", "train.eval_every=1", "train.eval_benchmarks=[math500]", "train.output_dir=runs"],
      "Pass train.eval_data_dir=DIR holding math500/test.jsonl"),
     (["train", "data.task=gsm8k", "data.path=train-only", "data.eval_split=test", "train.output_dir=runs"],

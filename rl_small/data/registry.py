@@ -158,7 +158,7 @@ def trl_task(cfg: DataConfig) -> Task:
 
 def gold_text(value: Any, kind: str = "math") -> str | None:
     """The gold answer in a dataset cell: a list gives its first element (OlympiadBench's ``final_answer``);
-    ``kind="gsm8k"``: the text after the last ``####``; otherwise a text holding ``\\boxed{}`` (a worked
+    ``kind="gsm8k"``: the text after the last ``####``; ``"raw"``: the text as it is; otherwise a text holding ``\\boxed{}`` (a worked
     solution, as in MATH or Minerva) gives its last boxed content, and any other value its text."""
     from rewards.math import last_boxed
 
@@ -169,7 +169,7 @@ def gold_text(value: Any, kind: str = "math") -> str | None:
     text = str(value).strip()
     if kind == "gsm8k":
         return gsm8k_gold(text)
-    return last_boxed(text) or text
+    return text if kind == "raw" else last_boxed(text) or text
 
 
 def field_item(question: str, answer: str, kind: str = "math") -> Callable[[dict[str, Any]], tuple[str, str] | None]:

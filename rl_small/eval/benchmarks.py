@@ -43,6 +43,7 @@ class Benchmark:
     question: str | None = None  # generic: the question column
     answer: str | None = None  # generic: the gold column (a list: its first element; a solution: its last \boxed{})
     gold: str = "math"  # generic: how the gold is read ("gsm8k": after the last ####)
+    config: str | None = None  # generic, hub: the dataset's config (subset) name
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -61,13 +62,13 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 # grader=... of a generic benchmark: a short name, or any reward name (rewards registry)
 GRADERS = {"math": ("math_accuracy", "math"), "gsm8k": ("math_accuracy", "gsm8k"), "code": ("code_execution", "raw")}
-SPEC_KEYS = ("question", "answer", "grader", "style", "split", "max_new_tokens")
+SPEC_KEYS = ("question", "answer", "grader", "style", "split", "max_new_tokens", "config")
 
 
 def parse_benchmark_spec(text: str) -> Benchmark:
     """``name=path,question=FIELD,answer=FIELD[,grader=math|gsm8k|code|<reward>][,style=S][,split=S]
-    [,max_new_tokens=N]``: a generic benchmark over any jsonl / json / parquet file, folder (``<split>.jsonl``)
-    or hub dataset id. A built-in name with only a path (``math500=data/math500.jsonl``) is that preset read
+    [,max_new_tokens=N][,config=SUBSET]``: a generic benchmark over any jsonl / json / parquet file, folder
+    (``<split>.jsonl``) or hub dataset id (``config``: its subset). A built-in name with only a path (``math500=data/math500.jsonl``) is that preset read
     from the path."""
     head, *rest = [x.strip() for x in text.split(",") if x.strip()]
     if "=" not in head:
@@ -90,7 +91,7 @@ def parse_benchmark_spec(text: str) -> Benchmark:
     grader, gold = GRADERS.get(opts.get("grader", "math"), (opts.get("grader", ""), "raw"))
     return Benchmark(name, task=name, split=opts.get("split", "test"), local=name, style=opts.get("style", "r1"),
                      grader=grader, max_new_tokens=int(opts.get("max_new_tokens", 1024)), path=path,
-                     question=opts["question"], answer=opts["answer"], gold=gold)
+                     question=opts["question"], answer=opts["answer"], gold=gold, config=opts.get("config"))
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def load_benchmark_rows(
     if where is not None and not Path(where).exists():
         raise FileNotFoundError(f"benchmark {bench.name!r}: local data {where!r} does not exist")
     if bench.question is not None:
-        task = Task(bench.name, hub_id, None, field_item(bench.question, bench.answer or "", bench.gold))
+        task = Task(bench.name, hub_id, bench.config, field_item(bench.question, bench.answer or "", bench.gold))
     else:
         task = TASKS[bench.task]
     cfg = DataConfig(task=bench.task, path=where, template=template, system_prompt=system)
@@ -155,6 +156,9 @@ def load_benchmark_rows(
     except DataError as err:
         if where is not None:
             raise
+        if bench.question is not None:  # a generic benchmark named by its hub id
+            raise DataError(f"benchmark {bench.name!r}: {err}. Pass a local copy: --benchmark {bench.name}=PATH,"
+                            f"question={bench.question},answer={bench.answer}") from None
         files = bench.local if "." in bench.local else f"{bench.local}/{bench.split}.jsonl (or .json, .parquet)"
         generic = f", or --benchmark {bench.name}=PATH,question=FIELD,answer=FIELD" if data_flag[:2] == "--" else ""
         raise DataError(f"benchmark {bench.name!r}: no local data and {err}. Pass {data_flag} holding "

@@ -33,7 +33,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH,question=F,answer=F[,...]",
                    help="any jsonl/json/parquet file, folder or hub dataset: question and gold-answer columns (a list: "
                    "its first element; a solution: its last \\boxed{}), optional grader=math|gsm8k|code|<reward>, "
-                   "style=, split= (default test), max_new_tokens=; repeatable")
+                   "style=, split= (default test), max_new_tokens=, config= (hub subset); repeatable")
     p.add_argument("--data-dir", help="local data root laid out like ../shared/data (default: the HF hub)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="local file for one benchmark")
     p.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean accuracy)")

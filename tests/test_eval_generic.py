@@ -229,8 +229,9 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize(("argv", "expected"), [
     (["eval", "--benchmarks", "gsm8k,math500"],  # the model does not exist: the data check comes before it loads
      "Pass --data-dir DIR holding gsm8k/test.jsonl (or .json, .parquet), or --benchmark gsm8k=PATH,"),
-    (["eval", "--benchmark", "ob=Hothan/OlympiadBench,question=question,answer=final_answer,config=OE_TO_maths_en_COMP"
-      ",split=train"], "hub dataset 'Hothan/OlympiadBench' split 'train' is not available"),
+    (["eval", "--benchmark", ("ob=Hothan/OlympiadBench,question=question,answer=final_answer,"
+                              "config=OE_TO_maths_en_COMP,split=train")],
+     "hub dataset 'Hothan/OlympiadBench' split 'train' is not available"),
     (["train", "train.eval_every=1", "train.eval_benchmarks=[math500]", "train.output_dir=runs"],
      "Pass train.eval_data_dir=DIR holding math500/test.jsonl"),
     (["train", "data.task=gsm8k", "data.path=train-only", "data.eval_split=test", "train.output_dir=runs"],

@@ -6,7 +6,8 @@
     report.samples   # one record per sample: prompt, completion, extracted, gold, correct, tokens
 
 A benchmark is a data-registry task + split + grader + default prompt style. Data comes from the HF hub, or
-from ``<data_dir>/<local>`` (this repository's ../shared/data layout), or from an explicit path.
+from ``<data_dir>/<local>`` (e.g. ``DATA_DIR/gsm8k/test.jsonl``), or from an explicit path. A generic benchmark
+(``parse_benchmark_spec``) names any file or hub dataset and its question and answer columns.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``rl-small eval``: evaluate a model (optionally with a trained adapter) on named benchmarks.
 
-    rl-small eval --model smollm2-135m-instruct --benchmarks gsm8k,math500 --data-dir ../shared/data
+    rl-small eval --model smollm2-135m-instruct --benchmarks gsm8k,math500 --data-dir DATA_DIR
+    rl-small eval --model M --benchmark minerva=minerva_math/test.jsonl,question=problem,answer=solution
     rl-small eval --run runs/my-run --benchmarks math500 --n 4 --temperature 0.6 --top-p 0.95
 
 Writes ``<out>/eval/<benchmark>.jsonl`` (every sample) and ``<out>/eval/summary.json``, and prints a table.
@@ -34,7 +35,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="any jsonl/json/parquet file, folder or hub dataset: question and gold-answer columns (a list: "
                    "its first element; a solution: its last \\boxed{}), optional grader=math|gsm8k|code|<reward>, "
                    "style=, split= (default test), max_new_tokens=, config= (hub subset); repeatable")
-    p.add_argument("--data-dir", help="local data root laid out like ../shared/data (default: the HF hub)")
+    p.add_argument("--data-dir", help="local data root: DIR/<benchmark>/test.jsonl (or .json, .parquet) (default: the "
+                   "HF hub)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="local file for one benchmark")
     p.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean accuracy)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) when n=1, else 0.6")

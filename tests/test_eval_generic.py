@@ -249,3 +249,16 @@ def test_offline_without_data_is_one_line_before_any_model_or_folder(tmp_path: P
     assert "Traceback" not in proc.stderr and "nonexistent-model" not in proc.stderr
     assert len([x for x in proc.stderr.splitlines() if "error" in x]) == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-home") == before  # no runs/ folder left
+
+
+def test_generic_benchmark_end_to_end_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, minerva = write_files(tmp_path / "data")
+    cmd = [sys.executable, "-m", "rl_small.cli", "eval", "--model", str(tiny_model_dir), "--max-new-tokens", "4",
+           "--benchmark", f"minerva={minerva.parent},question=problem,answer=solution", "--batch-size", "2",
+           "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((tmp_path / "out" / "eval" / "summary.json").read_text())["benchmarks"]["minerva"]
+    assert (s["problems"], s["max_new_tokens"], s["n"]) == (3, 4, 1) and 0 < s["len_mean"] <= 4
+    rows = [json.loads(x) for x in (tmp_path / "out" / "eval" / "minerva.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in rows] == ["7.5", "3", "2 \\pi"]

@@ -90,3 +90,27 @@ def test_training_on_trl_rows_is_rewarded_by_math_accuracy(tiny_overrides: list[
     tr.fit()
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["reward/math_accuracy"] == pytest.approx(0.5)  # 2 of each 4 completions are right
+
+
+@pytest.mark.parametrize(("where", "hub"), [
+    ("trl-lib/DeepMath-103K", True), ("open-r1/OpenR1-Math-220k", True), ("data/deepmath.jsonl", False),
+    ("./trl-lib/DeepMath-103K", False), ("a/b/c", False), ("deepmath", False),
+])
+def test_a_path_that_is_no_local_file_and_looks_like_owner_name_is_a_hub_id(where: str, hub: bool) -> None:
+    from rl_small.data.registry import hub_like
+
+    assert hub_like(where) is hub
+
+
+def test_a_missing_path_read_as_a_hub_id_says_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rl_small.data.registry as registry
+    from rl_small.data.files import DataError
+
+    def unreachable(task: object, split: str) -> list:
+        raise DataError("hub dataset 'nobody/nothing' split 'train' is not available (offline)")
+
+    monkeypatch.setattr(registry, "_hub_rows", unreachable)  # as offline, without touching the network
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(None, ["data.task=trl", "data.path=nobody/nothing", "data.answer_field=solution"]).data
+    with pytest.raises(DataError, match="'nobody/nothing' is no local file or folder, and as a hub dataset"):
+        load_task_rows(cfg, "train")

@@ -158,8 +158,8 @@ def trl_task(cfg: DataConfig) -> Task:
 
 def gold_text(value: Any, kind: str = "math") -> str | None:
     """The gold answer in a dataset cell: a list gives its first element (OlympiadBench's ``final_answer``);
-    ``kind="gsm8k"``: the text after the last ``####``; ``"raw"``: the text as it is; otherwise a text holding ``\\boxed{}`` (a worked
-    solution, as in MATH or Minerva) gives its last boxed content, and any other value its text."""
+    ``kind="gsm8k"``: the text after the last ``####``; ``"raw"``: the text as it is; otherwise a text holding
+    ``\\boxed{}`` (a worked solution, as in MATH or Minerva) gives its last boxed content, any other its text."""
     from rewards.math import last_boxed
 
     if isinstance(value, (list, tuple)):
@@ -215,6 +215,7 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
 def rows_of_task(task: Task, cfg: DataConfig, split: str, limit: int | None = None) -> tuple[list[dict[str, Any]], LoadStats]:
     """``load_task_rows`` for a task object (registered or made on the fly, as generic benchmarks are)."""
     stats = LoadStats()
+    named = cfg.path  # a path that is no local file and looks like owner/name: a hub dataset id
     if cfg.path is not None and task.hub_id is None and hub_like(cfg.path):
         task, cfg = dataclasses.replace(task, hub_id=cfg.path), cfg.model_copy(update={"path": None})
     if cfg.path is not None:
@@ -224,7 +225,12 @@ def rows_of_task(task: Task, cfg: DataConfig, split: str, limit: int | None = No
     else:
         if task.hub_id is None:
             raise ValueError(f"task {task.name!r} has no hub dataset; set data.path")
-        raw = _hub_rows(task, split)
+        try:
+            raw = _hub_rows(task, split)
+        except DataError as err:
+            if named is None:
+                raise
+            raise DataError(f"{named!r} is no local file or folder, and as a hub dataset: {err}") from None
     rows: list[dict[str, Any]] = []
     for i, r in enumerate(raw):
         item = task.to_item(r)
@@ -246,9 +252,10 @@ def rows_of_task(task: Task, cfg: DataConfig, split: str, limit: int | None = No
 
 
 def hub_like(where: str) -> bool:
-    """``owner/name`` that is no local path: a hub dataset id."""
+    """``owner/name`` that is no local path (nor a data file name): a hub dataset id."""
     parts = where.split("/")
-    return len(parts) == 2 and all(parts) and not where.startswith((".", "~")) and not Path(where).exists()
+    return (len(parts) == 2 and all(parts) and not where.startswith((".", "~")) and not Path(where).exists()
+            and not where.endswith((".jsonl", ".json", ".parquet", ".gz")))
 
 
 def _render(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> str:

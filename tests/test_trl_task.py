@@ -103,7 +103,7 @@ def test_a_path_that_is_no_local_file_and_looks_like_owner_name_is_a_hub_id(wher
 
 
 def test_a_missing_path_read_as_a_hub_id_says_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rl_small.data.registry as registry
+    from rl_small.data import registry
     from rl_small.data.files import DataError
 
     def unreachable(task: object, split: str) -> list:

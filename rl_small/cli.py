@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
             run_eval(args)
         except (RecipeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, ValueError) as err:
             sys.exit(f"rl-small eval: error: {err}")
+        except KeyboardInterrupt:  # run_eval said what is saved and how to resume
+            sys.exit(130)
         return
     if args.command == "train":
         from rl_small.train import run_cli

@@ -56,6 +56,8 @@ class DataConfig(_Closed):
     split: str = Field("train", description="Training split.")
     eval_split: str = Field("eval", description="Held-out split for the before/after evaluation.")
     path: str | None = Field(None, description="Local jsonl/parquet file or folder instead of the HF hub.")
+    prompt_field: str = Field("prompt", description="trl task: prompt column (a string, or {role, content} messages).")
+    answer_field: str | None = Field(None, description="trl task: gold-answer column (e.g. solution, answer).")
     template: str = Field("short", description="Prompt template name (rl_small.data.templates).")
     system_prompt: str | None = Field(
         "You are a concise math assistant.",
@@ -68,6 +70,14 @@ class DataConfig(_Closed):
         default_factory=list, description="Train on several tasks (domains) instead of data.task; each prompt "
         "carries its domain in the 'domain' column. The held-out evaluation stays on data.task.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _task_reads_files(cls, v: str | None, info: Any) -> str | None:  # pydantic ValidationInfo
+        if v is not None and info.data.get("task") == "arith":  # ignored, the run would train on arithmetic
+            raise ValueError("task 'arith' generates its problems and reads no file; set data.task to a task that "
+                             "reads data.path (gsm8k, math, trl, ...) or remove data.path")
+        return v
 
     @field_validator("mix")
     @classmethod

@@ -32,13 +32,35 @@ def run_dir_for(cfg: Any) -> Path:
     return Path(cfg.train.output_dir) / name
 
 
-def _held_out(trainer: Any) -> tuple[list[Any], Any]:
+def eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
+    """The held-out rows of the before/after evaluations (None when both are off), and a check that the data of
+    ``train.eval_benchmarks`` can be read: both before any model loads or run folder is made, so that data that
+    cannot be found (offline, no local path) is one error line saying what to set."""
+    from rl_small.data import load_task_rows
+    from rl_small.data.files import DataError
+    from rl_small.eval.benchmarks import BENCHMARKS, EvalProtocol, load_benchmark_rows
+
+    t = cfg.train
+    for name in t.eval_benchmarks if t.eval_every else []:
+        if name in BENCHMARKS:  # an unknown name is the trainer's config error
+            load_benchmark_rows(BENCHMARKS[name], EvalProtocol(limit=t.eval_limit), t.eval_data_dir,
+                                data_flag="train.eval_data_dir=DIR")
+    if not (t.eval_before or t.eval_after):
+        return None
+    try:
+        return load_task_rows(cfg.data, cfg.data.eval_split, limit=t.eval_samples)[0]
+    except DataError as err:
+        raise DataError(f"held-out evaluation (data.eval_split={cfg.data.eval_split!r}): {err}; set data.path to "
+                        f"a local file or a folder with {cfg.data.eval_split}.jsonl (or .json, .parquet), or "
+                        "train.eval_before=false train.eval_after=false") from None
+
+
+def _held_out(trainer: Any, rows: list[dict[str, Any]]) -> tuple[list[Any], Any]:
     from rewards import build_reward
-    from rl_small.data import build_prompts, load_task_rows
+    from rl_small.data import build_prompts
     from rl_small.data.registry import TASKS
 
     cfg = trainer.cfg
-    rows, _ = load_task_rows(cfg.data, cfg.data.eval_split, limit=cfg.train.eval_samples)
     name = TASKS[cfg.data.task].grader if cfg.data.task in TASKS else "math_accuracy"
     grader_spec = next((r for r in cfg.rewards if r.name == name), None)  # same parameters as in training
     grader = build_reward(name, grader_spec.params if grader_spec else {})
@@ -49,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the trainer from args, evaluate before, fit, evaluate after; returns the summary."""
     from rl_small.checkpoint import clean_temporaries
     from rl_small.config import dump_config, load_recipe
-    from rl_small.eval import evaluate
+    from rl_small.eval import evaluate, paired, read_samples
     from rl_small.rundir import lock_run_dir
     from rl_small.tracking import setup_logging
     from rl_small.trainer import Trainer
@@ -64,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
+    held_rows = eval_rows(cfg)  # evaluation data before the run folder and the model
     lock = lock_run_dir(run_dir)  # one writer per run directory, for this process's lifetime
     if not args.resume:
         refuse_earlier_run(run_dir)
@@ -78,18 +101,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("run dir %s", run_dir)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "seed": cfg.train.seed, "steps": cfg.train.steps}
     summary["train_rows"] = {"kept": trainer.data_stats.kept, "skipped_malformed": trainer.data_stats.skipped}
-    prompts, grader = _held_out(trainer) if (cfg.train.eval_before or cfg.train.eval_after) else ([], None)
+    prompts, grader = _held_out(trainer, held_rows) if held_rows is not None else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    chunk = cfg.rollout.generation_batch_size if cfg.rollout.backend == "hf" else 256  # requests in flight
     main = trainer.acc.is_main_process
     previous = run_dir / "summary.json"
     if args.resume and previous.exists():  # a resumed run keeps the base-model evaluation it already did
         summary.update({k: v for k, v in json.loads(previous.read_text()).items() if k == "before"})
     if cfg.train.eval_before and trainer.step_no == 0 and prompts:
         with trainer.acc.unwrap_model(trainer.model).disable_adapter() if cfg.model.lora else nullcontext():
-            before = evaluate(trainer.backend, prompts, grader, max_tok)
+            before = evaluate(trainer.backend, prompts, grader, max_tok, "held-out before training", chunk)
         summary["before"] = {"accuracy": before.accuracy, "len_mean": before.len_mean, "n": before.n}
         if main:
             log.info("held-out accuracy before training: %.3f (n=%d)", before.accuracy, before.n)
+            (run_dir / "eval_before.jsonl").write_text("".join(json.dumps(s) + "\n" for s in before.samples))
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # survives a killed run
     t0 = time.time()
     try:
@@ -102,10 +127,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.train.eval_after and prompts:
-            after = evaluate(trainer.backend, prompts, grader, max_tok)
+            after = evaluate(trainer.backend, prompts, grader, max_tok, "held-out after training", chunk)
             summary["after"] = {"accuracy": after.accuracy, "len_mean": after.len_mean, "n": after.n}
             if main:
-                (run_dir / "eval_after.jsonl").write_text("\n".join(json.dumps(s) for s in after.samples) + "\n")
+                (run_dir / "eval_after.jsonl").write_text("".join(json.dumps(s) + "\n" for s in after.samples))
+                if before_rows := read_samples(run_dir / "eval_before.jsonl"):  # this run's, or a resumed one's
+                    summary["paired"] = paired(before_rows, after.samples)
     finally:
         trainer.backend.close()  # stops servers the run spawned
     if main:
@@ -127,7 +154,8 @@ def refuse_earlier_run(run_dir: Path) -> None:
     if list_checkpoints(run_dir) or (run_dir / "adapter").exists():
         raise RunDirError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
                           f"with rl-small train --resume {run_dir}, or choose another train.run_name")
-    stale = [p for p in (run_dir / "metrics.jsonl", run_dir / "summary.json") if p.exists()]
+    stale = [p for p in (run_dir / "metrics.jsonl", run_dir / "summary.json", run_dir / "eval_before.jsonl")
+             if p.exists()]
     if stale and is_main_rank():
         log.warning("%s: an earlier run left no checkpoint; starting over (removed %s)", run_dir,
                     ", ".join(p.name for p in stale))
@@ -161,6 +189,12 @@ def _report(summary: dict[str, Any]) -> None:
     if "before" in summary and "after" in summary:
         delta = 100 * (summary["after"]["accuracy"] - summary["before"]["accuracy"])
         table.add_row("change", f"{delta:+.1f} points", "", "")
+    if "paired" in summary:  # problem by problem: eval_before.jsonl against eval_after.jsonl
+        p = summary["paired"]
+        table.add_row("solved by both", str(p["both"]), "", str(p["problems"]))
+        table.add_row("before only / after only", f"{p['before_only']} / {p['after_only']}", "", "")
+        log.info("held-out, problem by problem: %d solved before and after, %d before only, %d after only, "
+                 "%d neither (of %d)", p["both"], p["before_only"], p["after_only"], p["neither"], p["problems"])
     Console().print(table)
 
 

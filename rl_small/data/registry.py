@@ -9,14 +9,16 @@ A row that lacks its question or gold answer is skipped and counted (``stats.ski
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_small.data.arith import generate_arith
 from rl_small.data.files import DataError, find_split_file, read_rows
-from rl_small.data.templates import render_prompt
+from rl_small.data.templates import render_messages, render_prompt
 from rl_small.types import Prompt
 
 if TYPE_CHECKING:
@@ -130,33 +132,105 @@ register_task(Task("amc23", "math-ai/amc23", None, _aime_item))  # the 40-proble
 register_task(Task("humaneval", "openai/openai_humaneval", None, _humaneval_item, grader="code_execution"))
 register_task(Task("mbpp", "google-research-datasets/mbpp", "sanitized", _mbpp_item, _mbpp_in_split, "code_execution"))
 ARITH_TASK = "arith"
+TRL_TASK = "trl"  # any dataset in TRL's formats, with the answer column named in data.answer_field
+
+
+def trl_task(cfg: DataConfig) -> Task:
+    """TRL's dataset formats: ``data.prompt_field`` (default ``prompt``) a string (standard) or a list of
+    ``{role, content}`` messages (conversational; the question is the last user turn), the gold answer in
+    ``data.answer_field`` (read by :func:`gold_text`); graded by ``math_accuracy``."""
+    if not cfg.answer_field:
+        raise KeyError(f"task {TRL_TASK!r} needs data.answer_field: the column holding the gold answer (e.g. solution)")
+    question, answer = cfg.prompt_field, cfg.answer_field
+
+    def to_item(row: dict[str, Any]) -> tuple[str, str] | None:
+        prompt, gold = row.get(question), gold_text(row.get(answer))
+        if isinstance(prompt, list):
+            turns = [m for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            users = [m["content"] for m in turns if m.get("role") == "user"]
+            prompt = users[-1] if users and len(turns) == len(prompt) else None
+        if not isinstance(prompt, str) or not prompt.strip() or gold is None:
+            return None
+        return prompt, gold
+
+    return Task(TRL_TASK, None, None, to_item)
+
+
+def gold_text(value: Any, kind: str = "math") -> str | None:
+    """The gold answer in a dataset cell: a list gives its first element (OlympiadBench's ``final_answer``);
+    ``kind="gsm8k"``: the text after the last ``####``; ``"raw"``: the text as it is; otherwise a text holding
+    ``\\boxed{}`` (a worked solution, as in MATH or Minerva) gives its last boxed content, any other its text."""
+    from rewards.math import last_boxed
+
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    if kind == "gsm8k":
+        return gsm8k_gold(text)
+    return text if kind == "raw" else last_boxed(text) or text
+
+
+def field_item(question: str, answer: str, kind: str = "math") -> Callable[[dict[str, Any]], tuple[str, str] | None]:
+    """``to_item`` of a dataset named by its columns: the question from ``question``, the gold from ``answer``
+    (read by :func:`gold_text`); used by generic benchmarks (``--benchmark name=path,question=..,answer=..``)."""
+
+    def to_item(row: dict[str, Any]) -> tuple[str, str] | None:
+        q, gold = row.get(question), gold_text(row.get(answer), kind)
+        if not isinstance(q, str) or not q.strip() or gold is None:
+            return None
+        return q, gold
+
+    return to_item
 
 
 def _hub_rows(task: Task, split: str) -> list[dict[str, Any]]:
+    """Rows of ``split`` of the task's hub dataset; an unreachable hub (offline, no cache) is a DataError."""
     import datasets
 
-    ds = datasets.load_dataset(task.hub_id, task.hub_config, split=split)
+    try:
+        ds = datasets.load_dataset(task.hub_id, task.hub_config, split=split)
+    except (OSError, ValueError) as err:  # ConnectionError (offline / no network), missing dataset or split
+        raise DataError(f"task {task.name!r}: hub dataset {task.hub_id!r} split {split!r} is not available "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     return list(ds)
 
 
 def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tuple[list[dict[str, Any]], LoadStats]:
     """Rows ``{id, question, answer, **raw columns}`` of ``split``; skipped rows are counted and logged."""
     if cfg.task == ARITH_TASK:
+        if cfg.path is not None:  # a data.mix entry (data.path itself is refused by the config)
+            raise KeyError(f"path {cfg.path!r} given to task 'arith', which generates its problems and reads no file")
         n = limit if limit is not None else cfg.num_train
         rows = generate_arith(split, n, cfg.difficulty, cfg.seed)
         return rows, LoadStats(kept=len(rows))
+    if cfg.task == TRL_TASK:
+        return rows_of_task(trl_task(cfg), cfg, split, limit)
     if cfg.task not in TASKS:
-        raise KeyError(f"unknown task {cfg.task!r}; known: {sorted([*TASKS, ARITH_TASK])}")
-    task = TASKS[cfg.task]
+        raise KeyError(f"unknown task {cfg.task!r}; known: {sorted([*TASKS, ARITH_TASK, TRL_TASK])}")
+    return rows_of_task(TASKS[cfg.task], cfg, split, limit)
+
+
+def rows_of_task(task: Task, cfg: DataConfig, split: str, limit: int | None = None) -> tuple[list[dict[str, Any]], LoadStats]:
+    """``load_task_rows`` for a task object (registered or made on the fly, as generic benchmarks are)."""
     stats = LoadStats()
+    named = cfg.path  # a path that is no local file and looks like owner/name: a hub dataset id
+    if cfg.path is not None and task.hub_id is None and hub_like(cfg.path):
+        task, cfg = dataclasses.replace(task, hub_id=cfg.path), cfg.model_copy(update={"path": None})
     if cfg.path is not None:
         raw, stats.skipped = read_rows(cfg.path, split)
         if task.in_split is not None:
             raw = [r for r in raw if task.in_split(r, split)]
     else:
         if task.hub_id is None:
-            raise ValueError(f"task {cfg.task!r} has no hub dataset; set data.path")
-        raw = _hub_rows(task, split)
+            raise ValueError(f"task {task.name!r} has no hub dataset; set data.path")
+        try:
+            raw = _hub_rows(task, split)
+        except DataError as err:
+            if named is None:
+                raise
+            raise DataError(f"{named!r} is no local file or folder, and as a hub dataset: {err}") from None
     rows: list[dict[str, Any]] = []
     for i, r in enumerate(raw):
         item = task.to_item(r)
@@ -164,17 +238,32 @@ def load_task_rows(cfg: DataConfig, split: str, limit: int | None = None) -> tup
             stats.skipped += 1
             continue
         q, a = item
-        rows.append({**r, "id": str(r.get("id", r.get("unique_id", f"{cfg.task}-{split}-{i}"))), "question": q, "answer": a})
+        rows.append({**r, "id": str(r.get("id", r.get("unique_id", f"{task.name}-{split}-{i}"))), "question": q, "answer": a})
         if limit is not None and len(rows) >= limit:
             break
     stats.kept = len(rows)
     if stats.skipped:
-        log.warning("task %s/%s: skipped %d malformed rows, kept %d", cfg.task, split, stats.skipped, stats.kept)
+        log.warning("task %s/%s: skipped %d malformed rows, kept %d", task.name, split, stats.skipped, stats.kept)
     if not rows:
         where = repr(str(find_split_file(cfg.path, split))) if cfg.path is not None else f"hub {task.hub_id}"
-        raise DataError(f"task {cfg.task!r} split {split!r} ({where}): no usable rows: {len(raw)} read, "
+        raise DataError(f"task {task.name!r} split {split!r} ({where}): no usable rows: {len(raw)} read, "
                         f"{stats.skipped} skipped (malformed lines or rows without a question/answer for this task)")
     return rows, stats
+
+
+def hub_like(where: str) -> bool:
+    """``owner/name`` that is no local path (nor a data file name): a hub dataset id."""
+    parts = where.split("/")
+    return (len(parts) == 2 and all(parts) and not where.startswith((".", "~")) and not Path(where).exists()
+            and not where.endswith((".jsonl", ".json", ".parquet", ".gz")))
+
+
+def _render(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> str:
+    """A TRL conversational prompt is used as it is (its own system turn, if any); the others get the template."""
+    messages = row.get(cfg.prompt_field) if cfg.task == TRL_TASK else None
+    if isinstance(messages, list):
+        return render_messages(tokenizer, messages)
+    return render_prompt(tokenizer, cfg.template, row["question"], cfg.system_prompt)
 
 
 def build_prompts(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> list[Prompt]:
@@ -182,7 +271,7 @@ def build_prompts(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     return [
         Prompt(
             id=r["id"],
-            text=render_prompt(tokenizer, cfg.template, r["question"], cfg.system_prompt),
+            text=_render(r, tokenizer, cfg),
             answer=r["answer"],
             columns={k: v for k, v in r.items() if k not in ("id",)},
         )

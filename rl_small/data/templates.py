@@ -44,3 +44,10 @@ def render_prompt(tokenizer: Any, template: str, question: str, system_prompt: s
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": user})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_messages(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation (TRL conversational format) through the tokenizer's chat template, ready for the reply."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return "\n\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

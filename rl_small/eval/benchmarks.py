@@ -6,11 +6,13 @@
     report.samples   # one record per sample: prompt, completion, extracted, gold, correct, tokens
 
 A benchmark is a data-registry task + split + grader + default prompt style. Data comes from the HF hub, or
-from ``<data_dir>/<local>`` (the layout ``rl-small data download`` writes), or from an explicit path.
+from ``<data_dir>/<local>`` (the layout ``rl-small data download`` writes, e.g. ``data/gsm8k/test.jsonl``), or from an explicit path. A generic benchmark
+(``parse_benchmark_spec``) names any file or hub dataset and its question and answer columns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from rl_small.eval.metrics import majority_vote, pass_at_k
+from rl_small.eval.progress import EvalProgress
 from rl_small.rollout.base import RolloutBackend, SamplingSpec
 from rl_small.types import batch_columns
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One evaluation set: which task/split, how to grade, which prompt style and length by default."""
+    """One evaluation set: which task/split, how to grade, which prompt style and length by default.
+
+    A built-in benchmark names a registry task; a generic one (``--benchmark name=path,question=..,answer=..``)
+    names its file or hub dataset (``path``) and the columns holding the question and the gold answer."""
 
     name: str
     task: str
@@ -34,6 +40,11 @@ class Benchmark:
     grader: str = "math_accuracy"
     max_new_tokens: int = 1024
     size: int | None = None  # documented number of problems
+    path: str | None = None  # generic: a local file/folder or a hub dataset id
+    question: str | None = None  # generic: the question column
+    answer: str | None = None  # generic: the gold column (a list: its first element; a solution: its last \boxed{})
+    gold: str = "math"  # generic: how the gold is read ("gsm8k": after the last ####)
+    config: str | None = None  # generic, hub: the dataset's config (subset) name
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -48,6 +59,40 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("mbpp", "mbpp", "test", "mbpp/sanitized-mbpp.json", "code", "code_execution", 512),
     )
 }
+
+
+# grader=... of a generic benchmark: a short name, or any reward name (rewards registry)
+GRADERS = {"math": ("math_accuracy", "math"), "gsm8k": ("math_accuracy", "gsm8k"), "code": ("code_execution", "raw")}
+SPEC_KEYS = ("question", "answer", "grader", "style", "split", "max_new_tokens", "config")
+
+
+def parse_benchmark_spec(text: str) -> Benchmark:
+    """``name=path,question=FIELD,answer=FIELD[,grader=math|gsm8k|code|<reward>][,style=S][,split=S]
+    [,max_new_tokens=N][,config=SUBSET]``: a generic benchmark over any jsonl / json / parquet file, folder
+    (``<split>.jsonl``) or hub dataset id (``config``: its subset). A built-in name with only a path (``math500=data/math500.jsonl``) is that preset read
+    from the path."""
+    head, *rest = [x.strip() for x in text.split(",") if x.strip()]
+    if "=" not in head:
+        raise ValueError(f"--benchmark expects name=path,question=FIELD,answer=FIELD[,...], got {text!r}")
+    name, path = (x.strip() for x in head.split("=", 1))
+    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or not path:
+        raise ValueError(f"--benchmark {text!r}: the name (letters, digits, _ - .) and the path must be given")
+    opts: dict[str, str] = {}
+    for item in rest:
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or key not in SPEC_KEYS:
+            raise ValueError(f"--benchmark {name}: unknown option {item!r}; known: {', '.join(SPEC_KEYS)}")
+        opts[key] = value
+    if name in BENCHMARKS and not {"question", "answer"} & opts.keys():
+        return dataclasses.replace(BENCHMARKS[name], path=path, **{k: v for k, v in opts.items() if k in ("style", "split")})
+    missing = [k for k in ("question", "answer") if not opts.get(k)]
+    if missing:
+        raise ValueError(f"--benchmark {name}: give {' and '.join(f'{k}=FIELD' for k in missing)} (the column(s) "
+                         f"of {path!r} holding the {' and the '.join(missing)})")
+    grader, gold = GRADERS.get(opts.get("grader", "math"), (opts.get("grader", ""), "raw"))
+    return Benchmark(name, task=name, split=opts.get("split", "test"), local=name, style=opts.get("style", "r1"),
+                     grader=grader, max_new_tokens=int(opts.get("max_new_tokens", 1024)), path=path,
+                     question=opts["question"], answer=opts["answer"], gold=gold, config=opts.get("config"))
 
 
 @dataclass(frozen=True)
@@ -77,19 +122,56 @@ def load_benchmark_prompts(
     bench: Benchmark, tokenizer: Any, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None
 ) -> list[Any]:
     """Rows of the benchmark rendered with its prompt style (or the protocol's) and the chat template."""
+    return render_benchmark(load_benchmark_rows(bench, protocol, data_dir, path), tokenizer)
+
+
+def load_benchmark_rows(
+    bench: Benchmark, protocol: EvalProtocol, data_dir: str | None = None, path: str | None = None,
+    data_flag: str = "--data-dir DIR",
+) -> tuple[list[dict[str, Any]], Any]:
+    """The benchmark's rows and the data config that renders them; needs no model or tokenizer, so that data
+    that cannot be found stops an evaluation before a model loads (a DataError saying what to pass: ``data_flag``
+    with the files it must hold)."""
     from rl_small.config import DataConfig
-    from rl_small.data import build_prompts, load_task_rows
+    from rl_small.data.files import DataError
+    from rl_small.data.registry import TASKS, Task, field_item, hub_like, rows_of_task
     from rl_small.data.templates import PROMPT_STYLES
 
     style = protocol.style or bench.style
     if style not in PROMPT_STYLES:
         raise KeyError(f"unknown prompt style {style!r}; known: {sorted(PROMPT_STYLES)}")
     template, system = PROMPT_STYLES[style]
-    where = path or (str(Path(data_dir) / bench.local) if data_dir else None)
+    where = path or bench.path or (str(Path(data_dir) / bench.local) if data_dir else None)
+    hub_id = None
+    if bench.question is not None and where is not None and hub_like(where):
+        where, hub_id = None, bench.path  # a generic benchmark named by its hub dataset id
     if where is not None and not Path(where).exists():
         raise FileNotFoundError(f"benchmark {bench.name!r}: local data {where!r} does not exist")
+    if bench.question is not None:
+        task = Task(bench.name, hub_id, bench.config, field_item(bench.question, bench.answer or "", bench.gold))
+    else:
+        task = TASKS[bench.task]
     cfg = DataConfig(task=bench.task, path=where, template=template, system_prompt=system)
-    rows, _ = load_task_rows(cfg, bench.split, limit=protocol.limit)
+    try:
+        rows, _ = rows_of_task(task, cfg, bench.split, limit=protocol.limit)
+    except DataError as err:
+        if where is not None:
+            raise
+        if bench.question is not None:  # a generic benchmark named by its hub id
+            raise DataError(f"benchmark {bench.name!r}: {err}. Pass a local copy: --benchmark {bench.name}=PATH,"
+                            f"question={bench.question},answer={bench.answer}") from None
+        files = bench.local if "." in bench.local else f"{bench.local}/{bench.split}.jsonl (or .json, .parquet)"
+        generic = f", or --benchmark {bench.name}=PATH,question=FIELD,answer=FIELD" if data_flag[:2] == "--" else ""
+        raise DataError(f"benchmark {bench.name!r}: no local data and {err}. Pass {data_flag} holding "
+                        f"{files}{generic}") from None
+    return rows, cfg
+
+
+def render_benchmark(loaded: tuple[list[dict[str, Any]], Any], tokenizer: Any) -> list[Any]:
+    """``load_benchmark_rows``' rows as prompts (the style's template and the tokenizer's chat template)."""
+    from rl_small.data import build_prompts
+
+    rows, cfg = loaded
     return build_prompts(rows, tokenizer, cfg)
 
 
@@ -120,6 +202,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     gen_s = 0.0
     step = chunk if chunk and chunk > 0 else max(len(todo), 1)
+    progress = EvalProgress(bench.name, len(prompts), samples)
     for i in range(0, len(todo), step):
         t1 = time.perf_counter()
         rollouts = backend.generate(todo[i : i + step], spec)
@@ -131,6 +214,7 @@ def run_benchmark(
         samples += new
         if on_chunk is not None:
             on_chunk(new)
+        progress.update(len(todo[i : i + step]), new)
     samples.sort(key=lambda x: (order[x["id"]], x["sample"]))
     summary = summarize(samples, protocol.n, bench.grader == "math_accuracy")
     summary |= {"benchmark": bench.name, "mode": protocol.mode, "n": protocol.n, "temperature": protocol.temperature,

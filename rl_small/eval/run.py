@@ -1,6 +1,7 @@
 """``rl-small eval``: evaluate a model (optionally with a trained adapter) on named benchmarks.
 
     rl-small eval --model smollm2-135m-instruct --benchmarks gsm8k,math500 --data-dir data
+    rl-small eval --model M --benchmark minerva=minerva_math/test.jsonl,question=problem,answer=solution
     rl-small eval --run runs/my-run --benchmarks math500 --n 4 --temperature 0.6 --top-p 0.95
 
 Writes ``<out>/eval/<benchmark>.jsonl`` (every sample) and ``<out>/eval/summary.json``, and prints a table.
@@ -28,9 +29,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF hub id, local folder or built-in alias (default with --run: the run's)")
     p.add_argument("--adapter", help="LoRA adapter folder to evaluate on top of --model")
     p.add_argument("--run", metavar="RUN_DIR", help="a training run: its model, its adapter/, output into it")
-    p.add_argument("--benchmarks", default="gsm8k,math500", help="comma list: gsm8k,math500,aime24,aime25,amc23,"
-                   "humaneval,mbpp")
-    p.add_argument("--data-dir", help="local data root (layout: rl-small data download; default: the HF hub)")
+    p.add_argument("--benchmarks", help="comma list of built-ins: gsm8k,math500,aime24,aime25,amc23,humaneval,mbpp "
+                   "(default: gsm8k,math500 when no --benchmark is given)")
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH,question=F,answer=F[,...]",
+                   help="any jsonl/json/parquet file, folder or hub dataset: question and gold-answer columns (a list: "
+                   "its first element; a solution: its last \\boxed{}), optional grader=math|gsm8k|code|<reward>, "
+                   "style=, split= (default test), max_new_tokens=, config= (hub subset); repeatable")
+    p.add_argument("--data-dir", help="local data root: DIR/<benchmark>/test.jsonl (or .json, .parquet), the layout of "
+                   "rl-small data download (default: the HF hub)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="local file for one benchmark")
     p.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean accuracy)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) when n=1, else 0.6")
@@ -39,8 +45,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", help="prompt style: r1, qwen_math, deepscaler, plain, code (default: per benchmark)")
     p.add_argument("--limit", type=int, help="first K problems of each benchmark")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (hf backend)")
-    p.add_argument("--chunk", type=int, default=256, help="problems per generation call; each finished chunk is "
-                   "saved, and a rerun with the same --out, model and protocol resumes after it (0: all at once)")
+    p.add_argument("--chunk", type=int, help="problems per generation call (default: the requests in flight, "
+                   "--batch-size / n for hf, 256 / n for vLLM); each finished chunk is saved and logged, and a rerun "
+                   "with the same --out, model and protocol resumes after it (0: all at once)")
     p.add_argument("--backend", choices=["auto", "hf", "vllm_engine", "vllm_server"], default="auto",
                    help="auto: vllm_engine when vllm is installed, else hf")
     p.add_argument("--server-url", action="append", default=[], help="vllm_server: a running server (repeatable)")
@@ -62,17 +69,39 @@ def protocol_from_args(args: argparse.Namespace) -> Any:
     return EvalProtocol(args.n, temp, top_p, args.max_new_tokens, args.style, args.limit)
 
 
+def select_benchmarks(args: argparse.Namespace) -> list[Any]:
+    """The built-ins of ``--benchmarks`` (``--data NAME=PATH`` reading one from a file) and the generic
+    ``--benchmark`` specs, in that order; names must be unique."""
+    import dataclasses
+
+    from rl_small.config import RecipeError
+    from rl_small.eval.benchmarks import BENCHMARKS, parse_benchmark_spec
+
+    spec = args.benchmarks if args.benchmarks is not None else ("" if args.benchmark else "gsm8k,math500")
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BENCHMARKS]
+    if unknown:
+        raise RecipeError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)} (any other file: "
+                          "--benchmark NAME=PATH,question=FIELD,answer=FIELD)")
+    paths = dict(_split_pair(x) for x in args.data)
+    benches = [dataclasses.replace(BENCHMARKS[n], path=paths.get(n)) for n in names]
+    benches += [parse_benchmark_spec(x) for x in args.benchmark]
+    seen = [b.name for b in benches]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise RecipeError(f"benchmark(s) {dupes} given twice (--benchmarks and --benchmark)")
+    if not benches:
+        raise RecipeError("no benchmark: give --benchmarks NAMES or --benchmark NAME=PATH,question=..,answer=..")
+    return benches
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from rl_small.config import RecipeError, load_recipe
-    from rl_small.eval.benchmarks import BENCHMARKS
+    from rl_small.eval.benchmarks import load_benchmark_rows
     from rl_small.tracking import setup_logging
 
     setup_logging()
-    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    unknown = [b for b in names if b not in BENCHMARKS]
-    if unknown:
-        raise RecipeError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
-    paths = dict(_split_pair(x) for x in args.data)
+    benches = select_benchmarks(args)
     protocol = protocol_from_args(args)
     model_name, adapter = args.model, args.adapter
     if args.run:
@@ -84,16 +113,29 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not model_name:
         raise RecipeError("give --model (or --run RUN_DIR)")
     out = Path(args.out or args.run or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}") / "eval"
+    _check_out(out)
+    # every benchmark's data first: data that cannot be found stops here, before a model loads or a folder is made
+    loaded = {b.name: load_benchmark_rows(b, protocol, args.data_dir) for b in benches}
     kind = args.backend
     if kind == "auto":
         import importlib.util
 
         kind = "vllm_engine" if importlib.util.find_spec("vllm") is not None else "hf"
-    out.mkdir(parents=True, exist_ok=True)
-    backend, tok = _backend(kind, model_name, adapter, args, out)
+    chunk = args.chunk if args.chunk is not None else max(1, (args.batch_size if kind == "hf" else 256) // protocol.n)
+    made = _make_dirs(out)
+    try:
+        backend, tok = _backend(kind, model_name, adapter, args, out)
+    except BaseException:
+        _remove_empty(made)  # a model that fails to load leaves no empty output folder
+        raise
     summary: dict[str, Any] = {"model": model_name, "adapter": adapter, "backend": kind, "benchmarks": {}}
     try:
-        _run_all(names, backend, tok, protocol, args, paths, out, summary)
+        _run_all(benches, loaded, backend, tok, protocol, chunk, out, summary)
+    except KeyboardInterrupt:
+        saved = sum(1 for b in benches if (out / f"{b.name}.jsonl").exists())
+        log.warning("stopped: the finished chunks are saved in %s (%d file(s)); rerun the same command to resume",
+                    out, saved)
+        raise
     finally:
         backend.close()
         shutil.rmtree(out / "merged-model", ignore_errors=True)  # a merged adapter: full weights, not kept
@@ -101,18 +143,42 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _run_all(names: list[str], backend: Any, tok: Any, protocol: Any, args: argparse.Namespace,
-             paths: dict[str, str], out: Path, summary: dict[str, Any]) -> None:
-    from rl_small.eval.benchmarks import BENCHMARKS, load_benchmark_prompts
+def _check_out(out: Path) -> None:
+    """Refuse, before data or a model loads, an output folder that cannot be made (a file in the way, no
+    permission to write); nothing is created here."""
+    near = next(p for p in [out, *out.parents] if p.exists())
+    if not near.is_dir():
+        raise NotADirectoryError(f"output folder {str(out)!r}: {str(near)!r} is a file, not a folder")
+    if not os.access(near, os.W_OK):
+        raise PermissionError(f"output folder {str(out)!r}: {str(near)!r} is not writable")
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; the ones created, deepest first."""
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; one that holds anything stays
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _run_all(benches: list[Any], loaded: dict[str, Any], backend: Any, tok: Any, protocol: Any, chunk: int,
+             out: Path, summary: dict[str, Any]) -> None:
+    from rl_small.eval.benchmarks import render_benchmark
 
     meta = {"model": summary["model"], "adapter": summary["adapter"], "adapter_files": _stamp(summary["adapter"])}
-    summary["benchmarks"].update(_earlier_results(out, meta, skip=names))
-    for name in names:
-        bench = BENCHMARKS[name]
-        prompts = load_benchmark_prompts(bench, tok, protocol, args.data_dir, paths.get(name))
-        log.info("%s: %d problems, %s, n=%d", name, len(prompts), protocol.mode, protocol.n)
-        report = evaluate_into(out, bench, backend, prompts, protocol, meta, args.chunk)
-        summary["benchmarks"][name] = report.summary
+    summary["benchmarks"].update(_earlier_results(out, meta, skip=[b.name for b in benches]))
+    for bench in benches:
+        prompts = render_benchmark(loaded[bench.name], tok)
+        log.info("%s: %d problems, %s, n=%d", bench.name, len(prompts), protocol.mode, protocol.n)
+        report = evaluate_into(out, bench, backend, prompts, protocol, meta, chunk)
+        summary["benchmarks"][bench.name] = report.summary
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -123,7 +189,8 @@ def evaluate_into(out: Path, bench: Any, backend: Any, prompts: list[Any], proto
     from rl_small.eval.benchmarks import run_benchmark
 
     path = out / f"{bench.name}.jsonl"
-    done = _resumable(path, meta | {"protocol": dataclasses.asdict(protocol) | {"limit": None}}, protocol.n)
+    spec = {"protocol": dataclasses.asdict(protocol) | {"limit": None}, "benchmark": dataclasses.asdict(bench)}
+    done = _resumable(path, meta | spec, protocol.n)
     if done:
         log.info("%s: resuming: %d problems already in %s", bench.name, len({s['id'] for s in done}), path)
 
@@ -151,7 +218,8 @@ def _earlier_results(out: Path, meta: dict[str, Any], skip: list[str]) -> dict[s
     for name, result in earlier.items():
         meta_path = out / f"{name}.meta.json"
         try:
-            same = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "protocol"} == meta
+            same = {k: v for k, v in json.loads(meta_path.read_text()).items()
+                    if k not in ("protocol", "benchmark")} == meta
         except (OSError, ValueError, AttributeError):
             same = False
         if name not in skip and same and (out / f"{name}.jsonl").exists():

@@ -355,20 +355,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            from rl_small.config_help import closest_key
-
-            near = closest_key(tuple(e["loc"]))
-            lines.append(f"  unknown key {loc!r}" + (f"; did you mean {near}?" if near else "") + " (rl-small config)")
-        else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
 def _parse_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load`` whose errors are a RecipeError naming the file (or override) and the line."""
     try:
@@ -402,7 +388,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err, source)) from None
+        from rl_small.config_help import format_errors
+
+        raise RecipeError(format_errors(err, source)) from None
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

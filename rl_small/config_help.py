@@ -16,7 +16,7 @@ import typing
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 
@@ -63,6 +63,20 @@ def closest_key(loc: tuple[Any, ...]) -> str | None:
         return elsewhere[0]
     near = difflib.get_close_matches(".".join(parts), keys, n=1, cutoff=0.75)
     return near[0] if near else None
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    """A recipe's validation errors, one line each, naming the key, the problem and the value; an unknown key
+    gets the closest known one."""
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            near = closest_key(tuple(e["loc"]))
+            lines.append(f"  unknown key {loc!r}" + (f"; did you mean {near}?" if near else "") + " (rl-small config)")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
 
 
 def _type_name(annotation: Any) -> str:

@@ -126,3 +126,23 @@ def test_corrupt_parquet_and_empty_datasets_are_data_errors_naming_file_and_coun
     (tmp_path / "eval.jsonl").write_text("")
     with pytest.raises(DataError, match=r"no usable rows: 0 read, 0 skipped"):
         load_task_rows(DataConfig(task="gsm8k", path=str(tmp_path)), "eval")
+
+
+def test_hub_split_names_follow_each_dataset(monkeypatch) -> None:  # noqa: ANN001
+    """HuggingFaceH4/aime_2024 has only a "train" split: its test set is asked for by that name."""
+    import datasets
+
+    from rl_small.config import DataConfig
+    from rl_small.data.registry import load_task_rows
+
+    asked: list[tuple[str, str | None]] = []
+
+    def fake_load(hub_id: str, config: str | None = None, split: str | None = None) -> list[dict]:
+        asked.append((hub_id, split))
+        return [{"problem": "What is 1+1?", "answer": "2", "id": 1}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    rows, _ = load_task_rows(DataConfig(task="aime24"), "test")
+    assert asked == [("HuggingFaceH4/aime_2024", "train")] and rows[0]["answer"] == "2"
+    load_task_rows(DataConfig(task="aime25"), "test")
+    assert asked[-1] == ("math-ai/aime25", "test")

@@ -46,6 +46,8 @@ class Task:
     # For a local file holding every split (MBPP's sanitized-mbpp.json): is this row in ``split``?
     in_split: Callable[[dict[str, Any], str], bool] | None = None
     grader: str = "math_accuracy"  # the reward that grades held-out answers
+    # The hub dataset's name for a split when it differs (HuggingFaceH4/aime_2024 has only "train")
+    hub_splits: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 TASKS: dict[str, Task] = {}
@@ -126,7 +128,7 @@ def _mbpp_in_split(row: dict[str, Any], split: str) -> bool:
 register_task(Task("gsm8k", "openai/gsm8k", "main", _gsm8k_item))
 register_task(Task("math", "DigitalLearningGmbH/MATH-lighteval", "default", _math_item))  # all 7 subjects, train/test
 register_task(Task("math500", "HuggingFaceH4/MATH-500", None, _math_item))
-register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item))
+register_task(Task("aime24", "HuggingFaceH4/aime_2024", None, _aime_item, hub_splits={"test": "train"}))
 register_task(Task("aime25", "math-ai/aime25", None, _aime_item))
 register_task(Task("amc23", "math-ai/amc23", None, _aime_item))  # the 40-problem AMC23 (Qwen/SimpleRL/Tina)
 register_task(Task("humaneval", "openai/openai_humaneval", None, _humaneval_item, grader="code_execution"))
@@ -190,7 +192,7 @@ def _hub_rows(task: Task, split: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(task.hub_id, task.hub_config, split=split)
+        ds = datasets.load_dataset(task.hub_id, task.hub_config, split=task.hub_splits.get(split, split))
     except (OSError, ValueError) as err:  # ConnectionError (offline / no network), missing dataset or split
         raise DataError(f"task {task.name!r}: hub dataset {task.hub_id!r} split {split!r} is not available "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

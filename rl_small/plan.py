@@ -39,6 +39,8 @@ GPUS: dict[str, float] = {
     "v100-32gb": 32.0, "a100-40gb": 40.0, "l40s-48gb": 45.0, "a6000-48gb": 48.0, "a100-80gb": 80.0,
     "h100-80gb": 79.6, "h200-141gb": 140.4,
 }
+# Compute capability 7.x: no bfloat16 (vLLM refuses a bfloat16 model there; torch emulates it slowly)
+NO_BF16 = frozenset({"t4-16gb", "v100-16gb", "v100-32gb"})
 USABLE = 0.9
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspace of one process (typical, not measured here)
 # Longest prompt (chat template + system prompt + question) in a micro-batch, by task; --prompt-tokens overrides.
@@ -64,6 +66,7 @@ class Plan:
     vllm_need_gib: float | None  # what vLLM needs inside its share (None: no vLLM on this GPU)
     vllm_share_gib: float | None
     advice: list[str] = field(default_factory=list)
+    bf16_missing: bool = False  # the recipe computes in bfloat16 and the GPU has none (NO_BF16)
 
     @property
     def total_gib(self) -> float:
@@ -72,7 +75,7 @@ class Plan:
     @property
     def fits(self) -> bool:
         vllm_ok = self.vllm_need_gib is None or self.vllm_need_gib <= (self.vllm_share_gib or 0)
-        return self.total_gib <= USABLE * GPUS[self.gpu] and vllm_ok
+        return self.total_gib <= USABLE * GPUS[self.gpu] and vllm_ok and not self.bf16_missing
 
 
 def lora_targets(cfg: RunConfig) -> tuple[str, ...]:
@@ -179,7 +182,8 @@ def make_plan(cfg: RunConfig, gpu: str = "h100-80gb", gpus: int = 1, prompt_toke
         kv = cache_bytes_per_token(arch, s) * arch.layers * seqs * (lp + r.max_new_tokens)
         terms.append(Term("hf generate KV cache", kv / GiB, f"{seqs} seqs x {lp + r.max_new_tokens} tokens"))
     terms.append(Term("CUDA context", CUDA_CONTEXT_GIB, "typical"))
-    plan = Plan(gpu, gpus, terms, need, share)
+    bf16 = m.dtype == "bfloat16" or (share is not None and r.vllm_dtype == "bfloat16")
+    plan = Plan(gpu, gpus, terms, need, share, bf16_missing=bf16 and gpu in NO_BF16)
     if advice:
         plan.advice = advise(cfg, plan, gpus, prompt_tokens, head, rank)
     return plan
@@ -198,6 +202,9 @@ def advise(cfg: RunConfig, plan: Plan, gpus: int, prompt_tokens: int | None, hea
     if plan.fits:
         return []
     kw = dict(gpu=plan.gpu, gpus=gpus, prompt_tokens=prompt_tokens, head=head, rank=rank, advice=False)
+    if plan.bf16_missing:
+        return [f"{plan.gpu} has no bfloat16 (compute capability 7.x): use a GPU that has it, or set "
+                "model.dtype=float16 and rollout.vllm_dtype=float16 (untested here)"] + _bigger(cfg, **kw)
     if plan.vllm_need_gib is not None and plan.vllm_need_gib > (plan.vllm_share_gib or 0):
         util = ceil(100 * plan.vllm_need_gib / GPUS[plan.gpu]) / 100
         if util <= 0.95 and _fits(cfg, {"rollout.gpu_memory_utilization": util}, **kw):

@@ -182,3 +182,21 @@ def test_estimate_matches_measured_peak_small_model() -> None:
                                   "qwen2.5-0.5B-shaped fp32", "r1-distill small bf16 ckpt drop"])
 def test_estimate_matches_measured_peak(case: str) -> None:
     _check(case)
+
+
+def test_bf16_recipes_never_land_on_gpus_without_bf16() -> None:
+    """V100 / T4 (compute capability 7.x) have no bfloat16: a bf16 recipe does not fit there whatever its memory,
+    the advice says why, and no recipe header names such a GPU for a bf16 recipe."""
+    from rl_small.plan import NO_BF16, smallest_gpu
+
+    cfg = load_recipe(ROOT / "recipes/qwen2.5-0.5b/grpo/gsm8k.yaml")
+    assert cfg.model.dtype == "bfloat16"
+    plan = make_plan(cfg, gpu="v100-32gb")
+    assert plan.bf16_missing and not plan.fits and "no bfloat16" in plan.advice[0]
+    fp32 = make_plan(load_recipe(ROOT / "recipes/smollm2-135m/grpo/arith.yaml"), gpu="t4-16gb")
+    assert not fp32.bf16_missing and fp32.fits  # an fp32 recipe still fits a T4
+    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
+        rc = load_recipe(path)
+        name, _ = smallest_gpu(rc)
+        if rc.model.dtype == "bfloat16":
+            assert name not in NO_BF16, (path, name)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,14 +40,14 @@ class NonFiniteGuard:
         self.max_in_row = max_in_row
         self.world = world
         self.in_row = 0
-        self._stats_id: int | None = None
+        self._step: int | None = None
         self._bad_before: set[str] = set()
 
-    def bad_values(self, stats: dict[str, float], norms: dict[str, float]) -> dict[str, float]:
+    def bad_values(self, stats: dict[str, float], norms: dict[str, float], step: int) -> dict[str, float]:
         """Non-finite grad norms, and loss metrics of ``stats`` that turned non-finite since the previous
-        minibatch of the same step (``stats`` accumulates over a step's minibatches)."""
-        if id(stats) != self._stats_id:  # a new training step
-            self._stats_id, self._bad_before = id(stats), set()
+        minibatch of the same training ``step`` (``stats`` accumulates over a step's minibatches)."""
+        if step != self._step:  # a new training step (not id(stats): a new dict can reuse a freed one's id)
+            self._step, self._bad_before = step, set()
         bad = {k: v for k, v in norms.items() if not math.isfinite(v)}
         new_losses = {k: stats[k] for k in LOSS_KEYS if k in stats and not math.isfinite(stats[k])}
         bad |= {k: v for k, v in new_losses.items() if k not in self._bad_before}
@@ -54,7 +56,7 @@ class NonFiniteGuard:
 
     def skip(self, step: int, stats: dict[str, float], norms: dict[str, float]) -> bool:
         """True when this optimizer step must be skipped (on any process); raises after too many in a row."""
-        bad = self.bad_values(stats, norms)
+        bad = self.bad_values(stats, norms, step)
         flag = self.world.sum(torch.tensor([1.0 if bad else 0.0], dtype=torch.float64))
         stats.setdefault("optim/skipped_steps", 0.0)
         if float(flag[0]) == 0:
@@ -111,23 +113,39 @@ class TrainingInterrupted(Exception):
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) between or during steps: the first one asks the loop to stop once the current step is
-    finished (fit() then saves a checkpoint and raises TrainingInterrupted); a second one aborts at once
-    (KeyboardInterrupt: the step in progress is lost, the last checkpoint stays intact). Under DDP the request
-    is summed over the processes, so every rank stops after the same step even if only one got the signal.
+    """SIGINT (Ctrl-C) or SIGTERM (slurm ``scancel``, preemption) between or during steps: the first one asks the
+    loop to stop once the current step is finished (fit() then saves a checkpoint and raises
+    TrainingInterrupted); a second one aborts at once (KeyboardInterrupt: the step in progress is lost, the last
+    checkpoint stays intact). Under torchrun (``accelerate launch`` with several processes) the terminal's
+    Ctrl-C reaches each worker and torchrun forwards its own copy a moment later, so a repeat within
+    ``TORCHRUN_REPEAT_S`` counts as the same request there (torchrun still SIGKILLs its workers 30 s after a
+    Ctrl-C: a longer step is cut and the run resumes from the last checkpoint). Under DDP the request is summed
+    over the processes, so every rank stops after the same step even if only one got the signal.
     Installed only from the main thread (signal handlers cannot be set elsewhere)."""
+
+    TORCHRUN_REPEAT_S = 2.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, world: Any) -> None:
         self.world = world
         self.requested = False
+        self._first_at = 0.0
+        self._repeat_s = self.TORCHRUN_REPEAT_S if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
         self._installed = threading.current_thread() is threading.main_thread()
-        self._previous: Any = signal.signal(signal.SIGINT, self._on_signal) if self._installed else None
+        self._previous: dict[int, Any] = {}
+        if self._installed:
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self.requested:
+            if now - self._first_at < self._repeat_s:  # torchrun's forwarded copy of the same Ctrl-C
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after the current step (a checkpoint will be saved); Ctrl-C again aborts now")
+        self.requested, self._first_at = True, now
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: stopping after the current step (a checkpoint will be saved); Ctrl-C again aborts now",
+                    name)
 
     def agreed(self) -> bool:
         """True on every process when any process was asked to stop."""
@@ -136,5 +154,6 @@ class StopRequest:
 
     def close(self) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
             self._installed = False

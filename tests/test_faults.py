@@ -386,3 +386,49 @@ def test_stop_request_first_signal_asks_second_aborts_and_handler_is_restored() 
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_under_torchrun_a_forwarded_repeat_is_one_request_and_sigterm_asks_to_stop(monkeypatch) -> None:  # noqa: ANN001
+    """torchrun forwards the terminal's Ctrl-C to its workers, which got it already: the copy that follows at
+    once must not abort the step. SIGTERM (scancel, preemption) asks for a stop after the step like Ctrl-C."""
+    from rl_small.distributed import World
+    from rl_small.guards import StopRequest
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopRequest(World())
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: ignored
+        time.sleep(0.05)
+        assert stop.requested and stop.agreed()
+        stop._first_at -= StopRequest.TORCHRUN_REPEAT_S  # a later, deliberate second Ctrl-C aborts
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        stop.close()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    term = StopRequest(World())
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert term.requested
+    finally:
+        term.close()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_nonfinite_guard_resets_per_step_number_not_per_dict_identity() -> None:
+    """The same stats dict object (or a new one at a freed one's address) for the next step must not hide a
+    loss that is non-finite again."""
+    from rl_small.distributed import World
+    from rl_small.guards import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_in_row=10, world=World())
+    stats = {"loss/total": float("nan")}
+    assert guard.skip(0, stats, {"optim/grad_norm": 1.0})
+    stats.clear()
+    stats["loss/total"] = float("nan")  # step 1, same dict object
+    assert guard.skip(1, stats, {"optim/grad_norm": 1.0}) and guard.in_row == 2
+    assert not guard.skip(1, stats, {"optim/grad_norm": 1.0})  # same step, nothing new went bad

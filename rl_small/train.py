@@ -9,10 +9,11 @@ reports before/after accuracy (also written to ``<run_dir>/summary.json``).
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 import json
 import logging
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_dir_for(cfg: Any) -> Path:
-    name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``output_dir/run_name``, or ``output_dir/<recipe name>-<start time>``. Under a launcher with several
+    processes the time is the launcher's start (every rank's parent), so ranks started across a second boundary
+    still agree on the folder."""
+    started = time.time()
+    if not cfg.train.run_name and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import psutil  # a dependency of accelerate
+
+        started = psutil.Process(os.getppid()).create_time()
+    name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
     return Path(cfg.train.output_dir) / name
 
 

@@ -432,3 +432,18 @@ def test_nonfinite_guard_resets_per_step_number_not_per_dict_identity() -> None:
     stats["loss/total"] = float("nan")  # step 1, same dict object
     assert guard.skip(1, stats, {"optim/grad_norm": 1.0}) and guard.in_row == 2
     assert not guard.skip(1, stats, {"optim/grad_norm": 1.0})  # same step, nothing new went bad
+
+
+def test_ranks_agree_on_the_run_folder_across_a_second_boundary(monkeypatch) -> None:  # noqa: ANN001
+    """Without train.run_name, each rank names the folder: under a launcher they take the launcher's start time
+    (their common parent), not their own clock, so ranks started a second apart write to one folder."""
+    from rl_small.config import load_recipe
+    from rl_small.train import run_dir_for
+
+    cfg = load_recipe(None, ["train.output_dir=/tmp/x"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    first = run_dir_for(cfg)
+    time.sleep(1.1)
+    assert run_dir_for(cfg) == first
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_dir_for(cfg) != first  # one process: its own start time

@@ -22,14 +22,14 @@ def check_run(cfg: RunConfig, acc: Any) -> None:
     (FSDP / DeepSpeed), inconsistent sampling options."""
     a = cfg.algo
     if (a.kl_coef > 0 or a.log_kl) and cfg.model.lora is None:
-        raise ValueError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
+        raise RecipeError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
     if a.name == "ppo" and cfg.model.lora is None:
-        raise ValueError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
+        raise RecipeError("algo.name=ppo needs model.lora: the critic is a second LoRA adapter on the same base")
     kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
     if kind in ("FSDP", "DEEPSPEED"):
         # The adapter save, the rollout sync and hf generation read unwrap_model()'s parameters, which are
         # shards under FSDP / ZeRO-3; a gathered state dict and DeepSpeed's micro-batch stepping are not built.
-        raise ValueError(f"accelerate distributed_type {kind} is not supported by the trainer yet: use "
+        raise RecipeError(f"accelerate distributed_type {kind} is not supported by the trainer yet: use "
                          "launch/accelerate/ddp.yaml (or single_gpu.yaml)")
     if a.domain_sampling and len(cfg.data.mix) < 2:
         raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")

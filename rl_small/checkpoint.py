@@ -119,7 +119,10 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     missing = [n for n in trainable if n not in params]
     if missing:
-        raise KeyError(f"checkpoint {str(path)!r} has parameters the model lacks, e.g. {missing[:3]}")
+        from rl_small.config import RecipeError
+
+        raise RecipeError(f"checkpoint {str(path)!r} has parameters the model lacks, e.g. {missing[:3]} (resumed "
+                          "with other model.lora settings than the run that saved it?)")
     with torch.no_grad():
         for n, t in trainable.items():
             params[n].copy_(t)

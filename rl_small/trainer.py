@@ -226,7 +226,7 @@ class Trainer:
         a = self.cfg.algo
         groups = group_indices(batch.rollouts)
         if a.minibatches > len(groups):
-            raise ValueError(f"algo.minibatches={a.minibatches} exceeds the {len(groups)} groups of the batch")
+            raise RecipeError(f"algo.minibatches={a.minibatches} exceeds the {len(groups)} groups of the batch")
         stats = dict.fromkeys(("loss/policy", "loss/kl", "loss/total", "loss/clip_frac", "optim/grad_norm"), 0.0)
         self.model.train()
         n_opt = a.epochs * a.minibatches
@@ -392,7 +392,7 @@ class Trainer:
         extra = state["extra"]
         if self.critic is not None:
             if "critic" not in extra:
-                raise KeyError(f"checkpoint {str(ckpts[-1])!r} has no critic state: it is not from a ppo run")
+                raise RecipeError(f"checkpoint {str(ckpts[-1])!r} has no critic state: it is not from a ppo run")
             self.critic.load_state_dict(extra["critic"])
         if self.pass_rates is not None and "pass_rates" in extra:
             self.pass_rates.load_state_dict(extra["pass_rates"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_small.config import load_recipe
+from rl_small.config import RecipeError, load_recipe
 from rl_small.trainer import Trainer
 
 TOKEN_REWARD = "rewards=[{name: 'tests.helpers:token_reward'}]"
@@ -81,7 +81,7 @@ def test_ppo_needs_lora_and_a_grpo_checkpoint_is_not_a_ppo_one(tiny_overrides: l
     with pytest.raises(ValueError, match="algo.name=ppo needs model.lora"):
         _trainer(tiny_overrides + ["model.lora=null", "algo.name=ppo"], tmp_path / "a")
     _trainer(tiny_overrides + FAKE_MIXED + [TOKEN_REWARD, "train.steps=1"], tmp_path / "grpo").fit()
-    with pytest.raises(KeyError, match="no critic state"):
+    with pytest.raises(RecipeError, match="no critic state"):
         _trainer(tiny_overrides + FAKE_MIXED + [TOKEN_REWARD, "algo.name=ppo"], tmp_path / "grpo", resume=True)
 
 

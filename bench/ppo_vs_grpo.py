@@ -6,6 +6,8 @@ summary.json.
 Reads only the run directories (no model, no torch). Per run: held-out accuracy before/after (summary.json),
 then the chosen steps' reward, accuracy, completion length, KL to the reference, entropy, ratio-clip and
 truncation fractions, step time, and a smoothed reward (mean over the first and last five steps).
+The trainer logs ``policy/entropy`` every ``algo.entropy_log_every`` steps (default 5; every step when
+``algo.entropy_coef > 0``): train the compared runs with ``algo.entropy_log_every=1`` to fill that column.
 """
 
 from __future__ import annotations

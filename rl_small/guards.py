@@ -104,6 +104,17 @@ def guarded_step(tr: Any, stats: dict[str, float], add: Callable[[str, float], N
         tr.critic.step(mgn)  # clips again (a no-op after the check) and steps
 
 
+def step_schedulers(tr: Any, stats: dict[str, float], n_opt: int) -> None:
+    """Advance the LR schedules (policy, critic) after a training step, unless every one of its ``n_opt``
+    optimizer steps was skipped: the schedule follows the updates actually made (and torch warns about a
+    scheduler step with no optimizer step before it)."""
+    if stats.get("optim/skipped_steps", 0.0) >= n_opt:
+        return
+    tr.scheduler.step()
+    if tr.critic is not None and tr.critic.scheduler is not None:
+        tr.critic.scheduler.step()
+
+
 class TrainingInterrupted(Exception):
     """The run stopped at a user's request (Ctrl-C) after a finished step, with a checkpoint of that step."""
 

@@ -30,7 +30,7 @@ from rl_small.data import build_prompts, load_task_rows
 from rl_small.data.mixture import DomainMixture, DynamicWeights
 from rl_small.data.registry import LoadStats
 from rl_small.distributed import World, gather_object, reduce_metrics
-from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step
+from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step, step_schedulers
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
 from rl_small.rollout import SamplingSpec, SyncCheck, make_backend
@@ -237,9 +237,7 @@ class Trainer:
             for k in range(a.minibatches):
                 part = order[k * len(order) // a.minibatches : (k + 1) * len(order) // a.minibatches]
                 self._minibatch_step(batch, sorted(i for g in part for i in g), stats, n_opt)
-        self.scheduler.step()
-        if self.critic is not None and self.critic.scheduler is not None:
-            self.critic.scheduler.step()
+        step_schedulers(self, stats, n_opt)  # rl_small.guards: not after a step whose updates were all skipped
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
         return stats
 

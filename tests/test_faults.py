@@ -46,8 +46,10 @@ def test_nonfinite_gradient_skips_the_step_and_counts_it(tiny_overrides: list[st
     lora = next(p for n, p in tr.model.named_parameters() if "lora_A" in n)
     _poison(lora, {0}, tr)
     before = _params(tr)
+    sched = tr.scheduler.state_dict()["last_epoch"]
     m = tr.step()
     assert m["optim/skipped_steps"] == 1.0 and math.isnan(m["optim/grad_norm"])
+    assert tr.scheduler.state_dict()["last_epoch"] == sched, "the LR schedule advanced over a skipped step"
     after = _params(tr)
     assert all(torch.equal(before[n], after[n]) for n in before), "a skipped step changed a parameter"
     assert all(p.grad is None for p in tr.policy_params), "the poisoned gradients were kept"

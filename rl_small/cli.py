@@ -49,7 +49,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs (one process each; rank 0 hosts a spawned vLLM)")
     p.add_argument("--prompt-tokens", type=int, help="longest prompt in tokens (default: by task)")
     p.add_argument("--head", default="auto", choices=["auto", "naive", "chunked"],
-                   help="log-prob head to assume (auto: the one this installation has)")
+                   help="log-prob head to assume (auto = chunked, the one the trainer uses; naive: full logits)")
     p.add_argument("--write-header", action="store_true",
                    help="write the smallest-GPU line ('# plan: fits ...') into the recipe's header comments")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

@@ -16,7 +16,6 @@ The activation and head terms are checked against measured peaks on CPU by ``ben
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from math import ceil
 from pathlib import Path
@@ -97,11 +96,11 @@ def _trainable_params(arch: Arch, cfg: RunConfig) -> int:
 
 
 def head_rows(vocab: int, head: str = "auto") -> int | None:
-    """Rows per chunk of the fused log-prob head, or None for the naive head. ``auto``: the fused head when
-    this installation has it (``rl_small.head``), found without importing torch."""
+    """Rows per chunk of the fused log-prob head, or None for the naive head (full fp32 logits, rl-small before
+    the fused head; kept for comparison). ``auto``: the head the trainer uses, the fused ``rl_small.head``."""
     if head not in ("auto", "naive", "chunked"):
         raise ValueError(f"head must be auto, naive or chunked, got {head!r}")
-    if head == "naive" or (head == "auto" and importlib.util.find_spec("rl_small.head") is None):
+    if head == "naive":
         return None
     return max(1, HEAD_CHUNK_ELEMENTS // vocab)
 

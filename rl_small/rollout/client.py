@@ -24,6 +24,8 @@ found sooner by a watchdog (watchdog.py): while requests are in flight it checks
 seconds, and after 3 checks in a row without an answer it closes those requests' connections, so that they
 are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
 (the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
+``close()`` is final: requests still in flight (a prefetch thread's) are aborted and fail with "rollout backend
+closed", nothing is retried and no server is restarted after it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from rl_small.rollout.vllm_server import (
     healthy,
     probe,
 )
-from rl_small.rollout.watchdog import Watchdog
+from rl_small.rollout.watchdog import CLOSED, Watchdog
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
@@ -97,6 +99,7 @@ class VLLMServerBackend:
         self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
         self._down: dict[str, float] = {}
         self._fatal: str | None = None  # set when generation gave up: the other requests stop at once
+        self._closed = False  # set by close(): nothing is retried or restarted any more
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
         self.watchdog = Watchdog(self.urls, health_every)  # aborts the requests of a server that hangs
@@ -143,6 +146,7 @@ class VLLMServerBackend:
         version, model = self.version, self._name(self.version)
         if not reqs:
             return []
+        self._check_open()
         self._fatal = None
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
@@ -165,6 +169,7 @@ class VLLMServerBackend:
         }
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
+            self._check_open()
             if self._fatal:
                 raise RolloutError(self._fatal)
             url = self._pick()
@@ -188,6 +193,7 @@ class VLLMServerBackend:
             finally:
                 with self._lock:
                     self._inflight[url] -= 1
+            self._check_open()  # close() aborted it: not a server fault, nothing to retry
             with self._lock:
                 self.stats["retries"] += 1
             log.warning("request to %s failed (%s), attempt %d of %d", url, last, attempt + 1, self.max_retries + 1)
@@ -218,6 +224,7 @@ class VLLMServerBackend:
         """After a failed request: restart the server if it is ours and dead, or set it aside; re-add the
         current adapter to it (a restarted server has none)."""
         with self._restart_locks[url]:
+            self._check_open()
             if self._fatal:
                 raise RolloutError(self._fatal)
             if healthy(url):
@@ -240,12 +247,18 @@ class VLLMServerBackend:
             log.warning("vLLM server %s is not answering /health: restarting it", url)
             with self._lock:
                 self.stats["restarts"] += 1
-            server.restart()
+            try:
+                server.restart()
+            finally:
+                if self._closed:  # close() ran during the restart: leave no server behind
+                    server.stop()
+            self._check_open()
             self._ensure_adapter(url)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def sync(self, weights: Path | Any, version: int) -> None:
         """Serve ``weights`` (PEFT model, adapter folder, or full model) as ``version``."""
+        self._check_open()
         if not self.is_main:
             self.version = version  # the main process exported and loaded it (the trainer waits for it)
             return
@@ -392,9 +405,16 @@ class VLLMServerBackend:
             return json.loads(r.read())
 
     def close(self) -> None:
+        """Stop for good: requests in flight (a prefetch thread's) are aborted and fail with "backend closed"
+        instead of being retried, and no server is restarted; the servers this process spawned are stopped."""
+        self._closed = True
         self.watchdog.close()
         for server in self.servers.values():
             server.stop()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RolloutError(f"{CLOSED}: no more requests, retries or server restarts after close()")
 
 
 def _choice(c: dict[str, Any]) -> tuple[list[int], list[float], str]:

@@ -76,3 +76,40 @@ def test_close_aborts_requests_in_flight_on_an_external_server() -> None:
         assert time.monotonic() - t0 < 30 and fake.completions == 0 and backend.stats["retries"] == 0
     finally:
         fake.stop()
+
+
+EXIT_SCRIPT = """
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from rl_small.rollout.base import SamplingSpec
+from rl_small.rollout.client import VLLMServerBackend
+from rl_small.types import Prompt
+from tests.fake_vllm import FakeVLLM
+from tests.test_server_faults import _Tok
+
+fake = FakeVLLM().start()
+fake.delay = 120.0
+backend = VLLMServerBackend([fake.url], _Tok(), Path(sys.argv[1]), request_timeout=300)
+pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # Trainer._pool: non-daemon, joined at exit
+fut = pool.submit(backend.generate, [Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=3))
+while not sum(backend._inflight.values()):
+    time.sleep(0.01)
+backend.close()  # what rl_small.train does at the end, with the prefetch still running
+print("closed", flush=True)
+"""
+
+
+def test_interpreter_exits_soon_after_close_with_a_prefetch_in_flight(tmp_path: Path) -> None:
+    """The run's last step prefetched the next batch: exit must not wait for that request (120 s here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=200, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr[-2000:]
+    assert time.monotonic() - t0 < 60, "interpreter exit waited for the prefetch thread's request"

@@ -121,8 +121,8 @@ class RolloutConfig(_Closed):
         default_factory=list, description="Extra `vllm serve` arguments for spawned servers and `rl-small serve`."
     )
     request_timeout: Literal["auto"] | PositiveFloat = Field(
-        "auto", description="vllm_server: seconds before a request is retried (doubled at each retry); auto = 60 + "
-        "0.05 x n x max_new_tokens x requests in flight on that server (a floor of 20 tokens/s per server).",
+        "auto", description="vllm_server: seconds before a request is retried (x 2 at each retry); auto = 60 + 0.05 "
+        "x its n x max_new_tokens x requests on that server (all processes'), at most 600: >= 20 tokens/s a server.",
     )
     connect_grace_s: float = Field(
         60.0, gt=0, description="vllm_server: an external server (server_urls) that refuses connections this long, "

@@ -161,12 +161,56 @@ def test_hanging_server_costs_one_request_timeout_and_the_grace(caplog: pytest.L
 def test_auto_request_timeout_follows_tokens_in_flight() -> None:
     backend = VLLMServerBackend(["http://127.0.0.1:1"], _Tok(), Path("/tmp"))
     url = backend.urls[0]
-    small, big = SamplingSpec(n=2, max_new_tokens=16), SamplingSpec(n=8, max_new_tokens=512)
     backend._inflight[url] = 1
-    assert backend.timeout_for(url, small) == pytest.approx(60 + 0.05 * 32)
+    assert backend.timeout_for(url, 2, 16) == pytest.approx(60 + 0.05 * 2 * 16)
+    assert backend.timeout_for(url, 2, 16, attempt=2) == pytest.approx((60 + 0.05 * 2 * 16) * 4)
     backend._inflight[url] = 4
-    assert backend.timeout_for(url, big) == pytest.approx(60 + 0.05 * 8 * 512 * 4)
-    assert VLLMServerBackend([url], _Tok(), Path("/tmp"), request_timeout=7).timeout_for(url, big) == 7
+    assert backend.timeout_for(url, 2, 512) == pytest.approx(60 + 0.05 * 2 * 512 * 4)  # 264.8 s
+    fixed = VLLMServerBackend([url], _Tok(), Path("/tmp"), request_timeout=7)
+    assert [fixed.timeout_for(url, 8, 512, a) for a in range(3)] == [7, 14, 28]
+
+
+def test_auto_request_timeout_is_capped_counts_every_process_and_uses_the_requests_own_n() -> None:
+    """64 requests of 16 x 512 tokens in flight was a 26,000 s first timeout (x 8 by the last retry): capped at
+    600 s x 2^attempt; 4 processes sharing a server see 4x the requests this one has there; a greedy group of
+    n=8 is split into requests of n=1, each with the budget of one completion."""
+    url = "http://127.0.0.1:1"
+    one = VLLMServerBackend([url], _Tok(), Path("/tmp"))
+    one._inflight[url] = 64
+    assert [one.timeout_for(url, 16, 512, a) for a in range(4)] == [600, 1200, 2400, 4800]
+    shared = VLLMServerBackend([url], _Tok(), Path("/tmp"), world_size=4)
+    shared._inflight[url] = 2
+    assert shared.timeout_for(url, 1, 256) == pytest.approx(60 + 0.05 * 256 * 2 * 4)  # 162.4 s, not 85.6
+    assert one.timeout_for(url, 1, 4) == pytest.approx(60 + 0.05 * 4 * 64)
+
+
+def test_make_backend_tells_the_server_client_the_process_count(tmp_path: Path) -> None:
+    from rl_small.config import RolloutConfig
+    from rl_small.rollout import make_backend
+
+    fake = FakeVLLM().start()
+    try:
+        cfg = RolloutConfig(backend="vllm_server", server_urls=[fake.url])
+        backend = make_backend(cfg, None, _Tok(), run_dir=tmp_path, is_main=False, rank=1, world=4)
+        assert isinstance(backend, VLLMServerBackend) and backend.world_size == 4
+        backend.close()
+    finally:
+        fake.stop()
+
+
+def test_requests_are_sent_with_the_timeout_of_their_own_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy n=8: eight requests of n=1 against a fake server; each posts with the n=1 budget, not n=8's."""
+    fake = FakeVLLM().start()
+    sent: list[float] = []
+    try:
+        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), max_workers=1)
+        post = backend.watchdog.post
+        monkeypatch.setattr(backend.watchdog, "post", lambda u, r, b, t: (sent.append(t), post(u, r, b, t))[1])
+        out = backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=8, max_new_tokens=100, temperature=0.0))
+        assert len(out) == 8 and sent == [pytest.approx(60 + 0.05 * 100)] * 8  # one request in flight at a time
+    finally:
+        backend.close()
+        fake.stop()
 
 
 def test_spawned_server_start_logs_progress(fake_python: str, tmp_path: Path, fast_progress: None,

@@ -116,3 +116,28 @@ def test_trainer_alarms_when_the_sampler_serves_stale_weights(tiny_overrides: li
     tr.sync_check.error = 50.0  # the default threshold: a run stops instead of training on the wrong policy
     with pytest.raises(SyncError, match="step 6: .*sampler is likely not serving the trained weights"):
         tr.step()
+
+
+def test_a_rank_without_sampler_logprobs_skips_the_check_on_every_rank_without_hanging() -> None:
+    """One process's batch had a short sampler logprob list (no sampler_logp): every process still joins the
+    reduction and all skip the jump check alike (a rank that returned early left the others blocked: DDP hang)."""
+    import threading
+    from collections import deque
+
+    from tests.helpers import ThreadWorld
+
+    def run(values: list[float | None]) -> list[dict[str, float]]:
+        shared = {"barrier": threading.Barrier(2, timeout=30), "slots": [None, None]}
+        worlds = [ThreadWorld(r, 2, shared) for r in range(2)]
+        checks = [SyncCheck(warn=5.0, error=None, history={0: deque([0.01, 0.01])}) for _ in worlds]
+
+        def one(w: ThreadWorld) -> dict[str, float]:
+            v = values[w.rank]
+            return checks[w.rank]({} if v is None else {"rollout/sampler_logp_absdiff": v}, _rollouts(3), 3, w)
+
+        return ThreadWorld.run(worlds, one)
+
+    assert run([0.02, None]) == [{"rollout/version_lag": 0.0}] * 2
+    both = run([0.02, 0.04])  # mean 0.03 = 3x the median 0.01: measured, below the warn level
+    assert [o["rollout/sampler_logp_jump"] for o in both] == [pytest.approx(3.0)] * 2
+    assert all(o["rollout/sync_alarm"] == 0.0 for o in both)

@@ -86,7 +86,8 @@ def make_rollout(
 def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any) -> RolloutBackend:
     """Build the backend named by ``cfg.backend``. ``context`` (vLLM backends): ``model_name`` (the base model
     folder the sampler loads), ``lora_rank``, ``run_dir`` (adapter versions and server logs), ``is_main``;
-    (fake) ``rank`` and ``world``, this process's place among the data-parallel processes."""
+    ``rank`` and ``world``, this process's place among the data-parallel processes (fake: its share of the
+    completions; vllm_server: ``world`` processes share the servers, for the auto request timeout)."""
     backend = cfg.backend
     rank, world = context.pop("rank", 0), context.pop("world", 1)
     if backend == "auto":
@@ -109,7 +110,7 @@ def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any)
     if backend == "vllm_server":
         from rl_small.rollout.client import VLLMServerBackend
 
-        return VLLMServerBackend.from_config(cfg, tokenizer, **context)
+        return VLLMServerBackend.from_config(cfg, tokenizer, world=world, **context)
     if backend == "vllm_engine":
         from rl_small.rollout.engine import VLLMEngineBackend
 

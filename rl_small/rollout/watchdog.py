@@ -28,6 +28,7 @@ from rl_small.rollout.vllm_server import healthy
 
 log = logging.getLogger("rl_small.rollout")
 STRIKES = 3  # consecutive /health checks without an answer before in-flight requests are aborted
+CLOSED = "rollout backend closed"
 
 
 class ServerHung(ConnectionError):
@@ -55,6 +56,9 @@ class Watchdog:
         with self._lock:
             self._conns[url].add(conn)
         try:
+            conn.connect()
+            if self._closed.is_set():  # closed while connecting: close() may have seen no socket to shut down
+                raise ServerHung(f"{CLOSED}: request not sent")
             conn.request("POST", parts.path + route, json.dumps(body), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
@@ -63,7 +67,8 @@ class Watchdog:
             return json.loads(data)
         except (OSError, http.client.HTTPException) as err:
             if conn in self._aborted:
-                raise ServerHung(f"no answer to /health for {STRIKES} checks: request aborted") from err
+                why = CLOSED if self._closed.is_set() else f"no answer to /health for {STRIKES} checks"
+                raise ServerHung(f"{why}: request aborted") from err
             if isinstance(err, http.client.HTTPException) and not isinstance(err, OSError):
                 raise ConnectionError(f"{type(err).__name__}: {err}") from err
             raise
@@ -74,7 +79,12 @@ class Watchdog:
             conn.close()
 
     def close(self) -> None:
-        self._closed.set()
+        """Stop watching and abort every request in flight (they fail at once with ``ServerHung``); later
+        requests are refused: a backend being closed must not wait for its requests' timeouts."""
+        with self._lock:
+            self._closed.set()
+            busy = [c for conns in self._conns.values() for c in conns]
+        self._abort(busy)
 
     def _start(self) -> None:
         with self._lock:
@@ -97,9 +107,13 @@ class Watchdog:
                 strikes[url] = 0
                 log.warning("vLLM server %s has not answered /health for %d checks (%.0f s apart) with %d requests in "
                             "flight: aborting them", url, STRIKES, self.every, len(busy))
-                for conn in busy:
-                    with self._lock:
-                        self._aborted.add(conn)
-                    if conn.sock is not None:
-                        with contextlib.suppress(OSError):
-                            conn.sock.shutdown(socket.SHUT_RDWR)
+                self._abort(busy)
+
+    def _abort(self, conns: list[http.client.HTTPConnection]) -> None:
+        """Shut the sockets of ``conns`` down: their requests fail at once (marked aborted for ``post``)."""
+        for conn in conns:
+            with self._lock:
+                self._aborted.add(conn)
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,115 @@
+"""``VLLMServerBackend.close()`` is final (tests/fake_vllm.py servers, no vLLM): a prefetch thread still
+generating when the run ends must neither restart the stopped servers nor wait for its requests' timeouts."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rl_small.rollout.base import SamplingSpec
+from rl_small.rollout.client import RolloutError, VLLMServerBackend
+from rl_small.types import Prompt
+from tests.fake_vllm import FakeVLLM
+from tests.test_server_faults import _Tok
+
+
+class _Owned:
+    """A server this process spawned, as the backend sees it: stop() stops the fake; restart() is counted
+    (a real one would start a new vLLM process)."""
+
+    def __init__(self, fake: FakeVLLM) -> None:
+        self.fake, self.url, self.restarts, self.stopped = fake, fake.url, 0, False
+
+    def stop(self, grace: float = 30.0) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.fake.stop()
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+
+def _generate_in_background(backend: VLLMServerBackend, n_prompts: int) -> tuple[ThreadPoolExecutor, Future]:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # as Trainer._pool
+    fut = pool.submit(backend.generate, [Prompt(f"p{i}", "hi", "") for i in range(n_prompts)],
+                      SamplingSpec(n=2, max_new_tokens=3))
+    deadline = time.monotonic() + 30
+    while sum(backend._inflight.values()) < n_prompts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(backend._inflight.values()) == n_prompts, "the requests never got in flight"
+    return pool, fut
+
+
+def test_close_during_generation_restarts_no_spawned_server() -> None:
+    fake = FakeVLLM().start()
+    fake.delay = 60.0  # the requests are in flight when the run ends
+    owned = _Owned(fake)
+    backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), [owned], request_timeout=120, max_retries=3)
+    pool, fut = _generate_in_background(backend, 4)
+    t0 = time.monotonic()
+    backend.close()
+    with pytest.raises(RolloutError, match="rollout backend closed: no more requests, retries or server restarts"):
+        fut.result(timeout=60)
+    pool.shutdown()
+    assert owned.stopped and owned.restarts == 0 and backend.stats["restarts"] == 0
+    assert time.monotonic() - t0 < 30  # not the 60 s the server would take, nor a restart's startup_timeout
+    with pytest.raises(RolloutError, match="rollout backend closed"):
+        backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=1, max_new_tokens=3))
+
+
+def test_close_aborts_requests_in_flight_on_an_external_server() -> None:
+    """An external server keeps running after close(): its in-flight requests are cut off, not waited for
+    (a non-daemon prefetch thread would hold interpreter exit for up to the request timeout)."""
+    fake = FakeVLLM().start()
+    fake.delay = 60.0
+    try:
+        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=120, max_retries=3)
+        pool, fut = _generate_in_background(backend, 3)
+        t0 = time.monotonic()
+        backend.close()
+        with pytest.raises(RolloutError, match="rollout backend closed"):
+            fut.result(timeout=90)
+        pool.shutdown()
+        assert time.monotonic() - t0 < 30 and fake.completions == 0 and backend.stats["retries"] == 0
+    finally:
+        fake.stop()
+
+
+EXIT_SCRIPT = """
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from rl_small.rollout.base import SamplingSpec
+from rl_small.rollout.client import VLLMServerBackend
+from rl_small.types import Prompt
+from tests.fake_vllm import FakeVLLM
+from tests.test_server_faults import _Tok
+
+fake = FakeVLLM().start()
+fake.delay = 120.0
+backend = VLLMServerBackend([fake.url], _Tok(), Path(sys.argv[1]), request_timeout=300)
+pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # Trainer._pool: non-daemon, joined at exit
+fut = pool.submit(backend.generate, [Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=3))
+while not sum(backend._inflight.values()):
+    time.sleep(0.01)
+backend.close()  # what rl_small.train does at the end, with the prefetch still running
+print("closed", flush=True)
+"""
+
+
+def test_interpreter_exits_soon_after_close_with_a_prefetch_in_flight(tmp_path: Path) -> None:
+    """The run's last step prefetched the next batch: exit must not wait for that request (120 s here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=200, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr[-2000:]
+    assert time.monotonic() - t0 < 60, "interpreter exit waited for the prefetch thread's request"

@@ -23,6 +23,7 @@ from rewards import (
     deadline,
     register_reward,
 )
+from rewards.deadline import shield
 from rl_small.config import RecipeError, load_recipe
 
 
@@ -164,6 +165,42 @@ def test_deadline_works_off_the_main_thread() -> None:
     t.start()
     t.join(10)
     assert 0.15 < out["took"] < 5
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_shield_defers_the_deadline_to_its_end(where: str) -> None:
+    """A deadline that expires inside ``shield()`` does not interrupt it (the block runs whole, also past
+    several refires); RewardTimeout is raised when the shield ends, and nested shields defer to the outermost."""
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        steps = []
+        t0 = time.monotonic()
+        try:
+            with deadline(0.2):
+                with shield():
+                    with shield():
+                        for _ in range(8):  # 0.8 s: the deadline fires and refires (every 0.1 s) in here
+                            time.sleep(0.1)
+                            steps.append(1)
+                    steps.append(2)  # the inner shield ended inside the outer: no raise yet
+                steps.append(3)  # never reached: raised as the outer shield ended
+        except RewardTimeout:
+            out["took"] = time.monotonic() - t0
+        out["steps"] = steps
+
+    if where == "main":
+        work()
+    else:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(30)
+    assert out["steps"] == [1] * 8 + [2]
+    assert 0.75 < out["took"] < 10
+    with deadline(0.2):  # a shield without an expired deadline raises nothing
+        with shield():
+            pass
+    time.sleep(0.3)
 
 
 def _alarm_user(completions, **kw):  # noqa: ANN001, ANN003, ANN202

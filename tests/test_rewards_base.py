@@ -503,6 +503,54 @@ def test_a_reward_that_raises_every_step_stops_the_run(tiny_overrides: list[str]
     assert tr.step_no == 1  # step 1 was trained (one failure is counted); the second failure stopped the run
 
 
+def test_a_reward_failing_every_step_is_a_one_line_cli_error(tiny_overrides: list[str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Through ``rl-small train``: exit code 1 and one ``rl-small: error: ...`` line naming the reward, no
+    traceback."""
+    from rl_small.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny_overrides, "train.steps=5", "rewards=[{name: 'tests.helpers:token_reward'}, "
+              "{name: 'tests.test_rewards_base:_fails_on_real_batches', max_consecutive_failures: 2}]"])
+    out = capsys.readouterr()
+    assert exc.value.code == 1, out.err[-2000:]
+    assert "Traceback" not in out.err + out.out
+    lines = [ln for ln in out.err.splitlines() if ln.startswith("rl-small:")]
+    assert lines == ["rl-small: error: reward 'tests.test_rewards_base:_fails_on_real_batches' failed 2 calls in a "
+                     "row (every call so far), last with ZeroDivisionError: bug in the reward "
+                     "(rewards[].max_consecutive_failures=2)"], out.err[-2000:]
+
+
+def _score_then_collective(world: Any) -> str:
+    """One process of a DDP step: score its own rollouts (a reward fails only on process 1), then the next
+    collective (a world.sum, as the trainer's guards do)."""
+    import torch
+
+    broken = _raises if world.rank == 1 else _const([1.0])
+    combo = CombinedReward([RewardComponent("judge", broken, max_consecutive_failures=2)])
+    try:
+        for _ in range(3):
+            combo.agreed(world, ["a"])
+            world.sum(torch.zeros(1))
+    except RewardError as err:
+        return f"RewardError: {err}"
+    except threading.BrokenBarrierError:
+        return "hung in the next collective"
+    return "finished"
+
+
+def test_a_reward_failing_on_one_process_stops_every_process() -> None:
+    """Each process scores only its own rollouts: when the reward reaches its failure limit on process 1
+    only, both processes raise the same RewardError (naming the reward and the process) after the second
+    batch, instead of process 1 alone raising and process 0 waiting in the next collective."""
+    from tests.helpers import ThreadWorld
+
+    out = ThreadWorld.run(ThreadWorld.group(2), _score_then_collective)
+    want = ("RewardError: reward 'judge' failed 2 calls in a row (every call so far), last with RuntimeError: boom "
+            "(rewards[].max_consecutive_failures=2) (on process 1 of 2)")
+    assert out == [want, want]
+
+
 def test_a_reward_that_cannot_run_is_a_config_error_before_the_model_loads(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -317,8 +317,9 @@ class RewardComponent:
 
     def check(self, completions: list[str], **kwargs: Any) -> None:
         """Run once on a sample batch, leaving counters and state as they were; RewardConfigError if it cannot
-        run. A reward bound to the policy later (``bind_policy``) is not checked; a timeout only warns."""
-        if hasattr(self.fn, "bind_policy"):
+        run. A reward that needs the policy bound first (``bind_policy``, and ``needs_policy`` true or absent)
+        is not checked; a timeout only warns."""
+        if hasattr(self.fn, "bind_policy") and getattr(self.fn, "needs_policy", True):
             return
         stateful = hasattr(self.fn, "state_dict") and hasattr(self.fn, "load_state_dict")
         state = self.fn.state_dict() if stateful else None  # type: ignore[attr-defined]

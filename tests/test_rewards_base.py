@@ -483,6 +483,23 @@ def test_the_sample_check_leaves_counters_and_state_as_they_were() -> None:
     assert combo(["a"])[0] == [1.0]
 
 
+def test_the_memory_reward_is_sample_checked_unless_its_encoder_is_the_policy() -> None:
+    """episodic_memory has ``bind_policy`` whatever its encoder; only with ``encoder: policy`` (not bound
+    before the model loads) is the sample check skipped. With the hashing encoder a batch it cannot score (no
+    question column, no prompts) is a config error at build time, and a good one leaves its memory empty."""
+    from rewards.memory import EpisodicMemory
+
+    hashing = EpisodicMemory(encoder="hashing")
+    combo = CombinedReward([RewardComponent("episodic_memory", hashing, native=True)])
+    with pytest.raises(RewardConfigError, match=r"'episodic_memory' fails on a sample batch: ValueError: "
+                                                 r"episodic_memory needs the 'question' column or 'prompts'"):
+        combo.check(["\\boxed{1}", "\\boxed{2}"], answer=["1", "1"])
+    combo.check(["\\boxed{1}", "\\boxed{2}"], answer=["1", "1"], question=["q one", "q one"])
+    assert len(hashing.success) == 0 and len(hashing.failure) == 0 and combo.components[0].calls == 0
+    policy = CombinedReward([RewardComponent("episodic_memory", EpisodicMemory(encoder="policy"), native=True)])
+    policy.check(["\\boxed{1}"], answer=["1"])  # not checked: it could not run before bind_policy
+
+
 # ---- in the trainer -------------------------------------------------------------------------------------
 def _fails_on_real_batches(completions, **kw):  # noqa: ANN001, ANN003, ANN202
     """Passes the 2-item sample check at build time, raises on every real (larger) batch."""

@@ -347,10 +347,12 @@ class RewardComponent:
 
     def state_dict(self) -> dict[str, Any]:
         fn_state = self.fn.state_dict() if hasattr(self.fn, "state_dict") else None
-        counters = {k: getattr(self, k) for k in ("calls", "errors", "timeouts", "abstained", "nonfinite")}
+        counters = {k: getattr(self, k) for k in ("calls", "errors", "timeouts", "abstained", "nonfinite",
+                                                  "failed_in_a_row")}  # a resume keeps counting failures in a row
         return {"counters": counters, "fn": fn_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters and the reward's state; a counter missing from an older checkpoint keeps its value."""
         for k, v in state["counters"].items():
             setattr(self, k, v)
         if state.get("fn") is not None and hasattr(self.fn, "load_state_dict"):

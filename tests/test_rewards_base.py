@@ -365,6 +365,28 @@ def test_occasional_failures_stay_counted_and_zero_never_stops() -> None:
     assert never.errors == 5
 
 
+def test_failures_in_a_row_survive_a_resume() -> None:
+    """Two failures, a checkpoint, a resumed run: its first failure is the third in a row and stops it. A
+    state saved before the count was checkpointed loads (the count starts at 0)."""
+    before = CombinedReward([RewardComponent("broken", _raises, max_consecutive_failures=3)])
+    before(["a"])
+    before(["a"])
+    state = before.state_dict()
+    assert state["broken"]["counters"]["failed_in_a_row"] == 2
+    resumed = CombinedReward([RewardComponent("broken", _raises, max_consecutive_failures=3)])
+    resumed.load_state_dict(state)
+    with pytest.raises(RewardError, match=r"'broken' failed 3 calls in a row \(every call so far\)"):
+        resumed(["a"])
+    old = {"broken": {"counters": {k: v for k, v in state["broken"]["counters"].items() if k != "failed_in_a_row"},
+                      "fn": None}}
+    legacy = CombinedReward([RewardComponent("broken", _raises, max_consecutive_failures=3)])
+    legacy.load_state_dict(old)
+    assert legacy.components[0].calls == 2 and legacy.components[0].failed_in_a_row == 0
+    legacy(["a"])
+    legacy(["a"])  # two more failures: 2 in a row counted since the resume, not 3
+    assert legacy.components[0].failed_in_a_row == 2
+
+
 class _Counting:
     """A small reward class exposing metrics() (read and reset by CombinedReward after each call)."""
 

@@ -21,7 +21,8 @@ is called with them once and returns the reward; any other function gets them bo
 not SIGALRM). A component that raises, overruns, or returns a bad value abstains for that batch and is
 counted (``reward/<name>/errors``, ``/timeouts``); non-finite values abstain per item (``/nonfinite``).
 A component that fails ``max_consecutive_failures`` calls in a row (from its first call on) stops the run
-with ``RewardError``. ``CombinedReward.check(sample)`` runs every component once on a sample batch when the
+with ``RewardError``, raised after the batch is scored; under DDP ``CombinedReward.agreed(world, ...)`` raises
+it on every process when it happened on any (each process scores only its own rollouts). ``CombinedReward.check(sample)`` runs every component once on a sample batch when the
 run is built, so a reward that cannot run is a config error (``RewardConfigError``) before the model loads.
 """
 
@@ -64,7 +65,7 @@ def register_reward(name: str) -> Callable[[Callable[..., Any]], Callable[..., A
 
 
 class RewardError(RuntimeError):
-    """A reward failed on every one of its last K calls: the run stops (the trainer does not catch this)."""
+    """A reward failed on every one of its last K calls: the run stops (``rl-small: error: ...``)."""
 
 
 class RewardConfigError(ValueError):
@@ -231,6 +232,7 @@ class RewardComponent:
     abstained: int = 0
     nonfinite: int = 0
     failed_in_a_row: int = 0
+    stop: RewardError | None = None  # set when it reached max_consecutive_failures; CombinedReward raises it
     logged: dict[str, list[float]] = field(default_factory=dict)  # log_metric(name, value) of the last call
     extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra(column, values) of the last call
 
@@ -277,7 +279,8 @@ class RewardComponent:
         return _as_scores(self.name, out, len(completions))
 
     def __call__(self, completions: list[str], **kwargs: Any) -> list[float | None]:
-        """Scores of one batch; a failure abstains for the batch, is counted, and K in a row stop the run."""
+        """Scores of one batch; a failure abstains for the batch and is counted; K in a row set ``stop`` (the
+        RewardError that CombinedReward raises once every component has scored the batch)."""
         self.calls += 1
         n = len(completions)
         try:
@@ -304,17 +307,19 @@ class RewardComponent:
         self.failed_in_a_row += 1
         self.abstained += n
         k = self.max_consecutive_failures
-        if k and self.failed_in_a_row >= k:
+        if k and self.failed_in_a_row >= k and self.stop is None:
             first = " (every call so far)" if self.failed_in_a_row == self.calls else ""
-            raise RewardError(f"reward {self.name!r} failed {self.failed_in_a_row} calls in a row{first}, last "
-                              f"with {type(err).__name__}: {err} (rewards[].max_consecutive_failures="
-                              f"{k})") from err
+            self.stop = RewardError(f"reward {self.name!r} failed {self.failed_in_a_row} calls in a row{first}, "
+                                    f"last with {type(err).__name__}: {err} (rewards[].max_consecutive_failures="
+                                    f"{k})")
+            self.stop.__cause__ = err
         return [None] * n
 
     def check(self, completions: list[str], **kwargs: Any) -> None:
         """Run once on a sample batch, leaving counters and state as they were; RewardConfigError if it cannot
-        run. A reward bound to the policy later (``bind_policy``) is not checked; a timeout only warns."""
-        if hasattr(self.fn, "bind_policy"):
+        run. A reward that needs the policy bound first (``bind_policy``, and ``needs_policy`` true or absent)
+        is not checked; a timeout only warns."""
+        if hasattr(self.fn, "bind_policy") and getattr(self.fn, "needs_policy", True):
             return
         stateful = hasattr(self.fn, "state_dict") and hasattr(self.fn, "load_state_dict")
         state = self.fn.state_dict() if stateful else None  # type: ignore[attr-defined]
@@ -342,10 +347,12 @@ class RewardComponent:
 
     def state_dict(self) -> dict[str, Any]:
         fn_state = self.fn.state_dict() if hasattr(self.fn, "state_dict") else None
-        counters = {k: getattr(self, k) for k in ("calls", "errors", "timeouts", "abstained", "nonfinite")}
+        counters = {k: getattr(self, k) for k in ("calls", "errors", "timeouts", "abstained", "nonfinite",
+                                                  "failed_in_a_row")}  # a resume keeps counting failures in a row
         return {"counters": counters, "fn": fn_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters and the reward's state; a counter missing from an older checkpoint keeps its value."""
         for k, v in state["counters"].items():
             setattr(self, k, v)
         if state.get("fn") is not None and hasattr(self.fn, "load_state_dict"):
@@ -375,7 +382,33 @@ class CombinedReward:
     def __call__(
         self, completions: list[str], **kwargs: Any
     ) -> tuple[list[float], dict[str, list[float | None]], dict[str, float]]:
-        """Return (total per completion, scores per component, metrics)."""
+        """Return (total per completion, scores per component, metrics); RewardError once every component has
+        scored the batch if one reached its ``max_consecutive_failures``."""
+        return self.agreed(None, completions, **kwargs)
+
+    def agreed(
+        self, world: Any, completions: list[str], **kwargs: Any
+    ) -> tuple[list[float], dict[str, list[float | None]], dict[str, float]]:
+        """``self(completions, **kwargs)`` with the stop decided by every process of ``world``
+        (rl_small.distributed.World; None: this process alone). Under DDP each process scores only its own
+        rollouts, so a reward can reach its failure limit on one process: every process then raises the same
+        RewardError, naming the process, where that one raising alone would leave the others waiting forever
+        in the next collective. Every process must call it for each batch (one gather when ``world.size > 1``)."""
+        out = self._score(completions, **kwargs)
+        mine = next((c.stop for c in self.components if c.stop is not None), None)
+        if world is None or world.size == 1:
+            if mine is not None:
+                raise mine
+            return out
+        stops = world.gather([None if mine is None else str(mine)])  # one entry per process, in rank order
+        rank, msg = next(((r, m) for r, m in enumerate(stops) if m is not None), (None, None))
+        if msg is not None:
+            raise RewardError(f"{msg} (on process {rank} of {len(stops)})") from (mine.__cause__ if mine else None)
+        return out
+
+    def _score(
+        self, completions: list[str], **kwargs: Any
+    ) -> tuple[list[float], dict[str, list[float | None]], dict[str, float]]:
         totals = [0.0] * len(completions)
         per: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}

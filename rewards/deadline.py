@@ -5,7 +5,9 @@ of our own (which also interrupts a blocking sleep / read), other threads throug
 (``PyThreadState_SetAsyncExc``). Unlike SIGALRM, reward code cannot cancel it: math-verify's
 ``signal.alarm(0)`` and SIGALRM handlers do not touch it. It fires again every REFIRE_S until the block
 exits, so a reward that swallows RewardTimeout is stopped anyway, and the yielded Deadline's ``fired`` tells
-the caller it overran. Limit: one C call that never returns to the interpreter cannot be interrupted
+the caller it overran. ``with shield(): ...`` defers it: code that must not be cut in half (a pool's
+bookkeeping: kill a worker and forget it, fork one and read its pid) runs whole, and the deadline fires
+when the shield ends. Limit: one C call that never returns to the interpreter cannot be interrupted
 in-process (run such work in a subprocess); the watchdog logs its stack STUCK_WARN_S past the deadline.
 """
 
@@ -63,6 +65,7 @@ class _Watchdog:
         self._cond = threading.Condition(threading.RLock())
         self._active: list[Deadline] = []
         self._thread: threading.Thread | None = None
+        self._shielded: dict[int, int] = {}  # thread id -> depth of its open shield() blocks
 
     def arm(self, d: Deadline) -> None:
         with self._cond:
@@ -84,6 +87,22 @@ class _Watchdog:
         """Whether an armed deadline of ``thread_id`` has expired (read without the lock: signal handler)."""
         return any(d.armed and d.fired and d.thread_id == thread_id for d in list(self._active))
 
+    def due_now(self, thread_id: int) -> bool:
+        """Whether ``thread_id`` must raise RewardTimeout now: a deadline expired and no shield is open."""
+        return not self._shielded.get(thread_id) and self.fired_for(thread_id)
+
+    def shield(self, thread_id: int, enter: bool) -> None:
+        """Open (``enter``) or close one shield of ``thread_id``; while one is open the thread is not
+        interrupted, and an interruption already sent but not yet raised is withdrawn."""
+        with self._cond:  # the watchdog interrupts only while holding it
+            if enter:  # withdraw first: nothing can raise between the count going up and the block
+                _set_async_exc(thread_id, None)
+            depth = self._shielded.get(thread_id, 0) + (1 if enter else -1)
+            if depth > 0:
+                self._shielded[thread_id] = depth
+            else:
+                self._shielded.pop(thread_id, None)
+
     def _interrupt(self, d: Deadline) -> None:
         main = threading.main_thread().ident
         if d.thread_id == main and signal.getsignal(_SIGNAL) is _on_signal:
@@ -101,7 +120,8 @@ class _Watchdog:
                     elif d.fired_at and now - d.fired_at > STUCK_WARN_S:
                         self._warn_stuck(d)
                     d.due = now + REFIRE_S
-                    self._interrupt(d)
+                    if not self._shielded.get(d.thread_id):  # shielded: fired, raised when the shield ends
+                        self._interrupt(d)
                 wait = min((d.due for d in self._active), default=now + 60.0) - now
                 self._cond.wait(max(wait, 0.001))
 
@@ -128,7 +148,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    if _WATCHDOG.fired_for(threading.get_ident()):
+    if _WATCHDOG.due_now(threading.get_ident()):
         raise RewardTimeout("deadline exceeded")
 
 
@@ -158,3 +178,21 @@ def deadline(seconds: float | None) -> Iterator[Deadline | None]:
                 break
             except RewardTimeout:
                 continue
+
+
+@contextlib.contextmanager
+def shield() -> Iterator[None]:
+    """Defer this thread's deadlines during the block: it runs whole, and RewardTimeout is raised when it
+    ends (when an armed deadline expired meanwhile and no exception is already leaving the block).
+
+    For short bookkeeping that an interruption would leave half done; the deadline is late by the block's
+    length, so keep it short (no waiting on an item's work inside).
+    """
+    tid = threading.get_ident()
+    _WATCHDOG.shield(tid, True)
+    try:
+        yield
+    finally:
+        _WATCHDOG.shield(tid, False)
+    if _WATCHDOG.due_now(tid):
+        raise RewardTimeout("deadline exceeded (deferred by a shield)")

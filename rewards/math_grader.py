@@ -15,7 +15,11 @@ reward's own SIGALRM use cancels them; a process can always be killed. The pool
 - gives each item its own deadline, counted from when a ready worker receives it; a worker past its deadline
   is SIGKILLed and replaced, the item is reported as timed out. A batch of n items that need math-verify
   returns within about ceil(n / workers) x deadline (plus the zygote's one-time start on first use);
-- serves one batch at a time (a lock), from any thread;
+- serves one batch at a time (a lock), from any thread; an outer deadline (``rewards.deadline``: the
+  reward component's) may interrupt a batch anywhere: the pool's bookkeeping (fork a worker and read its pid,
+  kill a worker and forget it, hand an item out) runs shielded from it, each fork request carries an id the
+  zygote's reply echoes (a reply to an interrupted request is discarded, never taken for the next worker's
+  pid), and the workers an interrupted batch left busy are killed before the next batch starts;
 - pickles as its configuration only (a reward holding a pool can be pickled; the copy starts its own workers);
 - forgets (does not kill) a parent's zygote and workers after ``os.fork``; is closed at interpreter exit.
   No orphans: the zygote exits when its control socket closes (the trainer closed the pool or died) and
@@ -38,6 +42,11 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+if __package__:  # rewards.math_grader: its batches may run under a reward component's deadline
+    from rewards.deadline import shield
+else:  # run as a file (the zygote, a test's torch-free parent): no rewards.deadline there, nothing to shield
+    shield = contextlib.nullcontext
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +108,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _serve(conn: Connection) -> None:
     """A worker's loop: receive ``(job_id, pairs)``, answer ``(job_id, [bool, ...])``; return on None or EOF."""
-    conn.send(("ready", os.getpid()))
+    try:
+        conn.send(("ready", os.getpid()))
+    except OSError:  # the pool dropped this worker's socket (an interrupted fork request)
+        return
     while True:
         try:
             msg = conn.recv()
@@ -113,8 +125,9 @@ def _serve(conn: Connection) -> None:
 
 def _zygote_main() -> None:
     """The zygote (``python -c <run this file> FILE CTRL_FD PARENT_PID PDEATHSIG``): warm math-verify up once,
-    then fork one worker per request (the request carries the worker's socket); exit when the pool closes the
-    control socket or its process dies. Its workers die with it (PR_SET_PDEATHSIG)."""
+    then fork one worker per request (the request carries the worker's socket and an id; the reply is the id
+    and the worker's pid); exit when the pool closes the control socket or its process dies. Its workers die
+    with it (PR_SET_PDEATHSIG)."""
     fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[-3:])
     if pdeathsig:
         _die_with_parent(parent_pid)
@@ -143,10 +156,12 @@ def _zygote_main() -> None:
                 import resource
 
                 resource.setrlimit(resource.RLIMIT_CPU, (_WORKER_CPU_S, _WORKER_CPU_S + 5))
-            _serve(Connection(fds[0]))
-            os._exit(0)
+            try:
+                _serve(Connection(fds[0]))
+            finally:
+                os._exit(0)
         os.close(fds[0])
-        ctrl.sendall(f"{pid}\n".encode())
+        ctrl.sendall(f"{int(msg)} {pid}\n".encode())
 
 
 class _Zygote:
@@ -163,6 +178,7 @@ class _Zygote:
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         self.ctrl = ours
         self.ctrl.settimeout(startup_timeout_s)
+        self._requests = 0  # fork requests sent: each carries its number, echoed in the zygote's reply
         self._reader = ours.makefile("rb")
         ok = False
         with contextlib.suppress(OSError):
@@ -173,15 +189,27 @@ class _Zygote:
                                f"{startup_timeout_s:g}s (exit code {self.proc.poll()})")
 
     def fork_worker(self) -> tuple[int, Connection]:
-        """A new worker's pid and socket; OSError when the zygote is gone."""
+        """A new worker's pid and socket; OSError when the zygote is gone.
+
+        Replies to earlier requests that were interrupted before their reply was read are skipped (their
+        workers exit when they find their socket closed), so the pid returned is this request's worker's."""
+        self._requests += 1
+        req = self._requests
         ours, theirs = socket.socketpair()
-        with theirs:
-            socket.send_fds(self.ctrl, [b"w"], [theirs.fileno()])
-        pid = int(self._reader.readline() or b"0")
-        if not pid:
+        try:
+            with theirs:
+                socket.send_fds(self.ctrl, [str(req).encode()], [theirs.fileno()])
+            while True:
+                line = self._reader.readline()
+                if not line:
+                    raise OSError("the math grader zygote exited")
+                got, pid = (int(x) for x in line.split())
+                if got == req:
+                    return pid, Connection(ours.detach())
+                log.debug("math grading: skipped the zygote's reply to interrupted fork request %d", got)
+        except BaseException:
             ours.close()
-            raise OSError("the math grader zygote exited")
-        return pid, Connection(ours.detach())
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -201,7 +229,7 @@ class _Worker:
         self.pid, self.conn = zygote.fork_worker()
         self.ready = False
         self.started = time.monotonic()
-        self.job: tuple[int, float] | None = None
+        self.job: tuple[tuple[int, int], float] | None = None  # ((batch, item index), deadline)
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
@@ -233,6 +261,7 @@ class GraderPool:
         self._pid = os.getpid()
         self._workers: list[_Worker] = []
         self._zygote: _Zygote | None = None
+        self._batch = 0  # batches started: a job id is (batch, item index), so a stale answer never matches
 
     def __getstate__(self) -> dict[str, Any]:
         return {"workers": self.workers, "startup_timeout_s": self.startup_timeout_s, "restarts": 0, "timeouts": 0}
@@ -256,22 +285,37 @@ class GraderPool:
             self._pid = os.getpid()
 
     def _fill(self) -> None:
-        """Start workers up to ``workers`` (and the zygote first, or again if it died)."""
+        """Start workers up to ``workers`` (and the zygote first, or again if it died). A fork and its
+        bookkeeping run shielded from deadlines; a zygote's start (seconds, first use) does not."""
         while len(self._workers) < self.workers:
             if self._zygote is None:
                 self._zygote = _Zygote(self.startup_timeout_s)
             try:
-                self._workers.append(_Worker(self._zygote))
+                with shield():
+                    self._workers.append(_Worker(self._zygote))
             except OSError:  # the zygote died (killed from outside): one new one, then a real error
                 log.warning("math grading: the worker zygote (pid %s) is gone; starting another", self._zygote.proc.pid)
                 self._zygote.close()
                 self._zygote = _Zygote(self.startup_timeout_s)
-                self._workers.append(_Worker(self._zygote))
+                with shield():
+                    self._workers.append(_Worker(self._zygote))
+
+    def _retire(self, w: _Worker) -> None:
+        """Kill ``w`` and forget it, both or neither (shielded from deadlines)."""
+        with shield():
+            w.kill()
+            if w in self._workers:
+                self._workers.remove(w)
+            self.restarts += 1
+
+    def _retire_busy(self) -> None:
+        """Kill and forget every worker holding a job: after an interrupted batch its answer is stale."""
+        with shield():
+            for w in [w for w in self._workers if w.job is not None]:
+                self._retire(w)
 
     def _replace(self, w: _Worker) -> None:
-        w.kill()
-        self._workers.remove(w)
-        self.restarts += 1
+        self._retire(w)
         self._fill()
 
     def run(self, jobs: list[list[Pair]], timeout_s: float) -> list[list[bool] | None]:
@@ -286,12 +330,13 @@ class GraderPool:
             return results
         with self._lock:
             self._check_fork()
+            self._retire_busy()  # left busy by a batch interrupted before its own cleanup ran
             self._fill()
+            self._batch += 1
             try:
                 self._dispatch(jobs, timeout_s, results)
             except BaseException:  # an outer deadline / KeyboardInterrupt: busy workers hold stale jobs
-                for w in [w for w in self._workers if w.job is not None]:
-                    self._replace(w)
+                self._retire_busy()  # no refill: the deadline has passed; the next batch refills
                 raise
         return results
 
@@ -303,13 +348,14 @@ class GraderPool:
             for w in self._workers:
                 if w.ready and w.job is None and pending:
                     i = pending.pop()
-                    try:
-                        w.conn.send((i, jobs[i]))
-                    except OSError:  # died while idle (its zygote was killed...): the item waits for another
-                        pending.append(i)
-                        self._lost(w, results, "died")
-                        break  # the worker list changed
-                    w.job = (i, now + timeout_s)
+                    with shield():  # sent and recorded, or neither
+                        try:
+                            w.conn.send(((self._batch, i), jobs[i]))
+                        except OSError:  # died while idle (its zygote was killed...): the item waits for another
+                            pending.append(i)
+                            self._lost(w, results, "died")
+                            break  # the worker list changed
+                        w.job = ((self._batch, i), now + timeout_s)
             waiting = {w.conn: w for w in self._workers if not w.ready or w.job is not None}
             due = [w.job[1] for w in waiting.values() if w.job] + [
                 w.started + self.startup_timeout_s for w in waiting.values() if not w.ready]
@@ -323,7 +369,7 @@ class GraderPool:
                 if msg[0] == "ready":
                     w.ready = True
                 elif w.job is not None and msg[0] == w.job[0]:
-                    results[msg[0]] = msg[1]
+                    results[msg[0][1]] = msg[1]
                     w.job = None
                     left -= 1
             now = time.monotonic()
@@ -338,7 +384,7 @@ class GraderPool:
         """Kill and replace ``w``; its job (if any) scores None. Returns how many jobs ended (0 or 1)."""
         ended = 0
         if w.job is not None:
-            i = w.job[0]
+            i = w.job[0][1]
             results[i] = None
             self.timeouts += 1
             ended = 1

@@ -160,6 +160,11 @@ class EpisodicMemory:
         self.anneal = 1.0
         self.last: dict[str, float] = {}
 
+    @property
+    def needs_policy(self) -> bool:
+        """Whether it cannot run before the trainer's ``bind_policy`` (``encoder: policy``, not bound yet)."""
+        return self.encoder is None
+
     def bind_policy(self, model: Any, tokenizer: Any) -> None:
         """Called by the trainer: with ``encoder: policy`` the frozen base of the policy embeds texts."""
         if self.encoder_name == "policy":

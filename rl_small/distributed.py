@@ -9,13 +9,15 @@ import torch
 
 
 def reduce_metrics(acc: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """The mean of each metric over the processes (every rank logs the same keys); unchanged with one."""
+    """The mean of each metric over the processes that report it; unchanged with one. The keys can differ
+    between processes (``reward/<name>`` is absent where that reward abstained for the whole batch, a reward's
+    own metrics where it had nothing to report), so they are gathered first: same-length reductions."""
     if acc.num_processes == 1:
         return metrics
-    keys = sorted(metrics)
-    values = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device),
-                        reduction="mean")
-    return dict(zip(keys, values.tolist(), strict=True))
+    keys = sorted({k for ks in gather_object(acc, [sorted(metrics)]) for k in ks})
+    pairs = [(float(metrics.get(k, 0.0)), float(k in metrics)) for k in keys]
+    sums = acc.reduce(torch.tensor(pairs, dtype=torch.float64, device=acc.device), reduction="sum").tolist()
+    return {k: total / count for k, (total, count) in zip(keys, sums, strict=True) if count}
 
 
 def gather_object(acc: Any, objects: list[Any]) -> list[Any]:

@@ -212,6 +212,7 @@ def run_cli(args: argparse.Namespace) -> int:
     Ctrl-C a ``stopped at step N; resume with ...`` line (exit 130); no traceback for either."""
     import sys
 
+    from rewards.base import RewardError
     from rl_small.config import RecipeError
     from rl_small.data.files import DataError
     from rl_small.guards import NonFiniteError, TrainingInterrupted
@@ -229,7 +230,7 @@ def run_cli(args: argparse.Namespace) -> int:
         sys.stderr.write(f"rl-small: interrupted (the last checkpoint is intact){where}\n")
         return 130
     except (RecipeError, FileNotFoundError, DataError, RunDirError, NonFiniteError, RolloutError,
-            ServerStartError) as err:
+            ServerStartError, RewardError) as err:
         sys.stderr.write(f"rl-small: error: {err}\n")
         return 1
     return 0

@@ -160,7 +160,7 @@ class Trainer:
     # ---- stages ---------------------------------------------------------------------------------
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
         columns = batch_columns(rollouts)
-        totals, per, metrics = self.rewards(
+        totals, per, metrics = self.rewards.agreed(self.world,
             [r.text for r in rollouts],
             prompts=[r.prompt.text for r in rollouts],
             completion_ids=[r.completion_ids for r in rollouts],

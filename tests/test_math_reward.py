@@ -355,3 +355,113 @@ def test_component_keeps_the_batch_when_some_items_are_pathological() -> None:
     assert metrics["reward/math_accuracy/timeouts"] == 0.0 and metrics["reward/math_accuracy/abstained"] == 0.0
     timeouts = [v for k, v in metrics.items() if k.endswith("item_timeouts")]  # prefixed or not by rewards.base
     assert timeouts == [10.0]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def _live_children(ppid: int) -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == ppid
+            and _alive(int(p.name))}
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_a_fork_request_interrupted_before_its_reply_does_not_shift_the_pids() -> None:
+    """An interruption between a fork request and reading its reply (the component's deadline) used to leave
+    the zygote's reply unread, so the next worker got the previous one's pid (and kill() hit the wrong
+    process). Replies echo the request's id: the stale one is skipped."""
+    from rewards.deadline import RewardTimeout
+
+    pool = GraderPool(1)
+    try:
+        assert pool.run([[("(x+1)^2", "x^2+2x+1")]], 60) == [[True]]
+        zygote = pool._zygote
+        assert zygote is not None
+        real = zygote._reader
+
+        class CutOnce:  # the first readline is interrupted, as a deadline firing in the blocked read would
+            cut = False
+
+            def readline(self) -> bytes:
+                if not self.cut:
+                    self.cut = True
+                    raise RewardTimeout("interrupted after the request was sent")
+                return real.readline()
+
+        zygote._reader = CutOnce()  # type: ignore[assignment]
+        with pytest.raises(RewardTimeout):
+            zygote.fork_worker()
+        pid, conn = zygote.fork_worker()
+        zygote._reader = real  # type: ignore[assignment]
+        try:
+            assert conn.poll(60)
+            assert conn.recv() == ("ready", pid)  # the worker on this socket is the one whose pid we got
+            assert _alive(pid) and _parent(pid) == pool.zygote_pid()
+        finally:
+            conn.close()
+        assert pool.run([[("x+x", "2x")], [("x", "y")]], 60) == [[True], [False]]
+    finally:
+        pool.close()
+
+
+def _cut_batches_then_grade() -> dict[str, object]:
+    """4 batches of 8 pathological items (about 4 s of 1 s item deadlines on 2 workers) through a component
+    whose deadline (1.5 s) cuts each one; then the pool's state and a normal batch. During the cut batches a
+    fork request takes 0.3 s between sending and reading the reply (a loaded machine), so the deadline's
+    refires (every 0.1 s) land in that window whenever the pool forks under an expired deadline."""
+    import socket
+
+    from rewards.base import RewardComponent
+
+    fn = MathAccuracy(extract="boxed", item_timeout_s=1.0, workers=2)
+    assert fn(["\\boxed{x+x}"], answer=["2x"]) == [1.0]  # the pool's one-time start
+    comp = RewardComponent("math_accuracy", fn, timeout_s=1.5, max_consecutive_failures=0)
+    send_fds = socket.send_fds
+
+    def slow_send_fds(*args: object, **kwargs: object) -> int:
+        sent = send_fds(*args, **kwargs)  # type: ignore[arg-type]
+        time.sleep(0.3)
+        return sent
+
+    socket.send_fds = slow_send_fds  # type: ignore[assignment]
+    try:
+        cut = [comp([PATHOLOGICAL] * 8, answer=[str(i) for i in range(8)]) for _ in range(4)]
+    finally:
+        socket.send_fds = send_fds
+    pool = shared_pool(2)
+    zygote = pool.zygote_pid()
+    assert zygote is not None
+    end = time.monotonic() + 30  # a worker forked for an interrupted request exits when it finds its socket closed
+    while time.monotonic() < end and _live_children(zygote) != set(pool.pids()):
+        time.sleep(0.2)
+    state = {"cut": cut, "timeouts": comp.timeouts, "pids": sorted(pool.pids()),
+             "children": sorted(_live_children(zygote))}
+    state["graded"] = comp(["\\boxed{(x+1)^2}", "\\boxed{x^2}", "\\boxed{\\frac{\\sqrt{2}}{2}}"],
+                           answer=["x^2+2x+1", "x^2+1", "\\sqrt{2}/2"])
+    state["after"] = (sorted(pool.pids()), sorted(_live_children(zygote)), pool.zygote_pid() == zygote)
+    return state
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_batches_cut_by_the_component_deadline_leave_the_pool_consistent(where: str) -> None:
+    """The component's deadline fires inside the pool's batch, and refires every 0.1 s while the pool cleans
+    up: the cleanup used to be cut too (stale jobs answered into the next batch, pids read for the wrong
+    worker). Now every cut batch abstains, the pool's worker pids are exactly the zygote's live children,
+    and the next batch grades correctly."""
+    out: dict[str, object] = {}
+    if where == "main":
+        out = _cut_batches_then_grade()
+    else:
+        th = threading.Thread(target=lambda: out.update(_cut_batches_then_grade()))
+        th.start()
+        th.join(300)
+    assert out["cut"] == [[None] * 8] * 4 and out["timeouts"] == 4
+    assert out["pids"] == out["children"]  # busy workers of a cut batch are killed, the next batch refills
+    assert out["graded"] == [1.0, 0.0, 1.0]
+    pids, children, same_zygote = out["after"]  # type: ignore[misc]
+    assert len(pids) == 2 and pids == children and same_zygote

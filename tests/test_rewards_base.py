@@ -23,6 +23,7 @@ from rewards import (
     deadline,
     register_reward,
 )
+from rewards.deadline import shield
 from rl_small.config import RecipeError, load_recipe
 
 
@@ -164,6 +165,42 @@ def test_deadline_works_off_the_main_thread() -> None:
     t.start()
     t.join(10)
     assert 0.15 < out["took"] < 5
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_shield_defers_the_deadline_to_its_end(where: str) -> None:
+    """A deadline that expires inside ``shield()`` does not interrupt it (the block runs whole, also past
+    several refires); RewardTimeout is raised when the shield ends, and nested shields defer to the outermost."""
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        steps = []
+        t0 = time.monotonic()
+        try:
+            with deadline(0.2):
+                with shield():
+                    with shield():
+                        for _ in range(8):  # 0.8 s: the deadline fires and refires (every 0.1 s) in here
+                            time.sleep(0.1)
+                            steps.append(1)
+                    steps.append(2)  # the inner shield ended inside the outer: no raise yet
+                steps.append(3)  # never reached: raised as the outer shield ended
+        except RewardTimeout:
+            out["took"] = time.monotonic() - t0
+        out["steps"] = steps
+
+    if where == "main":
+        work()
+    else:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(30)
+    assert out["steps"] == [1] * 8 + [2]
+    assert 0.75 < out["took"] < 10
+    with deadline(0.2):  # a shield without an expired deadline raises nothing
+        with shield():
+            pass
+    time.sleep(0.3)
 
 
 def _alarm_user(completions, **kw):  # noqa: ANN001, ANN003, ANN202
@@ -328,6 +365,28 @@ def test_occasional_failures_stay_counted_and_zero_never_stops() -> None:
     assert never.errors == 5
 
 
+def test_failures_in_a_row_survive_a_resume() -> None:
+    """Two failures, a checkpoint, a resumed run: its first failure is the third in a row and stops it. A
+    state saved before the count was checkpointed loads (the count starts at 0)."""
+    before = CombinedReward([RewardComponent("broken", _raises, max_consecutive_failures=3)])
+    before(["a"])
+    before(["a"])
+    state = before.state_dict()
+    assert state["broken"]["counters"]["failed_in_a_row"] == 2
+    resumed = CombinedReward([RewardComponent("broken", _raises, max_consecutive_failures=3)])
+    resumed.load_state_dict(state)
+    with pytest.raises(RewardError, match=r"'broken' failed 3 calls in a row \(every call so far\)"):
+        resumed(["a"])
+    old = {"broken": {"counters": {k: v for k, v in state["broken"]["counters"].items() if k != "failed_in_a_row"},
+                      "fn": None}}
+    legacy = CombinedReward([RewardComponent("broken", _raises, max_consecutive_failures=3)])
+    legacy.load_state_dict(old)
+    assert legacy.components[0].calls == 2 and legacy.components[0].failed_in_a_row == 0
+    legacy(["a"])
+    legacy(["a"])  # two more failures: 2 in a row counted since the resume, not 3
+    assert legacy.components[0].failed_in_a_row == 2
+
+
 class _Counting:
     """A small reward class exposing metrics() (read and reset by CombinedReward after each call)."""
 
@@ -446,6 +505,23 @@ def test_the_sample_check_leaves_counters_and_state_as_they_were() -> None:
     assert combo(["a"])[0] == [1.0]
 
 
+def test_the_memory_reward_is_sample_checked_unless_its_encoder_is_the_policy() -> None:
+    """episodic_memory has ``bind_policy`` whatever its encoder; only with ``encoder: policy`` (not bound
+    before the model loads) is the sample check skipped. With the hashing encoder a batch it cannot score (no
+    question column, no prompts) is a config error at build time, and a good one leaves its memory empty."""
+    from rewards.memory import EpisodicMemory
+
+    hashing = EpisodicMemory(encoder="hashing")
+    combo = CombinedReward([RewardComponent("episodic_memory", hashing, native=True)])
+    with pytest.raises(RewardConfigError, match=r"'episodic_memory' fails on a sample batch: ValueError: "
+                                                 r"episodic_memory needs the 'question' column or 'prompts'"):
+        combo.check(["\\boxed{1}", "\\boxed{2}"], answer=["1", "1"])
+    combo.check(["\\boxed{1}", "\\boxed{2}"], answer=["1", "1"], question=["q one", "q one"])
+    assert len(hashing.success) == 0 and len(hashing.failure) == 0 and combo.components[0].calls == 0
+    policy = CombinedReward([RewardComponent("episodic_memory", EpisodicMemory(encoder="policy"), native=True)])
+    policy.check(["\\boxed{1}"], answer=["1"])  # not checked: it could not run before bind_policy
+
+
 # ---- in the trainer -------------------------------------------------------------------------------------
 def _fails_on_real_batches(completions, **kw):  # noqa: ANN001, ANN003, ANN202
     """Passes the 2-item sample check at build time, raises on every real (larger) batch."""
@@ -464,6 +540,54 @@ def test_a_reward_that_raises_every_step_stops_the_run(tiny_overrides: list[str]
                                           r"row \(every call so far\), last with ZeroDivisionError: bug in the reward"):
         tr.fit()
     assert tr.step_no == 1  # step 1 was trained (one failure is counted); the second failure stopped the run
+
+
+def test_a_reward_failing_every_step_is_a_one_line_cli_error(tiny_overrides: list[str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Through ``rl-small train``: exit code 1 and one ``rl-small: error: ...`` line naming the reward, no
+    traceback."""
+    from rl_small.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny_overrides, "train.steps=5", "rewards=[{name: 'tests.helpers:token_reward'}, "
+              "{name: 'tests.test_rewards_base:_fails_on_real_batches', max_consecutive_failures: 2}]"])
+    out = capsys.readouterr()
+    assert exc.value.code == 1, out.err[-2000:]
+    assert "Traceback" not in out.err + out.out
+    lines = [ln for ln in out.err.splitlines() if ln.startswith("rl-small:")]
+    assert lines == ["rl-small: error: reward 'tests.test_rewards_base:_fails_on_real_batches' failed 2 calls in a "
+                     "row (every call so far), last with ZeroDivisionError: bug in the reward "
+                     "(rewards[].max_consecutive_failures=2)"], out.err[-2000:]
+
+
+def _score_then_collective(world: Any) -> str:
+    """One process of a DDP step: score its own rollouts (a reward fails only on process 1), then the next
+    collective (a world.sum, as the trainer's guards do)."""
+    import torch
+
+    broken = _raises if world.rank == 1 else _const([1.0])
+    combo = CombinedReward([RewardComponent("judge", broken, max_consecutive_failures=2)])
+    try:
+        for _ in range(3):
+            combo.agreed(world, ["a"])
+            world.sum(torch.zeros(1))
+    except RewardError as err:
+        return f"RewardError: {err}"
+    except threading.BrokenBarrierError:
+        return "hung in the next collective"
+    return "finished"
+
+
+def test_a_reward_failing_on_one_process_stops_every_process() -> None:
+    """Each process scores only its own rollouts: when the reward reaches its failure limit on process 1
+    only, both processes raise the same RewardError (naming the reward and the process) after the second
+    batch, instead of process 1 alone raising and process 0 waiting in the next collective."""
+    from tests.helpers import ThreadWorld
+
+    out = ThreadWorld.run(ThreadWorld.group(2), _score_then_collective)
+    want = ("RewardError: reward 'judge' failed 2 calls in a row (every call so far), last with RuntimeError: boom "
+            "(rewards[].max_consecutive_failures=2) (on process 1 of 2)")
+    assert out == [want, want]
 
 
 def test_a_reward_that_cannot_run_is_a_config_error_before_the_model_loads(

@@ -31,6 +31,10 @@ def check_run(cfg: RunConfig, acc: Any) -> None:
         # shards under FSDP / ZeRO-3; a gathered state dict and DeepSpeed's micro-batch stepping are not built.
         raise RecipeError(f"accelerate distributed_type {kind} is not supported by the trainer yet: use "
                          "launch/accelerate/ddp.yaml (or single_gpu.yaml)")
+    r = cfg.rollout
+    if r.sync_check_error is not None and r.sync_check_error < r.sync_check_warn:
+        raise RecipeError(f"rollout.sync_check_error={r.sync_check_error} is below rollout.sync_check_warn="
+                          f"{r.sync_check_warn}: jumps between the two would never stop the run")
     if a.domain_sampling and len(cfg.data.mix) < 2:
         raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")
     names = [r.name for r in cfg.rewards]

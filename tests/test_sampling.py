@@ -211,3 +211,13 @@ def test_dynamic_sampling_on_pass_needs_the_pass_reward() -> None:
                                     "rewards": [{"name": "boxed_format"}]})
     with pytest.raises(RecipeError, match="algo.pass_reward 'math_accuracy'"):
         check_run(cfg, type("Acc", (), {"distributed_type": "NO"})())
+
+
+def test_sync_check_error_below_warn_is_refused_before_the_model_loads() -> None:
+    from rl_small.builders import check_run
+    from rl_small.config import RecipeError, RunConfig
+
+    cfg = RunConfig.model_validate({"rollout": {"sync_check_warn": 10.0, "sync_check_error": 5.0}})
+    with pytest.raises(RecipeError, match="rollout.sync_check_error=5.0 is below rollout.sync_check_warn=10.0"):
+        check_run(cfg, type("Acc", (), {"distributed_type": "NO"})())
+    check_run(RunConfig.model_validate({"rollout": {"sync_check_error": None}}), type("Acc", (), {"distributed_type": "NO"})())

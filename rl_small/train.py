@@ -45,6 +45,18 @@ def eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
     """The held-out rows of the before/after evaluations (None when both are off), and a check that the data of
     ``train.eval_benchmarks`` can be read: both before any model loads or run folder is made, so that data that
     cannot be found (offline, no local path) is one error line saying what to set."""
+    from rl_small.config import RecipeError
+    from rl_small.data.files import DataError
+
+    try:
+        return _eval_rows(cfg)
+    except DataError:
+        raise
+    except (KeyError, ValueError) as err:  # an unknown task / style, a task without its fields: config errors
+        raise RecipeError(str(err.args[0]) if err.args else repr(err)) from None
+
+
+def _eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
     from rl_small.data import load_task_rows
     from rl_small.data.files import DataError
     from rl_small.eval.benchmarks import BENCHMARKS, EvalProtocol, load_benchmark_rows
@@ -95,16 +107,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = load_recipe(args.recipe, args.overrides)
         run_dir = run_dir_for(cfg)
+    if args.resume and (done := finished_summary(run_dir, cfg.train.steps)) is not None:  # reads summary.json only
+        log.info("run %s already finished (%d steps; see summary.json): nothing to do. To train further, "
+                 "resume with a larger train.steps=N", run_dir, cfg.train.steps)
+        return done
     held_rows = eval_rows(cfg)  # evaluation data before the run folder and the model
     lock = lock_run_dir(run_dir)  # one writer per run directory, for this process's lifetime
     if not args.resume:
         refuse_earlier_run(run_dir)
     if is_main_rank():
         clean_temporaries(run_dir)  # folders of saves a killed run left behind (the lock holder only)
-    if args.resume and (done := finished_summary(run_dir, cfg.train.steps)) is not None:
-        log.info("run %s already finished (%d steps; see summary.json): nothing to do. To train further, "
-                 "resume with a larger train.steps=N", run_dir, cfg.train.steps)
-        return done
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))  # validates rewards and data first
     dump_config(cfg, run_dir / "config.yaml")
     log.info("run dir %s", run_dir)

@@ -449,3 +449,19 @@ def test_ranks_agree_on_the_run_folder_across_a_second_boundary(monkeypatch) -> 
     assert run_dir_for(cfg) == first
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert run_dir_for(cfg) != first  # one process: its own start time
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.task=gsm8kk"], "unknown task 'gsm8kk'"),
+    (["data.task=trl"], "answer_field"),
+    (["data.task=trl", "data.answer_field=solution"], "set data.path"),
+])
+def test_held_out_data_problems_are_config_errors_not_tracebacks(overrides: list[str], message: str) -> None:
+    """The held-out rows are read before the model (rl_small.train.eval_rows): a bad task there is a one-line
+    RecipeError/DataError for run_cli, not a KeyError traceback."""
+    from rl_small.config import load_recipe
+    from rl_small.train import eval_rows
+
+    with pytest.raises(ValueError, match=message) as info:  # RecipeError and DataError are ValueErrors
+        eval_rows(load_recipe(None, overrides))
+    assert type(info.value).__name__ in ("RecipeError", "DataError"), type(info.value)

@@ -226,7 +226,7 @@ def rows_of_task(task: Task, cfg: DataConfig, split: str, limit: int | None = No
             raw = [r for r in raw if task.in_split(r, split)]
     else:
         if task.hub_id is None:
-            raise ValueError(f"task {task.name!r} has no hub dataset; set data.path")
+            raise DataError(f"task {task.name!r} has no hub dataset; set data.path")
         try:
             raw = _hub_rows(task, split)
         except DataError as err:

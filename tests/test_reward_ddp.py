@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,9 @@ def test_a_reward_failing_on_one_process_stops_both_with_one_line(tiny_overrides
             "(on process 1 of 2)")
     lines = [ln for ln in out.splitlines() if "rl-small: error:" in ln]
     assert [ln[ln.index("rl-small: error:"):] for ln in lines] == [want, want], out[-3000:]
-    # the launcher's own ChildFailedError follows; no process died of a signal (a gloo abort), none printed a
-    # traceback of the trainer
-    assert "exitcode: -" not in out and "exitcode  : -" not in out, out[-3000:]
+    # the launcher's own ChildFailedError follows; no process died of a signal of its own (a gloo abort: SIGABRT),
+    # none printed a traceback of the trainer. SIGTERM is allowed: the launcher sends it to the other process when
+    # the first one exits with the error, and that process may still be exiting (seen in CI).
+    signals = re.findall(r"exitcode\s*:\s*(-\d+)", out)
+    assert set(signals) <= {"-15"}, out[-3000:]
     assert "/rl_small/" not in out, out[-3000:]

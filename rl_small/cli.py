@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         return
     if args.command == "train":
+        from rl_small.guards import exit_process
         from rl_small.train import run_cli
 
-        sys.exit(run_cli(args))  # errors: one line naming the value; Ctrl-C: where to resume
+        exit_process(run_cli(args), command_line=argv is None)  # errors: one line naming the value; Ctrl-C: where to resume
 
 
 if __name__ == "__main__":

@@ -168,3 +168,29 @@ class StopRequest:
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
             self._installed = False
+
+
+def exit_process(code: int, *, command_line: bool = True) -> None:
+    """End a command-line run with ``code``; its outcome is decided and reported, so from here on a Ctrl-C or
+    SIGTERM ends the process at once and quietly (a second Ctrl-C that arrived after a fast graceful stop
+    used to raise KeyboardInterrupt inside an atexit finalizer and print its traceback). Under
+    torch.distributed with several processes, the atexit handlers run (vLLM servers stopped, logs flushed)
+    and the interpreter's teardown is skipped: tearing down gloo aborted a rank now and then after a finished
+    run ("terminate called without an active exception", SIGABRT), which torchrun reported as a failed
+    launch. ``command_line=False`` (main() called with an argv, as tests do in-process) only raises
+    SystemExit."""
+    import atexit
+    import sys
+
+    if not command_line:
+        sys.exit(code)
+    if threading.current_thread() is threading.main_thread():
+        for sig in StopRequest.SIGNALS:
+            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -249,11 +249,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
+    from rl_small.guards import exit_process
 
     p = argparse.ArgumentParser(prog="python -m rl_small.train", description=__doc__.split("\n\n")[0])
     add_train_args(p)
-    sys.exit(run_cli(p.parse_args(argv)))
+    exit_process(run_cli(p.parse_args(argv)), command_line=argv is None)
 
 
 if __name__ == "__main__":

@@ -465,3 +465,37 @@ def test_held_out_data_problems_are_config_errors_not_tracebacks(overrides: list
     with pytest.raises(ValueError, match=message) as info:  # RecipeError and DataError are ValueErrors
         eval_rows(load_recipe(None, overrides))
     assert type(info.value).__name__ in ("RecipeError", "DataError"), type(info.value)
+
+
+def test_a_ctrl_c_while_the_process_exits_ends_it_quietly(tmp_path: Path) -> None:
+    """A second Ctrl-C that reaches a run after its graceful stop finished (fast steps) lands in the
+    interpreter's exit: it must end the process with 130, not print a KeyboardInterrupt traceback from an
+    atexit finalizer (seen in CI)."""
+    code = ("import atexit, time\n"
+            "atexit.register(lambda: (print('exiting', flush=True), time.sleep(60)))\n"
+            "from rl_small.guards import exit_process\n"
+            "exit_process(0)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in out + err, err
+
+
+def test_a_distributed_rank_exits_with_its_code_after_the_atexit_handlers(tmp_path: Path) -> None:
+    """Under torch.distributed (2 gloo processes) exit_process runs the atexit handlers, then ends the
+    process with the run's code without the interpreter teardown that aborted ranks now and then."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, os, sys, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        f"atexit.register(lambda: open(os.path.join({str(tmp_path)!r}, f'done{{rank}}'), 'w').write('ok'))\n"
+        "from rl_small.guards import exit_process\n"
+        "exit_process(3 if rank == 1 else 0)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29561", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "exitcode  : 3" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "done0").read_text() == "ok" and (tmp_path / "done1").read_text() == "ok"

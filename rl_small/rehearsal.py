@@ -164,8 +164,10 @@ def build_tokenizer(spec: dict[str, Any], corpus: list[str], out_dir: Path) -> A
     return fast
 
 
-def build_model(fixture: ModelFixture, out_dir: str | Path, corpus: list[str], seed: int = 0) -> Path:
-    """Write a random model of ``fixture``'s shrunk architecture and its tokenizer to ``out_dir`` (bf16 weights)."""
+def build_model(fixture: ModelFixture, out_dir: str | Path, corpus: list[str], seed: int = 0,
+                full_size: bool = False, device: str = "cpu") -> Path:
+    """Write a random model of ``fixture``'s shrunk architecture (``full_size``: the real one, every layer and
+    width) and its tokenizer to ``out_dir`` (bf16 weights, initialised on ``device``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -173,13 +175,15 @@ def build_model(fixture: ModelFixture, out_dir: str | Path, corpus: list[str], s
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(fixture.tokenizer, corpus, out)
     tok = AutoTokenizer.from_pretrained(out)  # as the trainer will load it (its class may add tokens)
-    small = shrink_config(fixture.config)
+    drop = ("torch_dtype", "dtype", "transformers_version")
+    small = {k: v for k, v in fixture.config.items() if k not in drop} if full_size else shrink_config(fixture.config)
     if len(tok) > small["vocab_size"]:
         raise ValueError(f"{fixture.name}: tokenizer has {len(tok)} ids, the model's vocabulary {small['vocab_size']}")
     small.pop("architectures", None)
     config = AutoConfig.for_model(small.pop("model_type"), **small)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out)
     log.info("rehearsal model for %s: %s layers, hidden %s, vocab %s -> %s", fixture.name,
              config.num_hidden_layers, config.hidden_size, config.vocab_size, out)

@@ -90,7 +90,7 @@ def test_gspo_values_and_gradients_match_a_naive_reference(gspo_clip: tuple[floa
     for i in range(B):
         valid = [t for t in range(T) if x["mask"][i, t] > 0]
         a = float(x["adv"][i, 0])
-        s = math.exp(sum(float(x["logp"][i, t] - x["old"][i, t]) for t in valid) / len(valid))
+        s = math.exp(sum(float(x["logp"][i, t].detach() - x["old"][i, t]) for t in valid) / len(valid))
         unclipped, clipped = s * a, min(max(s, 1 - gspo_clip[0]), 1 + gspo_clip[1]) * a
         ref = -min(unclipped, clipped)
         # d/dlogp_t of sum over the n valid tokens of L_i: n * dL/ds * s / n = -A s on the unclipped branch
@@ -304,3 +304,16 @@ def test_a_plugin_by_import_path_trains(tiny_overrides: list[str], tmp_path: Pat
     assert math.isfinite(plug["loss/policy"]) and abs(ref["loss/policy"]) > 1e-4
     assert plug["loss/policy"] == pytest.approx(0.5 * ref["loss/policy"], rel=1e-5)
     assert plug["loss/plugin_tokens"] == pytest.approx(1.0)
+
+
+def test_readme_policy_loss_example(tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Policy losses" plug-in, as printed, named by file path, trains a step."""
+    import re
+
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("### Policy losses", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "my_losses.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    (m,) = _steps(tiny_overrides + [TOKEN_REWARD, *FAKE_MIXED, "algo.policy_loss=my_losses.py:reinforce"],
+                  tmp_path / "run", n=1)
+    assert math.isfinite(m["loss/policy"]) and "loss/adv_mean" in m

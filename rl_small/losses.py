@@ -1,6 +1,7 @@
 """Policy-gradient losses: pure tensor functions with shapes in the docstrings.
 
     pg, clipped = clipped_policy_loss(logp, old_logp, adv, 0.2, 0.28, dual_clip=3.0)   # (B, T) each
+    pg, metrics = policy_loss(logp, old_logp, sampler_logp, adv, mask, cfg.algo)       # algo.policy_loss + tis_*
     kl = KL_ESTIMATORS["k3"](logp, ref_logp)                                            # (B, T)
     vl, vclipped = value_loss(values, old_values, returns, clip=0.2)                    # (B, T) each
     loss = aggregate(pg, mask, "token_mean") + beta * aggregate(kl, mask, "token_mean")
@@ -20,8 +21,6 @@ import torch
 from rl_small.policy_losses import Metrics, register_policy_loss, resolve_policy_loss
 
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-
-
 ISMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 
@@ -45,7 +44,7 @@ def is_weights(
     if mode.startswith("sequence"):
         if mask is None:
             raise ValueError(f"importance sampling mode {mode!r} needs the completion mask")
-        diff = torch.where(mask > 0, diff, 0.0).sum(-1, keepdim=True).expand_as(diff)
+        diff = torch.where(mask.to(diff.device) > 0, diff, 0.0).sum(-1, keepdim=True).expand_as(diff)
     ratio = torch.exp(diff)
     out = (ratio > high) if high is not None else torch.zeros_like(ratio, dtype=torch.bool)
     if low is not None:
@@ -119,7 +118,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Te
     dlogp_t = s_i / |y_i|, so a token-mean aggregation gives the paper's gradient s_i A_i sum_t grad logp_t
     per sequence (GSPO-token), and seq_mean_token_mean gives the paper's objective exactly.
     (B, T) tensors in (advantages (B,) or (B, T)), (B, T) loss out; clip_frac: the tokens of clipped sequences."""
-    valid = mask > 0
+    valid = mask.to(logp.device) > 0
     n = valid.sum(-1, keepdim=True).clamp(min=1)
     ratio = torch.exp(torch.where(valid, logp - old_logp, 0.0).sum(-1, keepdim=True) / n)  # (B, 1)
     adv = _per_token(advantages).expand_as(logp)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from rl_small.config_algo import PolicyLossOptions
+
 
 class _Closed(BaseModel):
     # no NaN / inf in any float field: `optim.lr: .inf` would poison the first step, not fail at load
@@ -160,16 +162,13 @@ class RolloutConfig(_Closed):
     seed: int = Field(0, description="vLLM sampling seed.")
 
 
-class AlgoConfig(_Closed):
-    """Policy optimisation: advantage estimator, loss terms, update schedule and batch-level sampling
-    (docs/METHODS.md §1-3). Options named after one algorithm are ignored by the others."""
+class AlgoConfig(PolicyLossOptions, _Closed):
+    """Policy optimisation: advantage estimator, loss terms (the policy-loss options: rl_small.config_algo),
+    update schedule and batch-level sampling (docs/METHODS.md §1-3). Options named after one algorithm are
+    ignored by the others."""
 
     name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
         "grpo", description="Advantage estimator; ppo = GAE with a learned critic (own LoRA adapter + value head)."
-    )
-    clip: tuple[float, float] = Field((0.2, 0.2), description="(eps_low, eps_high); DAPO clip-higher: (0.2, 0.28).")
-    dual_clip: float | None = Field(
-        None, gt=1, description="Dual-clip PPO bound c (3.0 in the paper) for A < 0: loss <= -c*A; null = off."
     )
     kl_coef: float = Field(0.0, ge=0, description="beta of the KL to the reference (base model, adapter off).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
@@ -195,10 +194,6 @@ class AlgoConfig(_Closed):
         1, ge=1, description="Optimizer steps per epoch: the batch is split (by whole groups) into this many parts."
     )
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (grad accumulation).")
-    tis_cap: float | None = Field(
-        2.0, gt=0, description="Truncated importance sampling (Yao et al. 2025): when the backend reports sampler "
-        "logprobs, each token's loss is weighted by min(pi_old / pi_sampler, cap); null = off.",
-    )
     scale_rewards: bool = Field(True, description="grpo: divide by the group std.")
     group_baseline: bool = Field(
         False, description="reinforce_pp: subtract the group mean reward first (REINFORCE++-baseline)."
@@ -238,13 +233,6 @@ class AlgoConfig(_Closed):
     domain_target: float = Field(1.0, description="domain_sampling: the reward a domain is measured against.")
     domain_tau: float = Field(0.8, gt=0, description="domain_sampling: softmax temperature (smaller = sharper).")
     domain_ewma: float = Field(0.5, ge=0, lt=1, description="domain_sampling: weight of the old reward estimate.")
-
-    @field_validator("clip")
-    @classmethod
-    def _clip_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] < 1 and v[1] > 0):
-            raise ValueError(f"clip must be (eps_low in (0,1), eps_high > 0), got {v}")
-        return v
 
 
 class RewardSpec(BaseModel):

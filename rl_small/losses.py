@@ -1,6 +1,7 @@
 """Policy-gradient losses: pure tensor functions with shapes in the docstrings.
 
     pg, clipped = clipped_policy_loss(logp, old_logp, adv, 0.2, 0.28, dual_clip=3.0)   # (B, T) each
+    pg, metrics = policy_loss(logp, old_logp, sampler_logp, adv, mask, cfg.algo)       # algo.policy_loss + tis_*
     kl = KL_ESTIMATORS["k3"](logp, ref_logp)                                            # (B, T)
     vl, vclipped = value_loss(values, old_values, returns, clip=0.2)                    # (B, T) each
     loss = aggregate(pg, mask, "token_mean") + beta * aggregate(kl, mask, "token_mean")
@@ -13,20 +14,52 @@ full-batch loss when the global ``num_seqs`` / ``num_tokens`` are passed (docs/M
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from rl_small.policy_losses import Metrics, register_policy_loss, resolve_policy_loss
+
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+ISMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+def is_weights(
+    old_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mode: ISMode = "token_truncate",
+    low: float | None = None,
+    high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights pi_old / pi_sampler for the sampler/trainer mismatch (other kernels, a stale adapter
+    version), with TRL's ``vllm_importance_sampling_mode`` semantics (verl: rollout correction):
+    token_*: one ratio per token; sequence_*: one per sequence, exp(sum over its ``mask`` tokens of
+    log pi_old - log pi_sampler), shared by its tokens. *_truncate: clamp to [low, high] (Yao et al. 2025,
+    "Your efficient RL framework secretly brings you off-policy RL training"); *_mask: a ratio outside
+    [low, high] becomes 0 (the token / sequence leaves the loss), the others keep their ratio. A bound of None
+    is no bound. old_logp, sampler_logp, mask: (B, T) (mask: 1 on completion tokens; needed for sequence_*).
+    Returns (detached weights (B, T), 1 where a bound was hit (B, T))."""
+    diff = (old_logp - sampler_logp).detach()
+    if mode.startswith("sequence"):
+        if mask is None:
+            raise ValueError(f"importance sampling mode {mode!r} needs the completion mask")
+        diff = torch.where(mask.to(diff.device) > 0, diff, 0.0).sum(-1, keepdim=True).expand_as(diff)
+    ratio = torch.exp(diff)
+    out = (ratio > high) if high is not None else torch.zeros_like(ratio, dtype=torch.bool)
+    if low is not None:
+        out = out | (ratio < low)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=low, max=high), out.float()
+    if mode.endswith("mask"):
+        return ratio.masked_fill(out, 0.0), out.float()
+    raise ValueError(f"unknown importance sampling mode {mode!r}")
 
 
 def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated importance weights w = min(pi_old / pi_sampler, cap) per token (Yao et al. 2025, "Your
-    efficient RL framework secretly brings you off-policy RL training"): corrects the policy-gradient for
-    rollouts whose sampler differs from the trainer's old policy (other kernels, a stale adapter version).
+    """Truncated token weights w = min(pi_old / pi_sampler, cap): ``is_weights`` in mode token_truncate.
     Both (B, T); returns (detached weights (B, T), 1 where the cap bound)."""
-    ratio = torch.exp((old_logp - sampler_logp).detach())
-    return ratio.clamp(max=cap), (ratio > cap).float()
+    return is_weights(old_logp, sampler_logp, None, "token_truncate", None, cap)
 
 
 def clipped_policy_loss(
@@ -59,6 +92,68 @@ def clipped_policy_loss(
         loss = torch.where(dual, bound, loss)
         active = active | dual
     return loss, active.float()
+
+
+# ---- the policy-loss registry's entries (rl_small.policy_losses: the signature, plug-ins by import path) -----
+def _per_token(advantages: torch.Tensor) -> torch.Tensor:
+    return advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+
+
+@register_policy_loss("clipped")
+def clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Tensor | None,
+                 advantages: torch.Tensor, mask: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Metrics]:
+    """PPO / GRPO clipped surrogate with ``cfg.clip`` = (eps_low, eps_high) (clip-higher when eps_high >
+    eps_low) and ``cfg.dual_clip`` (``clipped_policy_loss``). (B, T) tensors in, (B, T) loss out."""
+    loss, clipped = clipped_policy_loss(logp, old_logp, advantages, *cfg.clip, dual_clip=cfg.dual_clip)
+    return loss, {"loss/clip_frac": clipped}
+
+
+@register_policy_loss("gspo")
+def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Metrics]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): the sequence ratio s_i = exp(mean over the sequence's
+    ``mask`` tokens of log pi - log pi_old), clipped to [1 - eps_low, 1 + eps_high] = ``cfg.gspo_clip``
+    (3e-4, 4e-4 in the paper); L_i = -min(s_i A, clip(s_i) A), the same value on every token of sequence i
+    (TRL's importance_sampling_level="sequence"). The gradient reaches every token through the mean: ds_i /
+    dlogp_t = s_i / |y_i|, so a token-mean aggregation gives the paper's gradient s_i A_i sum_t grad logp_t
+    per sequence (GSPO-token), and seq_mean_token_mean gives the paper's objective exactly.
+    (B, T) tensors in (advantages (B,) or (B, T)), (B, T) loss out; clip_frac: the tokens of clipped sequences."""
+    valid = mask.to(logp.device) > 0
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(torch.where(valid, logp - old_logp, 0.0).sum(-1, keepdim=True) / n)  # (B, 1)
+    adv = _per_token(advantages).expand_as(logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - cfg.gspo_clip[0], 1 + cfg.gspo_clip[1]) * adv
+    return -torch.minimum(unclipped, clipped), {"loss/clip_frac": (clipped < unclipped).float()}
+
+
+@register_policy_loss("cispo")
+def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Tensor | None,
+               advantages: torch.Tensor, mask: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Metrics]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585; TRL loss_type="cispo"): L = -sg(min(pi / pi_old, cap)) A log pi,
+    cap = ``cfg.cispo_cap`` (TRL's epsilon_high for cispo, 5.0 in ScaleRL). The weight is clipped, not the
+    objective, so every token keeps a gradient A * w * grad log pi. (B, T) in, (B, T) loss out; clip_frac:
+    the tokens whose weight was capped."""
+    ratio = torch.exp(logp - old_logp).detach()
+    loss = -ratio.clamp(max=cfg.cispo_cap) * _per_token(advantages) * logp
+    return loss, {"loss/clip_frac": (ratio > cfg.cispo_cap).float()}
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Tensor | None,
+                advantages: torch.Tensor, mask: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Metrics]:
+    """The policy loss ``cfg.policy_loss`` (a registered name or an import path), then the sampler correction:
+    with sampler logprobs and ``cfg.tis_cap`` set, the per-token loss is weighted by ``is_weights`` (mode
+    ``cfg.tis_mode``, bounds [``cfg.tis_min``, ``cfg.tis_cap``]). logp (with its graph), old_logp,
+    sampler_logp, mask: (B, T); advantages (B,) or (B, T). Returns (per-token loss (B, T), metrics: name ->
+    (B, T) per-token values that the trainer logs as their token mean over ``mask``)."""
+    loss, metrics = resolve_policy_loss(cfg.policy_loss)(logp, old_logp, sampler_logp, advantages, mask, cfg)
+    if sampler_logp is not None:  # sampler/trainer mismatch (vLLM kernels, stale adapter version)
+        metrics["rollout/sampler_logp_absdiff"] = (old_logp - sampler_logp).abs()
+        if cfg.tis_cap is not None:
+            w, bound = is_weights(old_logp, sampler_logp, mask, cfg.tis_mode, cfg.tis_min, cfg.tis_cap)
+            loss = loss * w
+            metrics["rollout/tis_mask_frac" if cfg.tis_mode.endswith("mask") else "rollout/tis_cap_frac"] = bound
+    return loss, metrics
 
 
 # ---- KL to the reference (Schulman, "Approximating KL Divergence", 2020) --------------------------------

@@ -32,7 +32,7 @@ from rl_small.data.registry import LoadStats
 from rl_small.distributed import World, gather_object, reduce_metrics
 from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step, step_schedulers
 from rl_small.logprobs import completion_logprobs_and_entropy
-from rl_small.losses import KL_ESTIMATORS, aggregate, clipped_policy_loss, tis_weights, value_loss
+from rl_small.losses import KL_ESTIMATORS, aggregate, policy_loss, value_loss
 from rl_small.rollout import SamplingSpec, SyncCheck, make_backend
 from rl_small.sampling import PassRateTracker, dynamic_sample, group_signal, merge_round_metrics
 from rl_small.tracking import Progress, Tracker, timer, truncate_metrics
@@ -269,14 +269,10 @@ class Trainer:
                 return aggregate(x, m, a.loss_agg, norm_len, n_seq, n_tok)
 
             old = batch.old_logp[rows, :w] if batch.old_logp is not None else logp.detach()
-            pg, clipped = clipped_policy_loss(logp, old, batch.advantages[rows, :w], *a.clip, dual_clip=a.dual_clip)
-            if batch.sampler_logp is not None:  # sampler/trainer mismatch (vLLM kernels, stale adapter version)
-                samp = batch.sampler_logp[rows, :w]
-                add("rollout/sampler_logp_absdiff", float(((old - samp).abs() * m).sum()) / max(n_tok, 1.0))
-                if a.tis_cap is not None:
-                    w_is, capped = tis_weights(old, samp, a.tis_cap)
-                    pg = pg * w_is
-                    add("rollout/tis_cap_frac", float((capped * m).sum()) / max(n_tok, 1.0))
+            samp = batch.sampler_logp[rows, :w] if batch.sampler_logp is not None else None
+            pg, pm = policy_loss(logp, old, samp, batch.advantages[rows, :w], m, a)  # rl_small.policy_losses
+            for key, per_token in pm.items():  # clip fractions, sampler/trainer mismatch: token means
+                add(key, float((per_token * m).sum()) / max(n_tok, 1.0))
             loss = agg(pg)
             add("loss/policy", loss.item())
             if batch.ref_logp is not None:
@@ -291,7 +287,6 @@ class Trainer:
                 add("policy/entropy", float((ent.detach() * m).sum()) / max(n_tok, 1.0))
             self.acc.backward(loss)
             add("loss/total", loss.item())
-            add("loss/clip_frac", float((clipped * m).sum()) / max(n_tok, 1.0))
             if self.critic is not None:
                 assert batch.old_values is not None and batch.returns is not None
                 vm = batch.mask[rows, :w]

@@ -89,3 +89,16 @@ class ThreadWorld:
 
         with ThreadPoolExecutor(len(worlds)) as ex:
             return [f.result() for f in [ex.submit(fn, w) for w in worlds]]
+
+
+def half_clipped_loss(logp, old_logp, sampler_logp, advantages, mask, cfg):
+    """A policy-loss plug-in (``algo.policy_loss: tests.helpers:half_clipped_loss``): half the clipped
+    surrogate, and a metric of its own (1 on every token: its token mean is 1)."""
+    from rl_small.losses import clipped_loss
+
+    loss, metrics = clipped_loss(logp, old_logp, sampler_logp, advantages, mask, cfg)
+    return 0.5 * loss, {**metrics, "loss/plugin_tokens": mask.new_ones(mask.shape)}
+
+
+def loss_with_wrong_signature(logp, advantages):
+    return logp * advantages, {}

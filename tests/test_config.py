@@ -140,7 +140,7 @@ def test_every_numeric_field_is_constrained_or_deliberately_free() -> None:
     free = {
         "DataConfig.seed", "RolloutConfig.seed", "TrainConfig.seed", "RewardSpec.weight",  # any seed / sign
         "AlgoConfig.pass_threshold", "AlgoConfig.domain_target",  # thresholds on a reward's own scale
-        "AlgoConfig.clip", "OptimConfig.betas",  # checked by validators
+        "AlgoConfig.clip", "AlgoConfig.gspo_clip", "OptimConfig.betas",  # checked by validators
     }
     unbounded = []
     models = (c.LoraSpec, c.ModelConfig, c.MixSpec, c.DataConfig, c.RolloutConfig, c.AlgoConfig, c.RewardSpec,

@@ -113,14 +113,14 @@ def fill_no_grad(
             chunk, rows = [batch.rollouts[i] for i in idx], torch.tensor(idx)
             if batch.old_logp is not None:
                 lp, _ = completion_logprobs(model, chunk, pad_id, temperature)
-                batch.old_logp[rows, : lp.shape[1]] = lp
+                batch.old_logp[rows, : lp.shape[1]] = lp.cpu()
             if batch.ref_logp is not None:
                 with peft_model.disable_adapter():
                     lp, _ = completion_logprobs(model, chunk, pad_id, temperature)
-                batch.ref_logp[rows, : lp.shape[1]] = lp
+                batch.ref_logp[rows, : lp.shape[1]] = lp.cpu()
             if critic is not None and batch.old_values is not None:
                 v = critic.values(chunk, pad_id)
-                batch.old_values[rows, : v.shape[1]] = v
+                batch.old_values[rows, : v.shape[1]] = v.cpu()
 
 
 def compute_advantages(

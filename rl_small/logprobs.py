@@ -135,15 +135,16 @@ def shared_prefix_forward(
     rows = []
     for r in rollouts:
         rows.append(prompt_keys.setdefault(tuple(r.prompt_ids), len(prompt_keys)))
-    p_ids, p_attn = _left_pad([list(k) for k in prompt_keys], pad_id)
+    dev = next(model.parameters()).device  # the batch is built on the CPU; the model may sit on a GPU
+    p_ids, p_attn = (t.to(dev) for t in _left_pad([list(k) for k in prompt_keys], pad_id))
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
     extra = {} if hidden else {"logits_to_keep": 1}
     extra_c = extra if states_of is not None else {}
     captured: list[torch.Tensor] = []  # the decoder's last hidden states of the two forwards (states_of)
-    idx = torch.tensor(rows, dtype=torch.long)
-    c_ids, c_mask = _right_pad([r.completion_ids for r in rollouts], pad_id)
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    c_ids, c_mask = (t.to(dev) for t in _right_pad([r.completion_ids for r in rollouts], pad_id))
     attn = torch.cat([p_attn[idx], c_mask.long()], dim=1)
-    c_pos = p_attn.sum(-1)[idx].unsqueeze(1) + torch.arange(c_ids.shape[1]).unsqueeze(0)
+    c_pos = p_attn.sum(-1)[idx].unsqueeze(1) + torch.arange(c_ids.shape[1], device=dev).unsqueeze(0)
     cache_kw = _cache_kwarg(model)
     prompt_cache = DynamicCache()
     prompt_cache.layer_class_to_replicate = _RecordingLayer

@@ -262,21 +262,25 @@ class Trainer:
             rs = [batch.rollouts[i] for i in rows.tolist()]
             ent_on = a.entropy_coef > 0 or (a.entropy_log_every > 0 and self.step_no % a.entropy_log_every == 0)
             logp, _, ent = completion_logprobs_and_entropy(self.model, rs, pad, temp, ent_on, a.entropy_coef > 0)
-            w = logp.shape[1]
-            m = batch.mask[rows, :w] * batch.loss_weight[rows].unsqueeze(-1)
+            w, dev = logp.shape[1], logp.device  # the batch lives on the CPU, the model's outputs on its device
+
+            def cut(t: torch.Tensor, w: int = w, dev: torch.device = dev) -> torch.Tensor:
+                return t[rows, :w].to(dev)
+
+            m = cut(batch.mask) * batch.loss_weight[rows].unsqueeze(-1).to(dev)
 
             def agg(x: torch.Tensor, m: torch.Tensor = m) -> torch.Tensor:
                 return aggregate(x, m, a.loss_agg, norm_len, n_seq, n_tok)
 
-            old = batch.old_logp[rows, :w] if batch.old_logp is not None else logp.detach()
-            samp = batch.sampler_logp[rows, :w] if batch.sampler_logp is not None else None
-            pg, pm = policy_loss(logp, old, samp, batch.advantages[rows, :w], m, a)  # rl_small.policy_losses
+            old = cut(batch.old_logp) if batch.old_logp is not None else logp.detach()
+            samp = cut(batch.sampler_logp) if batch.sampler_logp is not None else None
+            pg, pm = policy_loss(logp, old, samp, cut(batch.advantages), m, a)  # rl_small.policy_losses
             for key, per_token in pm.items():  # clip fractions, sampler/trainer mismatch: token means
                 add(key, float((per_token * m).sum()) / max(n_tok, 1.0))
             loss = agg(pg)
             add("loss/policy", loss.item())
             if batch.ref_logp is not None:
-                kl = agg(KL_ESTIMATORS[a.kl_estimator](logp, batch.ref_logp[rows, :w]))
+                kl = agg(KL_ESTIMATORS[a.kl_estimator](logp, cut(batch.ref_logp)))
                 add("policy/kl", kl.item())
                 if a.kl_mode == "loss" and a.kl_coef > 0:
                     loss = loss + a.kl_coef * kl
@@ -289,9 +293,9 @@ class Trainer:
             add("loss/total", loss.item())
             if self.critic is not None:
                 assert batch.old_values is not None and batch.returns is not None
-                vm = batch.mask[rows, :w]
+                vm = cut(batch.mask)
                 v = self.critic.values(rs, pad)
-                vl, vclip = value_loss(v, batch.old_values[rows, :w], batch.returns[rows, :w], a.value_clip)
+                vl, vclip = value_loss(v, cut(batch.old_values), cut(batch.returns), a.value_clip)
                 vloss = aggregate(vl, vm, "token_mean", num_tokens=n_tok_v)
                 self.acc.backward(vloss)
                 add("loss/value", vloss.item())

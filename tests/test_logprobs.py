@@ -147,3 +147,28 @@ def test_ddp_wrapped_policy_gets_the_models_cache_keyword_and_same_logprobs(tiny
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_shared_prefix_forward_puts_the_batch_on_the_models_device() -> None:
+    """The batch is built on the CPU; on a GPU the model is not (the first H200 run of the recipes crashed at
+    the first update: "index is on cpu, different from other tensors on cuda:0"). A stand-in model whose
+    weights sit on the ``meta`` device records where its inputs arrive: all on the weights' device."""
+    from types import SimpleNamespace
+
+    from rl_small.logprobs import shared_prefix_forward
+
+    class Elsewhere(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen: set[str] = set()
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    use_cache: bool, past_key_values: object, logits_to_keep: int = 0) -> SimpleNamespace:
+            self.seen |= {t.device.type for t in (input_ids, attention_mask, position_ids)}
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 3, device=input_ids.device))
+
+    model = Elsewhere()
+    out, c_ids, c_mask = shared_prefix_forward(model, _rollouts(), pad_id=0)
+    assert model.seen == {"meta"}
+    assert out.device.type == c_ids.device.type == c_mask.device.type == "meta" and tuple(out.shape) == (4, 5, 3)

@@ -59,7 +59,8 @@ class Critic:
         model.add_adapter(ADAPTER, cfg)  # inactive until ``values`` switches to it
         model.set_requires_grad([POLICY_ADAPTER, ADAPTER], True)
         hidden = model.get_base_model().config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1)
+        # beside the model's weights: on a GPU the hidden states it reads are there (a CPU head crashed there)
+        self.head = torch.nn.Linear(hidden, 1, device=next(model.parameters()).device)
         with torch.no_grad():
             self.head.weight.normal_(0.0, 1.0 / (hidden + 1))
             self.head.bias.zero_()

@@ -195,3 +195,39 @@ def test_tis_weights_scale_the_policy_loss(tiny_overrides: list[str], tmp_path: 
         losses.append(m["loss/policy"])
     assert abs(losses[0]) > 1e-3  # token_mean over unequal lengths: the on-policy loss is not zero
     assert losses[1] == pytest.approx(factor * losses[0], rel=1e-4)
+
+
+def test_critic_head_sits_beside_the_models_weights(tiny_model_dir: Path) -> None:
+    """On a GPU the critic's value head must be on the GPU with the hidden states it reads (it was created on
+    the CPU). A policy moved to the ``meta`` device stands in for the GPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rl_small.config import LoraSpec
+    from rl_small.critic import Critic
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).to("meta")
+    critic = Critic(model, LoraSpec(r=4, alpha=8, targets=["q_proj", "v_proj"]), lr=1e-3)
+    assert {p.device.type for p in critic.head.parameters()} == {"meta"}  # (PEFT puts the critic's LoRA
+    # weights beside their base layers itself on a GPU; it leaves them on the CPU for a meta base, so not here)
+
+
+def test_checkpoint_rng_carries_the_gpus_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed GPU run must draw the same samples and dropout masks as an uninterrupted one: the checkpoint's
+    RNG state holds each CUDA generator and restores it (CUDA is faked here: no GPU on CI)."""
+    from rl_small import checkpoint
+
+    gens = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: gens)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = checkpoint.rng_state()
+    assert state["cuda"] is gens
+    checkpoint.set_rng_state(state)
+    assert restored == [gens]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine shape: left as it is
+    checkpoint.set_rng_state(state)
+    assert len(restored) == 1

@@ -45,6 +45,9 @@ class HFBackend:
     def _batch(self, items: list[tuple[int, Prompt]], sampling: SamplingSpec) -> list[Rollout]:
         tok = self.tokenizer
         enc = tok([p.text for _, p in items], return_tensors="pt", padding=True, add_special_tokens=False)
+        # on the model's device: with CPU inputs beside a GPU model generate() still ran, at 0.26 s per token for
+        # 24 sequences of a 1.5B model on an H200 (the tokens it builds on stay on the CPU)
+        enc = enc.to(next(self.model.parameters()).device)
         greedy = sampling.temperature == 0
         gen = self.model.generate(
             **enc,

@@ -89,13 +89,19 @@ class PolicyEncoder:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         import contextlib
 
+        from rl_small.logprobs import _unwrap
+
         off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        # the decoder alone: the causal LM's forward also made (batch x tokens x vocabulary) logits and kept every
+        # layer's hidden states (on an H200 the R1-Distill memory_r_plus run peaked 2.1 GiB above the same
+        # shapes' GRPO run, BENCHMARKS §9)
+        decoder = _unwrap(self.model).get_decoder()
         out = []
         with off:
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tok(texts[i : i + self.batch_size], padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(self.model.device)
-                hidden = self.model(**enc, output_hidden_states=True).hidden_states[-1].float()
+                hidden = decoder(**enc).last_hidden_state.float()
                 out.append(_mean_pool(hidden, enc["attention_mask"]).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 

@@ -166,3 +166,30 @@ def test_memory_survives_checkpoint_resume_with_policy_encoder(tiny_overrides: l
     assert mem2.failure.num_values() == mem.failure.num_values()
     m = resumed.step()
     assert "memory/failure_keys" in m and "reward/episodic_memory" in m
+
+
+def test_policy_encoder_reads_the_decoder_without_the_lm_head(tiny_model_dir: Path) -> None:
+    """``encoder: policy`` embeds with the base model (adapter off): the decoder's last hidden states, the same
+    numbers the causal LM's ``hidden_states[-1]`` gave, without running the LM head (its batch x tokens x
+    vocabulary logits: on an H200 the R1-Distill memory_r_plus run peaked 2.1 GiB above the GRPO run)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewards.encoders import PolicyEncoder, _mean_pool
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    head_calls: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    texts = ["2 + 2 = 4", "the answer is \\boxed{7}, since 3 + 4 = 7"]
+    got = PolicyEncoder(model, tok)(texts)
+    assert head_calls == []
+    with torch.no_grad(), model.disable_adapter():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        want = _mean_pool(model(**enc, output_hidden_states=True).hidden_states[-1].float(), enc["attention_mask"])
+    assert got.shape == (2, model.config.hidden_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the adapter (non-zero here) is really off while encoding
+        adapted = _mean_pool(model(**enc, output_hidden_states=True).hidden_states[-1].float(), enc["attention_mask"])
+    assert (adapted - got).abs().max() > 1e-4

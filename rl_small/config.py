@@ -291,6 +291,10 @@ class TrainConfig(_Closed):
     save_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     log_every: int = Field(1, ge=1, description="Metrics every N steps.")
+    log_completions_every: int = Field(
+        0, ge=0, description="Every N steps append process 0's completions (prompt, completion, reward and each "
+        "component, advantage) to completions.jsonl in the run directory (0 = never).",
+    )
     eval_before: bool = Field(True, description="Evaluate the base model on the held-out split first.")
     eval_after: bool = Field(True, description="Evaluate the trained policy at the end.")
     eval_samples: int = Field(200, ge=0, description="Held-out problems used for the before/after evaluation.")

@@ -72,11 +72,36 @@ class Tracker:
             self._tb.close()
 
 
-def truncate_metrics(run_dir: Path, step: int, is_main: bool = True) -> int:
-    """Keep the lines of ``metrics.jsonl`` with ``step <= step`` (a resumed run redoes the later steps; a
-    line cut short by a kill is dropped too); rewritten atomically by the main process. Returns the number
-    of lines dropped."""
-    path = run_dir / "metrics.jsonl"
+def dump_completions(tr: Any, batch: Any, scored: list[Any]) -> int:
+    """Every ``train.log_completions_every`` steps of trainer ``tr`` (0 = never), on the main process, after the
+    step's update (``tr.step_no`` is the step as metrics.jsonl numbers it): one line per completion to
+    ``completions.jsonl`` (as TRL's ``log_completions``, verl's generation dumps): step, prompt id and text,
+    gold answer, completion, token count, truncated, reward and each component (None: abstained), advantage
+    (mean over the completion's tokens). Filler groups of dynamic sampling are left out. Returns lines written."""
+    every, step = tr.cfg.train.log_completions_every, tr.step_no
+    if not every or step % every or not tr.acc.is_main_process:
+        return 0
+    lines = []
+    for i, s in enumerate(scored):  # pad_batch keeps the order: row i of the batch is scored[i]
+        if not s.weight:
+            continue
+        r, n = s.rollout, float(batch.mask[i].sum())
+        adv = float((batch.advantages[i] * batch.mask[i]).sum()) / max(n, 1.0)
+        lines.append(json.dumps({
+            "step": step, "prompt_id": r.prompt.id, "group": r.group_id, "prompt": r.prompt.text,
+            "answer": r.prompt.answer, "completion": r.text, "tokens": len(r.completion_ids),
+            "truncated": r.truncated, "reward": s.reward, "components": s.components, "advantage": adv,
+        }) + "\n")
+    with (tr.run_dir / "completions.jsonl").open("a") as f:
+        f.writelines(lines)
+    return len(lines)
+
+
+def truncate_metrics(run_dir: Path, step: int, is_main: bool = True, name: str = "metrics.jsonl") -> int:
+    """Keep the lines of ``name`` (metrics.jsonl, completions.jsonl) with ``step <= step`` (a resumed run
+    redoes the later steps; a line cut short by a kill is dropped too); rewritten atomically by the main
+    process. Returns the number of lines dropped."""
+    path = run_dir / name
     if not is_main or not path.exists():
         return 0
     kept, dropped = [], 0
@@ -93,7 +118,7 @@ def truncate_metrics(run_dir: Path, step: int, is_main: bool = True) -> int:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
-        log.info("metrics.jsonl: dropped %d line(s) after the resumed step %d", dropped, step)
+        log.info("%s: dropped %d line(s) after the resumed step %d", name, dropped, step)
     return dropped
 
 

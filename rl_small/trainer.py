@@ -35,7 +35,7 @@ from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, policy_loss, value_loss
 from rl_small.rollout import SamplingSpec, SyncCheck, make_backend
 from rl_small.sampling import PassRateTracker, dynamic_sample, group_signal, merge_round_metrics
-from rl_small.tracking import Progress, Tracker, timer, truncate_metrics
+from rl_small.tracking import Progress, Tracker, dump_completions, timer, truncate_metrics
 from rl_small.types import Prompt, Rollout, ScoredRollout, TrainBatch, batch_columns
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,7 @@ class Trainer:
                 m.update(self.update(batch))
             m.update(self.sync_check(m, scored, self.step_no, self.world))
             self.step_no += 1
+            dump_completions(self, batch, scored)  # train.log_completions_every: completions.jsonl
             if self.step_no % self.cfg.rollout.sync_every == 0:
                 with timer(m, "sync"):
                     self.sync()
@@ -383,7 +384,8 @@ class Trainer:
         state = load_checkpoint(ckpts[-1], self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                                 self.acc.process_index, self.acc.num_processes)
         self.step_no = state["step"]
-        truncate_metrics(self.run_dir, self.step_no, self.acc.is_main_process)  # redone steps are logged again
+        for name in ("metrics.jsonl", "completions.jsonl"):  # redone steps are logged again
+            truncate_metrics(self.run_dir, self.step_no, self.acc.is_main_process, name)
         self.mixture.load_state_dict(state["cursor"])
         self.rewards.load_state_dict(state["rewards"])
         extra = state["extra"]

@@ -3,6 +3,7 @@ random model (CPU, seconds): parameters that must move do, state survives save/r
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -231,3 +232,28 @@ def test_checkpoint_rng_carries_the_gpus_generators(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine shape: left as it is
     checkpoint.set_rng_state(state)
     assert len(restored) == 1
+
+
+def test_completion_dumps_every_n_steps_and_resume_drops_redone_steps(tiny_overrides: list[str],
+                                                                     tmp_path: Path) -> None:
+    """``train.log_completions_every=2``: steps 2 and 4 write one line per completion with its reward,
+    components and advantage (GRPO: each group's advantages sum to 0); a resume from step 2 drops step 4's."""
+    from rl_small.tracking import truncate_metrics
+
+    run = tmp_path / "run"
+    tr = _trainer(tiny_overrides + FAKE_MIXED + [TOKEN_REWARD, "train.log_completions_every=2", "train.steps=4"], run)
+    rewards = {}
+    for _ in range(4):
+        rewards[tr.step_no + 1] = tr.step()["reward/total"]
+    rows = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    n = tr.cfg.rollout.prompts_per_step * tr.cfg.rollout.group_size
+    assert [r["step"] for r in rows] == [2] * n + [4] * n
+    assert {r["completion"] for r in rows} == {"1", "22", "3 4", "5 6 7"}
+    for step in (2, 4):
+        mine = [r for r in rows if r["step"] == step]
+        assert math.isclose(sum(r["reward"] for r in mine) / n, rewards[step], rel_tol=1e-6)
+        assert all(r["components"]["tests.helpers:token_reward"] == r["reward"] for r in mine)
+        for g in {r["group"] for r in mine}:
+            assert abs(sum(r["advantage"] for r in mine if r["group"] == g)) < 1e-4
+    assert truncate_metrics(run, 2, name="completions.jsonl") == n
+    assert {json.loads(line)["step"] for line in (run / "completions.jsonl").read_text().splitlines()} == {2}

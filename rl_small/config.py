@@ -164,8 +164,9 @@ class RolloutConfig(_Closed):
 
 class AlgoConfig(PolicyLossOptions, _Closed):
     """Policy optimisation: advantage estimator, loss terms (the policy-loss options: rl_small.config_algo),
-    update schedule and batch-level sampling (docs/METHODS.md §1-3). Options named after one algorithm are
-    ignored by the others."""
+    update schedule and batch-level sampling (docs/METHODS.md §1-3). An option of an algorithm, policy loss or
+    sampling feature the recipe does not use, set to a non-default value, is an error (config_algo.OWNERS);
+    ``dr_grpo`` brings Dr. GRPO's ``loss_agg`` unless one is given."""
 
     name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
         "grpo", description="Advantage estimator; ppo = GAE with a learned critic (own LoRA adapter + value head)."

@@ -1,11 +1,26 @@
 """The policy-loss options of ``algo`` (rl_small.config.AlgoConfig inherits them): which loss, its clip
-ranges, and the sampler/trainer importance-sampling correction. rl_small.policy_losses has the registry."""
+ranges, and the sampler/trainer importance-sampling correction. rl_small.policy_losses has the registry.
+Also the rules that tie ``algo`` options to their owner (an algorithm, a policy loss or a sampling feature):
+an option set to a non-default value for an owner the recipe does not use is an error naming both (``algo.gamma`` under ``grpo`` was
+silently ignored), and ``dr_grpo`` brings Dr. GRPO's loss aggregation unless ``loss_agg`` is given."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+# option -> what uses it: an algo.name, an algo.policy_loss, or a boolean algo feature that must be on
+OWNERS: dict[str, tuple[str, ...]] = {
+    "scale_rewards": ("grpo",), "group_baseline": ("reinforce_pp",),
+    "gamma": ("ppo",), "lam": ("ppo",), "whiten_advantages": ("ppo",), "value_clip": ("ppo",), "critic_lr": ("ppo",),
+    "dual_clip": ("clipped",), "gspo_clip": ("gspo",), "cispo_cap": ("cispo",),
+    "dynamic_sampling_on": ("dynamic_sampling",), "max_sampling_rounds": ("dynamic_sampling",),
+    "pass_threshold": ("difficulty_filter", "dynamic_sampling"),
+    "domain_target": ("domain_sampling",), "domain_tau": ("domain_sampling",), "domain_ewma": ("domain_sampling",),
+}
+DR_GRPO_LOSS_AGG = "seq_mean_token_sum_norm"  # Dr. GRPO (arXiv 2503.20783): no per-sequence length division
 
 
 class PolicyLossOptions(BaseModel):
@@ -55,6 +70,26 @@ class PolicyLossOptions(BaseModel):
         from rl_small.policy_losses import check_policy_loss
 
         return check_policy_loss(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dr_grpo_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == "dr_grpo" and "loss_agg" not in data:
+            data = {**data, "loss_agg": DR_GRPO_LOSS_AGG}
+        return data
+
+    @model_validator(mode="after")
+    def _options_of_unused_owners(self) -> PolicyLossOptions:
+        def used(owner: str) -> bool:
+            return owner in (getattr(self, "name", None), self.policy_loss) or getattr(self, owner, None) is True
+
+        for key in sorted(self.model_fields_set & set(OWNERS)):  # a default value changes nothing (and every
+            default = type(self).model_fields[key].default        # resolved config.yaml lists all of them)
+            if getattr(self, key) != default and not any(used(o) for o in OWNERS[key]):
+                now = f"name={getattr(self, 'name', None)!r}, policy_loss={self.policy_loss!r}"
+                raise ValueError(f"{key} is an option of {' / '.join(OWNERS[key])}, which this algo does not use "
+                                 f"({now}): remove it, or turn its owner on")
+        return self
 
     @model_validator(mode="after")
     def _tis_bounds(self) -> PolicyLossOptions:

@@ -161,3 +161,33 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path: Path) -> None:
         load_recipe(recipe)
     with pytest.raises(RecipeError, match=r"malformed YAML in override 'train.steps=\[1,'"):
         load_recipe(None, ["train.steps=[1,"])
+
+
+@pytest.mark.parametrize(("overrides", "owner"), [
+    (["algo.gamma=0.5"], "ppo"),
+    (["algo.name=rloo", "algo.scale_rewards=false"], "grpo"),
+    (["algo.group_baseline=true"], "reinforce_pp"),
+    (["algo.cispo_cap=2.0"], "cispo"),
+    (["algo.max_sampling_rounds=5"], "dynamic_sampling"),
+    (["algo.domain_tau=0.5"], "domain_sampling"),
+    (["algo.pass_threshold=0.9"], "difficulty_filter / dynamic_sampling"),
+])
+def test_an_option_of_an_unused_owner_is_an_error_naming_both(overrides: list[str], owner: str) -> None:
+    """``algo.gamma=0.5`` under grpo was silently ignored; now the error names the option and its owner."""
+    key = overrides[-1].split("=")[0].split(".")[1]
+    with pytest.raises(RecipeError, match=rf"{key} is an option of {owner}, which this algo does not use"):
+        load_recipe(None, overrides)
+
+
+def test_options_of_used_owners_and_default_values_load() -> None:
+    assert load_recipe(None, ["algo.name=ppo", "algo.gamma=0.5"]).algo.gamma == 0.5
+    assert load_recipe(None, ["algo.dynamic_sampling=true", "algo.max_sampling_rounds=5"]).algo.max_sampling_rounds == 5
+    assert load_recipe(None, ["algo.policy_loss=cispo", "algo.cispo_cap=2.0"]).algo.cispo_cap == 2.0
+    assert load_recipe(None, ["algo.gamma=1.0"]).algo.gamma == 1.0  # the default: no effect, no error
+
+
+def test_dr_grpo_brings_its_loss_aggregation_unless_given() -> None:
+    """Dr. GRPO's loss divides by a constant, not each sequence's length: ``algo.name: dr_grpo`` alone brings it."""
+    assert load_recipe(None, ["algo.name=dr_grpo"]).algo.loss_agg == "seq_mean_token_sum_norm"
+    assert load_recipe(None, ["algo.name=dr_grpo", "algo.loss_agg=token_mean"]).algo.loss_agg == "token_mean"
+    assert load_recipe(None, ["algo.name=grpo"]).algo.loss_agg == load_recipe(None, []).algo.loss_agg

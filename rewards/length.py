@@ -1,7 +1,9 @@
 """Length rewards and penalties (docs/METHODS.md §4), each a registered reward with its own parameters.
 
 Lengths are completion token counts (``completion_ids``). Correctness, where a formula needs it, is the
-``math_accuracy`` check of the completion against the ``answer`` column.
+``math_accuracy`` verdict against the ``answer`` column: the batch's shared ``correct`` column in a run (graded
+once for every reward that needs it, ``rewards.graded``), graded by the reward's own ``MathGrader`` (``extract``
+mode) when it is called alone.
 
 - ``soft_overlong``  DAPO (arXiv 2503.14476) soft overlong punishment.
 - ``kimi_length``    Kimi k1.5 (arXiv 2501.12599) group-relative length reward, optional warm-up.
@@ -14,20 +16,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from rewards.base import register_reward
-from rewards.math import is_correct
+from rewards.graded import correct_or_grade
+from rewards.math import ExtractMode, MathGrader
 
-
-def correct_flags(
-    completions: list[str], answer: list[Any] | None, extract: str, question: list[str] | None = None
-) -> list[bool]:
-    """``is_correct`` for each completion (shared by the rewards that need correctness)."""
-    if answer is None:
-        raise ValueError("this reward needs the 'answer' column to know which completions are correct")
-    qs = question or [None] * len(completions)
-    return [is_correct(c, str(g), extract, q) for c, g, q in zip(completions, answer, qs, strict=True)]  # type: ignore[arg-type]
+Verdicts = Sequence[bool | None] | None  # the shared ``correct`` column, when the combination passes it
 
 
 @register_reward("soft_overlong")
@@ -53,16 +49,16 @@ class KimiLength:
     """Per group: lambda_i = 0.5 - (len_i - min)/(max - min); correct -> lambda_i, wrong -> min(0, lambda_i);
     0 for a group whose lengths are all equal, and 0 for every completion before ``start_step``."""
 
-    def __init__(self, extract: str = "auto", start_step: int = 0) -> None:
-        self.extract, self.start_step = extract, start_step
+    def __init__(self, extract: ExtractMode = "auto", start_step: int = 0) -> None:
+        self.grader, self.start_step = MathGrader(extract), start_step
 
     def __call__(
         self, completions: list[str], completion_ids: list[list[int]], group_id: list[int],
-        answer: list[Any] | None = None, step: int = 0, **kwargs: Any,
+        answer: list[Any] | None = None, step: int = 0, correct: Verdicts = None, **kwargs: Any,
     ) -> list[float]:
         if step < self.start_step:
             return [0.0] * len(completions)
-        correct = correct_flags(completions, answer, self.extract, kwargs.get("question"))
+        correct = correct_or_grade(self.grader, completions, correct, answer=answer, question=kwargs.get("question"))
         lengths = [len(ids) for ids in completion_ids]
         groups: dict[int, list[int]] = {}
         for i, g in enumerate(group_id):
@@ -85,18 +81,19 @@ class CosineLength:
 
     def __init__(
         self, max_tokens: int, min_correct: float = 0.5, max_correct: float = 1.0, min_wrong: float = -1.0,
-        max_wrong: float = -0.5, exceed_penalty: float = -10.0, extract: str = "auto",
+        max_wrong: float = -0.5, exceed_penalty: float = -10.0, extract: ExtractMode = "auto",
     ) -> None:
-        self.max_tokens, self.extract, self.exceed_penalty = max_tokens, extract, exceed_penalty
+        self.max_tokens, self.grader, self.exceed_penalty = max_tokens, MathGrader(extract), exceed_penalty
         self.correct_range = (min_correct, max_correct)
         self.wrong_range = (max_wrong, min_wrong)  # swapped: a longer wrong answer is penalised less
 
     def __call__(
         self, completions: list[str], completion_ids: list[list[int]], answer: list[Any] | None = None,
-        **kwargs: Any,
+        correct: Verdicts = None, **kwargs: Any,
     ) -> list[float]:
+        correct = correct_or_grade(self.grader, completions, correct, answer=answer, question=kwargs.get("question"))
         out = []
-        for ids, ok in zip(completion_ids, correct_flags(completions, answer, self.extract, kwargs.get("question"))):
+        for ids, ok in zip(completion_ids, correct, strict=True):
             n = len(ids)
             if n > self.max_tokens:
                 out.append(self.exceed_penalty)
@@ -118,17 +115,18 @@ class L1Length:
 
     def __init__(
         self, mode: Literal["exact", "max"] = "exact", alpha: float = 3e-4, delta: float = 0.5,
-        target_tokens: int | None = None, extract: str = "auto",
+        target_tokens: int | None = None, extract: ExtractMode = "auto",
     ) -> None:
         if mode not in ("exact", "max"):
             raise ValueError(f"l1_length: mode must be 'exact' or 'max', got {mode!r}")
-        self.mode, self.alpha, self.delta, self.target, self.extract = mode, alpha, delta, target_tokens, extract
+        self.mode, self.alpha, self.delta, self.target = mode, alpha, delta, target_tokens
+        self.grader = MathGrader(extract)
 
     def __call__(
         self, completions: list[str], completion_ids: list[list[int]], prompts: list[str] | None = None,
-        answer: list[Any] | None = None, **kwargs: Any,
+        answer: list[Any] | None = None, correct: Verdicts = None, **kwargs: Any,
     ) -> list[float | None]:
-        correct = correct_flags(completions, answer, self.extract, kwargs.get("question"))
+        correct = correct_or_grade(self.grader, completions, correct, answer=answer, question=kwargs.get("question"))
         out: list[float | None] = []
         for i, ids in enumerate(completion_ids):
             found = _TARGET.search(prompts[i]) if prompts else None
@@ -159,14 +157,14 @@ class TLDRLength:
 
     def __init__(
         self, budgets: dict[str, int] | None = None, alpha: float = 1.0, default_level: str = "medium",
-        extract: str = "auto",
+        extract: ExtractMode = "auto",
     ) -> None:
         self.budgets = {"short": 256, "medium": 1024, "long": 4096} | (budgets or {})
         if default_level not in self.budgets:
             raise ValueError(f"tldr_length: default_level {default_level!r} not in budgets {sorted(self.budgets)}")
         if any(b <= 0 for b in self.budgets.values()):
             raise ValueError(f"tldr_length: budgets must be positive, got {self.budgets}")
-        self.alpha, self.default_level, self.extract = alpha, default_level, extract
+        self.alpha, self.default_level, self.grader = alpha, default_level, MathGrader(extract)
 
     def level(self, prompt: str | None, column: str | None) -> str:
         if column:
@@ -178,9 +176,10 @@ class TLDRLength:
 
     def __call__(
         self, completions: list[str], completion_ids: list[list[int]], answer: list[Any] | None = None,
-        prompts: list[str] | None = None, length_level: list[str] | None = None, **kwargs: Any,
+        prompts: list[str] | None = None, length_level: list[str] | None = None, correct: Verdicts = None,
+        **kwargs: Any,
     ) -> list[float]:
-        correct = correct_flags(completions, answer, self.extract, kwargs.get("question"))
+        correct = correct_or_grade(self.grader, completions, correct, answer=answer, question=kwargs.get("question"))
         out = []
         for i, ids in enumerate(completion_ids):
             budget = self.budgets[self.level(prompts[i] if prompts else None, length_level[i] if length_level else None)]

@@ -215,10 +215,61 @@ def is_correct(
     return grade_batch([completion], [gold], mode, [question], timeout_s)[0][0]
 
 
+class MathGrader:
+    """The math verdict of each completion (``grade_batch``: the fast path, else math-verify in the worker
+    pool), as a grader (``rewards.graded``): rewards that need correctness share one grading per batch.
+
+    Args:
+        extract: extraction mode (see module docstring); graders with the same mode give the same verdicts.
+        item_timeout_s: wall-clock deadline of one item's math-verify work; an item past it is not correct.
+        workers: grader processes (default min(2, CPUs)).
+    """
+
+    columns = ("answer", "question")
+
+    def __init__(self, extract: ExtractMode = "auto", item_timeout_s: float = 2.0, workers: int | None = None) -> None:
+        if extract not in ("boxed", "gsm8k", "last_number", "auto"):
+            raise ValueError(f"unknown extract mode {extract!r}")
+        if not item_timeout_s > 0:
+            raise ValueError(f"item_timeout_s must be > 0, got {item_timeout_s!r}")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers!r}")
+        self.extract, self.item_timeout_s, self.workers = extract, item_timeout_s, workers
+        self.counts = {"item_timeouts": 0, "items_verified": 0, "grader_restarts": 0}
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return ("math", self.extract)
+
+    def __call__(
+        self, completions: Sequence[str], answer: Sequence[Any] | None = None,
+        question: Sequence[str | None] | None = None, **kwargs: Any,
+    ) -> list[bool]:
+        if answer is None:
+            raise ValueError("grading needs the 'answer' column to know which completions are correct")
+        pool = shared_pool(self.workers)
+        restarts = pool.restarts
+        graded = grade_batch(completions, [str(a) for a in answer], self.extract, question, self.item_timeout_s,
+                             self.workers)
+        self.counts["item_timeouts"] += sum(how == "timeout" for _, how in graded)
+        self.counts["items_verified"] += sum(how != "fast" for _, how in graded)
+        self.counts["grader_restarts"] += pool.restarts - restarts
+        return [ok for ok, _ in graded]
+
+    def metrics(self) -> dict[str, float]:
+        """Counts since the last call (then reset): items past their deadline, items that needed math-verify,
+        grader processes killed and replaced."""
+        out = {k: float(v) for k, v in self.counts.items()}
+        self.counts = dict.fromkeys(self.counts, 0)
+        return out
+
+
 @register_reward("math_accuracy")
 class MathAccuracy:
     """1.0 when the extracted final answer equals the gold ``answer`` column, else 0.0 (``is_correct``: copies
-    of the ``question`` column and hedged multi-answers earn nothing).
+    of the ``question`` column and hedged multi-answers earn nothing). In a run it reads the batch's shared
+    ``correct`` column (``rewards.graded``; graded by the first reward that needs it, this one when listed
+    first); called alone it grades the batch itself.
 
     Args:
         extract: extraction mode (see module docstring).
@@ -228,31 +279,19 @@ class MathAccuracy:
     """
 
     def __init__(self, extract: ExtractMode = "auto", item_timeout_s: float = 2.0, workers: int | None = None) -> None:
-        if extract not in ("boxed", "gsm8k", "last_number", "auto"):
-            raise ValueError(f"math_accuracy: unknown extract mode {extract!r}")
-        if not item_timeout_s > 0:
-            raise ValueError(f"math_accuracy: item_timeout_s must be > 0, got {item_timeout_s!r}")
-        if workers is not None and workers < 1:
-            raise ValueError(f"math_accuracy: workers must be >= 1, got {workers!r}")
-        self.extract = extract
-        self.item_timeout_s = item_timeout_s
-        self.workers = workers
-        self._counts = {"item_timeouts": 0, "items_verified": 0, "grader_restarts": 0}
+        try:
+            self.grader = MathGrader(extract, item_timeout_s, workers)
+        except ValueError as err:
+            raise ValueError(f"math_accuracy: {err}") from None
 
     def __call__(
-        self, completions: list[str], answer: list[str], question: list[str] | None = None, **kwargs: Any
-    ) -> list[float]:
-        pool = shared_pool(self.workers)
-        restarts = pool.restarts
-        graded = grade_batch(completions, answer, self.extract, question, self.item_timeout_s, self.workers)
-        self._counts["item_timeouts"] += sum(how == "timeout" for _, how in graded)
-        self._counts["items_verified"] += sum(how != "fast" for _, how in graded)
-        self._counts["grader_restarts"] += pool.restarts - restarts
-        return [float(ok) for ok, _ in graded]
+        self, completions: list[str], answer: list[str], question: list[str] | None = None,
+        correct: Sequence[bool | None] | None = None, **kwargs: Any,
+    ) -> list[float | None]:
+        if correct is None:
+            correct = self.grader(completions, answer=answer, question=question)
+        return [None if ok is None else float(ok) for ok in correct]
 
     def metrics(self) -> dict[str, float]:
-        """Counts since the last call (then reset): items past their deadline, items that needed math-verify,
-        grader processes killed and replaced."""
-        out = {k: float(v) for k, v in self._counts.items()}
-        self._counts = dict.fromkeys(self._counts, 0)
-        return out
+        """The grading counts of this reward's grader since the last call (``MathGrader.metrics``)."""
+        return self.grader.metrics()

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
 from rewards.base import register_reward
 from rewards.encoders import Encoder, PolicyEncoder, make_encoder
-from rewards.length import correct_flags
+from rewards.graded import correct_or_grade
+from rewards.math import ExtractMode, MathGrader
 
 Mode = Literal["exploit", "explore", "exploit_explore"]
 
@@ -143,14 +145,15 @@ class EpisodicMemory:
     def __init__(
         self, mode: Mode = "exploit_explore", k: int = 1, window: int = 100, warmup_keys: int = 500,
         anneal_rate: float = 1.0, capacity: int = 10_000, per_key: int = 100, encoder: str = "minilm",
-        knn: Literal["torch", "faiss"] = "torch", extract: str = "auto",
+        knn: Literal["torch", "faiss"] = "torch", extract: ExtractMode = "auto",
     ) -> None:
         if mode not in ("exploit", "explore", "exploit_explore"):
             raise ValueError(f"episodic_memory: mode must be exploit, explore or exploit_explore, got {mode!r}")
         if knn not in ("torch", "faiss"):
             raise ValueError(f"episodic_memory: knn must be 'torch' or 'faiss', got {knn!r}")
         self.mode, self.k, self.warmup_keys, self.anneal_rate = mode, k, warmup_keys, anneal_rate
-        self.capacity, self.per_key, self.knn, self.extract = capacity, per_key, knn, extract
+        self.capacity, self.per_key, self.knn = capacity, per_key, knn
+        self.grader = MathGrader(extract)  # success / failure: the batch's shared ``correct`` column in a run
         self.encoder_name = encoder
         self.encoder: Encoder | None = None if encoder == "policy" else make_encoder(encoder)
         dim = self.encoder.dim if self.encoder is not None else 0
@@ -180,14 +183,14 @@ class EpisodicMemory:
 
     def __call__(
         self, completions: list[str], answer: list[Any] | None = None, question: list[str] | None = None,
-        prompts: list[str] | None = None, **kwargs: Any,
+        prompts: list[str] | None = None, correct: Sequence[bool | None] | None = None, **kwargs: Any,
     ) -> list[float]:
         qs = question or prompts
         if qs is None:
             raise ValueError("episodic_memory needs the 'question' column or 'prompts'")
         self.last = {}
         n = len(completions)
-        correct = correct_flags(completions, answer, self.extract, question)
+        correct = correct_or_grade(self.grader, completions, correct, answer=answer, question=question)
         uniq = list(dict.fromkeys(qs))
         emb = self._encode([reasoning_text(c) for c in completions] + uniq)
         e, q = emb[:n], emb[n:][[uniq.index(x) for x in qs]]

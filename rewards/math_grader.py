@@ -8,9 +8,10 @@ Why processes: math-verify / sympy can spend minutes (or all memory) in C code o
 ``\\boxed{9^{9^{9^{9}}}}``. SIGALRM deadlines work only on the main thread, cannot interrupt C code, and a
 reward's own SIGALRM use cancels them; a process can always be killed. The pool
 
-- starts lazily (first item that needs math-verify) a zygote: a fresh interpreter (``python -c`` running this
-  file: no re-import of the trainer's ``__main__`` as multiprocessing's spawn does, no import of the
-  ``rewards`` package or torch) that imports and warms up math-verify once (seconds), then forks each worker
+- starts lazily (first item that needs math-verify) a zygote: a fresh interpreter (``python -c`` running the
+  file ``rewards/_grader_child.py``, which holds the zygote's and the workers' code: no re-import of the
+  trainer's ``__main__`` as multiprocessing's spawn does, no import of the ``rewards`` package or torch) that
+  imports and warms up math-verify once (seconds), then forks each worker
   on request, so a replacement worker is ready in milliseconds;
 - gives each item its own deadline, counted from when a ready worker receives it; a worker past its deadline
   is SIGKILLed and replaced, the item is reported as timed out. A batch of n items that need math-verify
@@ -24,7 +25,7 @@ reward's own SIGALRM use cancels them; a process can always be killed. The pool
 - forgets (does not kill) a parent's zygote and workers after ``os.fork``; is closed at interpreter exit.
   No orphans: the zygote exits when its control socket closes (the trainer closed the pool or died) and
   its workers are SIGKILLed by the kernel when it exits (PR_SET_PDEATHSIG, Linux); a worker also exits
-  when its socket closes, and one stuck in C code holding the GIL hits its CPU limit (``_WORKER_CPU_S``).
+  when its socket closes, and one stuck in C code holding the GIL hits its CPU limit (``_grader_child._WORKER_CPU_S``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 if __package__:  # rewards.math_grader: its batches may run under a reward component's deadline
@@ -54,11 +56,7 @@ Pair = tuple[str, str]  # (prediction, gold)
 _POOLS: weakref.WeakSet[GraderPool] = weakref.WeakSet()
 _SHARED: dict[int, GraderPool] = {}
 _SHARED_LOCK = threading.Lock()
-# one expression of each kind math-verify first meets slowly (seconds, cold), run before a worker says ready
-_WARM_UP = [("x+x", "2x"), ("\\frac{1}{2}", "0.5"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("(1,2]", "(1,2]"),
-            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "1"), ("x^2+2x+1=0", "1"), ("\\{1,2\\}", "1"),
-            ("10^\\circ", "10"), ("\\text{E}", "E"), ("3\\pi i", "e^{2}"), ("\\infty", "(-\\infty, 0)")]
-_WORKER_CPU_S = 3600  # CPU seconds a worker may use in all; past it the kernel ends it and the pool replaces it
+_CHILD = str(Path(__file__).with_name("_grader_child.py"))  # the zygote's and workers' code, run as a file
 
 
 def default_workers() -> int:
@@ -70,100 +68,6 @@ def default_workers() -> int:
     return max(1, min(2, cpus))
 
 
-def mv_equivalent(pred: str, gold: str) -> bool:
-    """math-verify's ``verify(parse(gold), parse(pred))`` (gold first, as the community does), its own
-    SIGALRM timeouts off (the pool's wall clock is the deadline). Runs in a worker; any error is "not equal"."""
-    from math_verify import parse, verify
-
-    def boxed(s: str) -> str:
-        return s if "\\boxed" in s else f"\\boxed{{{s}}}"
-
-    try:
-        g = parse(boxed(gold), parsing_timeout=None)  # type: ignore[arg-type]
-        p = parse(boxed(pred), parsing_timeout=None)  # type: ignore[arg-type]
-        return bool(g and p and verify(g, p, timeout_seconds=None))  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001  a parse failure is a wrong answer, as in math-verify itself
-        return False
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when the thread that started it exits (PR_SET_PDEATHSIG). The zygote asks
-    for it only when started from the trainer's main thread (whose exit is the process's); every worker asks
-    for it (its parent, the zygote, has one thread)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when the parent is gone (reparented). Runs between bytecodes, so it cannot stop a C loop holding the
-    GIL; the CPU limit is the last resort for that."""
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _serve(conn: Connection) -> None:
-    """A worker's loop: receive ``(job_id, pairs)``, answer ``(job_id, [bool, ...])``; return on None or EOF."""
-    try:
-        conn.send(("ready", os.getpid()))
-    except OSError:  # the pool dropped this worker's socket (an interrupted fork request)
-        return
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        job_id, pairs = msg
-        conn.send((job_id, [mv_equivalent(p, g) for p, g in pairs]))
-
-
-def _zygote_main() -> None:
-    """The zygote (``python -c <run this file> FILE CTRL_FD PARENT_PID PDEATHSIG``): warm math-verify up once,
-    then fork one worker per request (the request carries the worker's socket and an id; the reply is the id
-    and the worker's pid); exit when the pool closes the control socket or its process dies. Its workers die
-    with it (PR_SET_PDEATHSIG)."""
-    fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[-3:])
-    if pdeathsig:
-        _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes us
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    for pred, gold in _WARM_UP:  # first calls compile grammars and import sympy parts: not an item's time
-        mv_equivalent(pred, gold)
-    ctrl = socket.socket(fileno=fd)
-    ctrl.sendall(b"ready\n")
-    zygote = os.getpid()
-    while True:
-        try:
-            msg, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
-        except OSError:
-            os._exit(0)
-        if not msg or not fds:
-            os._exit(0)
-        pid = os.fork()
-        if pid == 0:  # the worker
-            ctrl.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _die_with_parent(zygote)
-            threading.Thread(target=_watch_parent, args=(zygote,), daemon=True).start()
-            with contextlib.suppress(Exception):
-                import resource
-
-                resource.setrlimit(resource.RLIMIT_CPU, (_WORKER_CPU_S, _WORKER_CPU_S + 5))
-            try:
-                _serve(Connection(fds[0]))
-            finally:
-                os._exit(0)
-        os.close(fds[0])
-        ctrl.sendall(f"{int(msg)} {pid}\n".encode())
-
-
 class _Zygote:
     """A warmed-up math-verify process that forks workers on request: a replacement worker costs a fork
     (milliseconds), not an interpreter start and a warm-up (seconds)."""
@@ -171,9 +75,9 @@ class _Zygote:
     def __init__(self, startup_timeout_s: float) -> None:
         ours, theirs = socket.socketpair()
         pdeathsig = threading.current_thread() is threading.main_thread()
-        # run this file, not ``rewards.math_grader``: importing the package would import every reward (torch)
+        # run the child's file, not a module of the package: importing it would import every reward (torch)
         cmd = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
-               __file__, str(theirs.fileno()), str(os.getpid()), str(int(pdeathsig))]
+               _CHILD, str(theirs.fileno()), str(os.getpid()), str(int(pdeathsig))]
         with theirs:
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         self.ctrl = ours
@@ -444,7 +348,3 @@ def _after_fork_in_child() -> None:
 atexit.register(_close_all)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-if __name__ == "__main__":
-    _zygote_main()

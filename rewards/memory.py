@@ -7,8 +7,9 @@ Mechanics follow the authors' code (thaihungle/Memory-R, rewards/ir_knn_st.py; d
   question; each key holds up to ``per_key`` embeddings of reasoning (the text inside <reasoning> tags, else
   the completion without its final answer). Capacity ``capacity`` keys; when full, the oldest key is evicted
   (first in, first out), and a key's oldest reasoning goes first.
-- Each completion is inserted into the memory matching its correctness (``answer`` column, math check)
-  *before* the bonuses are computed, as the authors do.
+- Each completion is inserted into the memory matching its correctness (the batch's shared ``correct`` column,
+  ``rewards.graded``; alone, its own math check against ``answer``) *before* the bonuses are computed, as the
+  authors do.
 - Lookup: the ``k`` nearest question keys (L2 on unit vectors), and every reasoning stored under them.
 - Exploitation (success memory): d = ||e - centroid(retrieved)||, min-max normalised over a sliding window of
   the last ``window`` distances, bonus = 1 - d_norm; 0 while nothing is retrieved.

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port free now, for a launcher's rendezvous (--main_process_port, --master_port): a fixed port may
+    be held by another run on the machine or still be in TIME_WAIT from the previous launch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def token_reward(completions: list[str], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:

@@ -228,7 +228,7 @@ def test_files_outside_the_working_directory_cannot_be_read(drop: bool) -> None:
 @pytest.mark.parametrize("drop", [True, False], ids=["own_uid", "same_uid"])
 @pytest.mark.parametrize("name", sorted(FORGED_GRADES))
 def test_patching_the_harness_does_not_forge_a_grade(name: str, drop: bool) -> None:
-    reward = CodeExecution(mode="fraction", timeout_s=2.0, cpu_s=2, drop_privileges=drop)
+    reward = CodeExecution(mode="fraction", timeout_s=30.0, cpu_s=2, drop_privileges=drop)  # finishes: no deadline race
     assert reward([fenced(FORGED_GRADES[name] + WRONG)], test_list=[ADD_TESTS]) == [pytest.approx(2 / 3)]
 
 

@@ -16,6 +16,8 @@ import json
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 FAKE = ["rollout.backend=fake", "rollout.fake_completions=['1', '22', '3 4', '5 6 7']"]
 
 
@@ -49,7 +51,7 @@ def test_two_gloo_processes_match_one_process(tiny_overrides: list[str], tmp_pat
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15's CPU path is the simple
     # launcher); --multi_gpu goes through torchrun, and the trainer's Accelerator(cpu=True) then uses gloo.
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
           "-m", "rl_small.train", *_overrides(tiny_overrides, tmp_path, "ddp", 1)], repo)
     one, two = _lora(tmp_path / "single"), _lora(tmp_path / "ddp")
     assert one.keys() == two.keys() and len(one) > 0
@@ -79,7 +81,7 @@ def test_batch_level_methods_on_two_processes_match_one(case: str, tiny_override
     repo = Path(__file__).resolve().parents[1]
     extra = BATCH_LEVEL[case]
     _run([sys.executable, "-m", "rl_small.train", *_overrides(tiny_overrides, tmp_path, "single", 2), *extra], repo)
-    _launch2([*_overrides(tiny_overrides, tmp_path, "ddp", 1), *extra], repo, 29531 + sorted(BATCH_LEVEL).index(case))
+    _launch2([*_overrides(tiny_overrides, tmp_path, "ddp", 1), *extra], repo)
     one, two = _lora(tmp_path / "single"), _lora(tmp_path / "ddp")
     diffs = {k: float((one[k] - two[k]).abs().max()) for k in one}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
@@ -97,9 +99,9 @@ def test_batch_level_methods_on_two_processes_match_one(case: str, tiny_override
         assert states["single"]["extra"]["pass_rates"] == states["ddp"]["extra"]["pass_rates"]
 
 
-def _launch2(args: list[str], repo: Path, port: int) -> None:
+def _launch2(args: list[str], repo: Path) -> None:
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
           "-m", "rl_small.train", *args], repo)
 
 
@@ -111,9 +113,9 @@ def test_two_processes_resume_as_the_uninterrupted_run(tiny_overrides: list[str]
     keep = [o for o in tiny_overrides if not o.startswith(("train.output_dir", "train.run_name", "train.steps"))]
     common = [*keep, "rollout.temperature=1.0", "rollout.prompts_per_step=1", "algo.micro_batch_size=2",
               "rewards=[{name: 'tests.helpers:RunningSumReward'}]", "optim.lr=0.05", f"train.output_dir={tmp_path}"]
-    _launch2([*common, "train.steps=3", "train.run_name=full"], repo, 29521)
-    _launch2([*common, "train.steps=2", "train.run_name=cut"], repo, 29522)  # stops after the step-2 checkpoint
-    _launch2(["--resume", str(tmp_path / "cut"), "train.steps=3"], repo, 29523)
+    _launch2([*common, "train.steps=3", "train.run_name=full"], repo)
+    _launch2([*common, "train.steps=2", "train.run_name=cut"], repo)  # stops after the step-2 checkpoint
+    _launch2(["--resume", str(tmp_path / "cut"), "train.steps=3"], repo)
     full, resumed = _lora(tmp_path / "full"), _lora(tmp_path / "cut")
     diffs = {k: float((full[k] - resumed[k]).abs().max()) for k in full}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

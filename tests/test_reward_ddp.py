@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import free_port
+
 
 def fails_on_process_1(completions: list[str], **kwargs: Any) -> list[float]:
     """Passes the 2-item sample check at build time; raises on every real (larger) batch of process 1."""
@@ -31,7 +33,8 @@ def test_a_reward_failing_on_one_process_stops_both_with_one_line(tiny_overrides
                  "rewards=[{name: 'tests.helpers:token_reward'}, "
                  "{name: 'tests.test_reward_ddp:fails_on_process_1', max_consecutive_failures: 2}]"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
            "-m", "rl_small.train", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)

@@ -347,15 +347,16 @@ def _revived(port: int) -> FakeVLLM:
 
 
 def test_slow_server_gets_a_doubled_timeout_on_retry_instead_of_a_livelock() -> None:
-    """A completion that takes 1.5 s with a 1 s timeout: the first attempt times out, the retry (2 s) succeeds;
-    with a fixed timeout every retry would be cut off again."""
+    """A completion that takes 2.2 s with a 2 s timeout: the first attempt times out (no answer can come before
+    2.2 s), the retry (4 s: 1.8 s to spare on a loaded machine) succeeds; with a fixed timeout every retry would be
+    cut off again."""
     fake = FakeVLLM().start()
-    fake.delay = 1.5
+    fake.delay = 2.2
     try:
-        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=1.0, max_retries=2,
+        backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), request_timeout=2.0, max_retries=2,
                                     connect_grace=5.0)
         out = backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=3))
-        assert len(out) == 2 and backend.stats["retries"] == 1  # attempt 2 had 2 s
+        assert len(out) == 2 and backend.stats["retries"] == 1  # attempt 2 had 4 s
     finally:
         backend.close()
         fake.stop()

@@ -48,7 +48,7 @@ def test_server_without_vllm_fails_fast_with_cause(tmp_path: Path) -> None:
     fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"import sys; sys.path=[]; import vllm_missing_mod\" 2>&1 "
                            "| sed 's/vllm_missing_mod/vllm/'; exit 1\n")
     fake_python.chmod(0o755)
-    server = VLLMServer(model=str(tmp_path), port=18766, python=str(fake_python), log_path=tmp_path / "server.log",
+    server = VLLMServer(model=str(tmp_path), port=_free_port(), python=str(fake_python), log_path=tmp_path / "server.log",
                         startup_timeout=60)
     server.start()
     t0 = time.monotonic()
@@ -171,7 +171,14 @@ def test_server_killed_mid_rollout_every_prompt_answered_once(server_backend, sm
     before = server_backend.generate(prompts, greedy)
     restarts = server_backend.stats["restarts"]
     server = next(iter(server_backend.servers.values()))
-    killer = threading.Timer(1.0, server.kill)
+
+    def kill_once_in_flight() -> None:  # not after a fixed time: a fast machine may have answered by then
+        deadline = time.monotonic() + 300
+        while not sum(server_backend._inflight.values()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.kill()
+
+    killer = threading.Thread(target=kill_once_in_flight)
     killer.start()
     after = server_backend.generate(prompts, greedy)
     killer.join()

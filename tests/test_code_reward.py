@@ -140,22 +140,38 @@ FORGED_GRADES = {
 WRONG = "\ndef add(a, b):\n    return 0\n"
 
 
+def _spy_work_dirs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sandbox working directories this process creates (not another test run's on the same machine)."""
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def spy(*args: object, **kwargs: object) -> str:
+        path = mkdtemp(*args, **kwargs)  # type: ignore[arg-type]
+        if os.path.basename(path).startswith("rl_small_sbx_"):
+            made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    return made
+
+
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
-def test_adversarial_program_scores_zero_and_leaves_nothing(name: str, tmp_path: Path) -> None:
+def test_adversarial_program_scores_zero_and_leaves_nothing(name: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     if name == "escape_dir_fd" and os.geteuid() != 0 and not landlock_abi():
         pytest.skip("not root and no Landlock: nothing at the kernel level stops a write through a dir_fd")
     repo_file = Path(__file__).resolve().parents[1] / "PWNED_BY_SANDBOX"
     code = ADVERSARIAL[name].format(repo=str(repo_file), repo_dir=str(repo_file.parent), home=str(Path.home()))
     # The adversarial code runs first; the solution below it would pass if execution got that far.
     reward = CodeExecution(mode="pass", timeout_s=2.0, cpu_s=2)
-    before = set(os.listdir("/tmp"))
+    work_dirs = _spy_work_dirs(monkeypatch)
     t0 = time.monotonic()
     assert reward([fenced(code + "\n" + GOOD)], test_list=[ADD_TESTS]) == [0.0]
     assert time.monotonic() - t0 < 10
     assert not repo_file.exists()
     assert not (Path.home() / "rl_small_pwned").exists()
     assert not Path("/tmp/rl_small_pwned").exists()
-    assert not [f for f in set(os.listdir("/tmp")) - before if f.startswith("rl_small_sbx_")]
+    assert work_dirs and not [d for d in work_dirs if os.path.exists(d)]  # its working directory is removed
     assert os.getpid() > 0  # still here: the parent was not killed
 
 
@@ -323,11 +339,19 @@ def test_colliding_hashes_cannot_stall_the_trainer() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-program uid is used only when the trainer is root")
-def test_no_sandbox_process_survives() -> None:
+def test_no_sandbox_process_survives(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil  # a dependency of accelerate
+
     code = "import os, time\ntime.sleep(30)"
+    uids: set[int] = set()
+    run = Sandbox._run
+    monkeypatch.setattr(Sandbox, "_run", lambda self, c, spec, uid: (uids.add(uid), run(self, c, spec, uid))[1])
     CodeExecution(timeout_s=1.0)([fenced(code)] * 2, test_list=[ADD_TESTS] * 2)
-    lo, hi = 61000, 62000
-    alive = [p for p in os.listdir("/proc") if p.isdigit() and lo <= _uid(p) < hi]
+    released = time.time()
+    assert uids and all(61000 <= u < 62000 for u in uids)
+    # processes of the uids it leased, started while it held them (another test run on this machine may lease
+    # the same uids once they are released)
+    alive = [p for p in psutil.pids() if _uid(str(p)) in uids and _started(p) < released]
     assert alive == []
 
 
@@ -365,6 +389,15 @@ def test_uid_leases_are_exclusive_and_freed(tmp_path: Path) -> None:
     assert (tmp_path / f"uid-{a}").read_text() == ""  # cleaned up and released
     with leased_uid(70000, 1, str(tmp_path)) as c:
         assert c == 70000
+
+
+def _started(pid: int) -> float:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return float("inf")
 
 
 def _uid(pid: str) -> int:

@@ -232,19 +232,22 @@ def run_cli(args: argparse.Namespace) -> int:
     from rl_small.rollout.vllm_server import ServerStartError
     from rl_small.rundir import RunDirError
 
-    try:
-        run(args)
-    except TrainingInterrupted as stop:
-        sys.stderr.write(f"rl-small: {stop}\n")
+    where = f"; resume with: rl-small train --resume {args.resume}" if args.resume else ""
+    try:  # the outer handler: a second Ctrl-C that lands while the stop or error line is being written
+        try:
+            run(args)
+        except TrainingInterrupted as stop:
+            sys.stderr.write(f"rl-small: {stop}\n")
+            return 130
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+            sys.stderr.write(f"rl-small: interrupted (the last checkpoint is intact){where}\n")
+            return 130
+        except (RecipeError, FileNotFoundError, DataError, RunDirError, NonFiniteError, RolloutError,
+                ServerStartError, RewardError) as err:
+            sys.stderr.write(f"rl-small: error: {err}\n")
+            return 1
+    except KeyboardInterrupt:
         return 130
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
-        where = f"; resume with: rl-small train --resume {args.resume}" if args.resume else ""
-        sys.stderr.write(f"rl-small: interrupted (the last checkpoint is intact){where}\n")
-        return 130
-    except (RecipeError, FileNotFoundError, DataError, RunDirError, NonFiniteError, RolloutError,
-            ServerStartError, RewardError) as err:
-        sys.stderr.write(f"rl-small: error: {err}\n")
-        return 1
     return 0
 
 

@@ -503,3 +503,23 @@ def test_a_distributed_rank_exits_with_its_code_after_the_atexit_handlers(tmp_pa
                           check=False)
     assert proc.returncode == 1 and "exitcode  : 3" in proc.stderr, proc.stderr[-2000:]
     assert (tmp_path / "done0").read_text() == "ok" and (tmp_path / "done1").read_text() == "ok"
+
+
+def test_a_ctrl_c_while_the_stop_line_is_written_still_exits_130(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """Between the graceful stop (the default Ctrl-C handler is back) and the quiet exit, a second Ctrl-C can
+    land inside run_cli's ``except`` block; it must end in 130, not a traceback out of the handler."""
+    import argparse
+
+    from rl_small import train
+    from rl_small.guards import TrainingInterrupted
+
+    def stopped(_args: argparse.Namespace) -> None:
+        raise TrainingInterrupted(3, tmp_path)
+
+    def ctrl_c(_text: str) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", stopped)
+    monkeypatch.setattr(sys.stderr, "write", ctrl_c)
+    assert train.run_cli(argparse.Namespace(resume=None)) == 130

@@ -263,7 +263,11 @@ def _backend(kind: str, model_name: str, adapter: str | None, args: argparse.Nam
     if kind == "hf":
         from rl_small.rollout.hf import HFBackend
 
+        import torch
+
         model, tok = _load(model_name, adapter)
+        if torch.cuda.is_available():  # the trainer's Accelerator places its model; here nothing else would
+            model = model.to("cuda")
         return HFBackend(model, tok, batch_size=args.batch_size), tok
     from rl_small.config import RolloutConfig
     from rl_small.models import load_tokenizer, resolve_model

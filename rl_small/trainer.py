@@ -24,11 +24,9 @@ import torch
 from rl_small.batch import compute_advantages, fill_no_grad, group_indices, micro_batches, pad_batch
 from rl_small.builders import build_rewards, check_run, make_scheduler, seed_everything
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
-from rl_small.config import DataConfig, RecipeError, RunConfig
+from rl_small.config import RecipeError, RunConfig
 from rl_small.critic import Critic
-from rl_small.data import build_prompts, load_task_rows
-from rl_small.data.mixture import DomainMixture, DynamicWeights
-from rl_small.data.registry import LoadStats
+from rl_small.data.domains import build_mixture, load_domains
 from rl_small.distributed import World, gather_object, reduce_metrics
 from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step, step_schedulers
 from rl_small.logprobs import completion_logprobs_and_entropy
@@ -57,7 +55,7 @@ class Trainer:
         check_run(cfg, self.acc)
         self.world = World(self.acc)
         # Rewards and data first: a bad reward name or dataset path fails before the model loads.
-        domain_rows = self._load_domains()
+        domain_rows, self.data_stats = load_domains(cfg.data)
         self.rewards = build_rewards(cfg, domain_rows)  # each reward runs on a sample of the data
         seed_everything(cfg.train.seed)
         self.model, self.tok = load_policy(cfg.model)
@@ -74,7 +72,7 @@ class Trainer:
                 cfg.optim.weight_decay, scheduler=lambda opt: make_scheduler(opt, cfg),
             )
         self.pass_rates = PassRateTracker() if a.difficulty_filter else None
-        self.mixture = self._build_mixture(domain_rows)
+        self.mixture = build_mixture(cfg, domain_rows, self.tok)
         self.train_prompts = [p for d in self.mixture.names for p in self.mixture.prompts[d]]
         for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
             if hasattr(comp.fn, "bind_policy"):
@@ -115,34 +113,6 @@ class Trainer:
             raise RecipeError(str(err.args[0])) from err
 
     # ---- data -----------------------------------------------------------------------------------
-    def _load_domains(self) -> dict[str, tuple[DataConfig, list[dict[str, Any]]]]:
-        """Rows of data.task, or of each task of data.mix (its own config); load counts in ``data_stats``."""
-        d = self.cfg.data
-        subs = [(m.name or m.task, d.model_copy(update={"task": m.task, "path": m.path, "mix": [],
-                                                          "difficulty": m.difficulty or d.difficulty}))
-                for m in d.mix] or [(d.task, d)]
-        out, self.data_stats = {}, LoadStats()
-        for name, sub in subs:
-            try:
-                rows, stats = load_task_rows(sub, sub.split)
-            except KeyError as err:  # unknown task: a config error, not a crash
-                raise RecipeError(f"data{'.mix' if d.mix else ''}: {err.args[0]}") from err
-            self.data_stats.kept += stats.kept
-            self.data_stats.skipped += stats.skipped
-            out[name] = (sub, rows)
-        return out
-
-    def _build_mixture(self, domain_rows: dict[str, tuple[DataConfig, list[dict[str, Any]]]]) -> DomainMixture:
-        """Prompts per domain, each tagged with its domain, and the sampler over them."""
-        a, d = self.cfg.algo, self.cfg.data
-        domains: dict[str, list[Prompt]] = {}
-        for name, (sub, rows) in domain_rows.items():
-            domains[name] = build_prompts(rows, self.tok, sub)
-            for p in domains[name]:
-                p.columns["domain"] = name
-        dynamic = DynamicWeights(a.domain_target, a.domain_tau, a.domain_ewma) if a.domain_sampling else None
-        return DomainMixture(domains, {(m.name or m.task): m.weight for m in d.mix}, d.seed, dynamic)
-
     def next_prompts(self, n: int | None = None) -> list[Prompt]:
         """This process's share of the next ``n`` (default ``prompts_per_step``) x processes prompts
         (rl_small.data.mixture: seeded per-epoch permutations, per domain when data.mix is set).
@@ -264,7 +234,7 @@ class Trainer:
             logp, _, ent = completion_logprobs_and_entropy(self.model, rs, pad, temp, ent_on, a.entropy_coef > 0)
             w, dev = logp.shape[1], logp.device  # the batch lives on the CPU, the model's outputs on its device
 
-            def cut(t: torch.Tensor, w: int = w, dev: torch.device = dev) -> torch.Tensor:
+            def cut(t: torch.Tensor, w: int = w, dev: torch.device = dev, rows: torch.Tensor = rows) -> torch.Tensor:
                 return t[rows, :w].to(dev)
 
             m = cut(batch.mask) * batch.loss_weight[rows].unsqueeze(-1).to(dev)

@@ -148,6 +148,33 @@ def _bind_check(ref: str, obj: Callable[..., Any], params: dict[str, Any]) -> No
         inspect.signature(obj).bind(**params)
     except TypeError as err:
         raise TypeError(f"reward {ref!r}: bad parameters {sorted(params)}: {err}") from None
+    _type_check(ref, obj, params)
+
+
+def _type_check(ref: str, obj: Callable[..., Any], params: dict[str, Any]) -> None:
+    """Each parameter against its annotation (pydantic's lax mode: ``"5"`` fits ``int``, ``"abc"`` does not),
+    so ``max_tokens: abc`` is an error naming the parameter at load, not a TypeError deep in the first batch.
+    The values are passed on unchanged; annotations that cannot be resolved or checked are skipped."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # noqa: BLE001 - names only known to a type checker, or no annotations to read
+        return
+    for key, value in params.items():
+        if key not in hints or hints[key] is Any:
+            continue
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check (a callable, an arbitrary class)
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError:
+            want = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise TypeError(f"reward {ref!r}: parameter {key}={value!r} does not fit its type {want}") from None
 
 
 def build_reward(ref: str, params: dict[str, Any] | None = None, factory: bool | None = None) -> RewardFn:

@@ -621,3 +621,17 @@ def _child_deadline() -> str:
     except RewardTimeout:
         return "timeout"
     return "slept"
+
+
+def test_reward_parameters_are_checked_against_their_types_at_load() -> None:
+    """``max_tokens: abc`` failed inside the first batch with "'<=' not supported between int and str"; the
+    parameter is now checked against the reward's annotation when the reward is built, and named."""
+    from rewards.base import build_reward
+
+    with pytest.raises(TypeError, match=r"reward 'soft_overlong': parameter max_tokens='abc' does not fit its "
+                                        r"type int"):
+        build_reward("soft_overlong", {"max_tokens": "abc", "buffer": 10})
+    with pytest.raises(TypeError, match=r"parameter buffer=1\.5 does not fit its type int"):
+        build_reward("soft_overlong", {"max_tokens": 100, "buffer": 1.5})
+    ok = build_reward("soft_overlong", {"max_tokens": 100, "buffer": 10})
+    assert ok(["x"], completion_ids=[[1] * 95]) == pytest.approx([-0.5])  # 5 tokens into the 10-token buffer

@@ -87,7 +87,7 @@ def bench_engine(model_dir: str, tok: Any, peft_model: Any, adapter: Path, promp
     from vllm.lora.request import LoRARequest
 
     from rl_small.rollout.base import SamplingSpec
-    from rl_small.rollout.engine import VLLMEngineBackend
+    from rl_small.rollout.vllm_engine import VLLMEngineBackend
 
     spec = SamplingSpec(args.n, args.max_new_tokens, 1.0, 1.0)
     backend = VLLMEngineBackend(model_dir, tok, work / "engine", lora_rank=16, keep_versions=2,
@@ -125,8 +125,8 @@ def bench_engine(model_dir: str, tok: Any, peft_model: Any, adapter: Path, promp
 def bench_server(model_dir: str, tok: Any, peft_model: Any, prompts: list[Any], args: Any, work: Path) -> dict[str, Any]:
     from rl_small.config import RolloutConfig
     from rl_small.rollout.base import SamplingSpec
-    from rl_small.rollout.client import VLLMServerBackend
-    from rl_small.rollout.vllm_server import healthy
+    from rl_small.rollout.vllm_server import VLLMServerBackend
+    from rl_small.rollout.server import healthy
 
     spec = SamplingSpec(args.n, args.max_new_tokens, 1.0, 1.0)
     cfg = RolloutConfig(backend="vllm_server", spawn=True, port=args.port, max_model_len=1024, keep_versions=2)

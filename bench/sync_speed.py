@@ -62,7 +62,7 @@ def worker(path: str, reps: int) -> dict[str, Any]:
     from vllm import SamplingParams
 
     from rl_small.models import load_tokenizer, resolve_model
-    from rl_small.rollout.engine import VLLMEngineBackend
+    from rl_small.rollout.vllm_engine import VLLMEngineBackend
 
     model_dir = resolve_model("smollm2-135m-instruct")
     tok = load_tokenizer(model_dir)

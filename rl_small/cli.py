@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval", help="evaluate a model / trained adapter on GSM8K, MATH500, AIME, AMC, code")
     add_eval_args(ev)
     sv = sub.add_parser("serve", help="run a vLLM server (LoRA hot-swap) for a recipe's model; vllm_server connects")
-    from rl_small.rollout.vllm_server import add_serve_args
+    from rl_small.rollout.server import add_serve_args
 
     add_serve_args(sv)
     rp = sub.add_parser("report", help="HTML report (curves + tables) of one or several runs")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "serve":
         from rl_small.config import RecipeError
-        from rl_small.rollout.vllm_server import ServerStartError, serve
+        from rl_small.rollout.server import ServerStartError, serve
 
         try:
             serve(args)

@@ -228,8 +228,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from rl_small.config import RecipeError
     from rl_small.data.files import DataError
     from rl_small.guards import NonFiniteError, TrainingInterrupted
-    from rl_small.rollout.client import RolloutError
-    from rl_small.rollout.vllm_server import ServerStartError
+    from rl_small.rollout.base import RolloutError
+    from rl_small.rollout.server import ServerStartError
     from rl_small.rundir import RunDirError
 
     where = f"; resume with: rl-small train --resume {args.resume}" if args.resume else ""

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rl_small.rollout.base import SamplingSpec
-from rl_small.rollout.client import RolloutError, VLLMServerBackend
+from rl_small.rollout.base import RolloutError
+from rl_small.rollout.vllm_server import VLLMServerBackend
 from rl_small.types import Prompt
 from tests.fake_vllm import FakeVLLM
 from tests.test_server_faults import _Tok
@@ -84,7 +85,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from rl_small.rollout.base import SamplingSpec
-from rl_small.rollout.client import VLLMServerBackend
+from rl_small.rollout.vllm_server import VLLMServerBackend
 from rl_small.types import Prompt
 from tests.fake_vllm import FakeVLLM
 from tests.test_server_faults import _Tok

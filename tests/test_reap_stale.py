@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_small.rollout import vllm_server as server_mod
-from rl_small.rollout.vllm_server import VLLMServer
+from rl_small.rollout import server as server_mod
+from rl_small.rollout.server import VLLMServer
 
 PGID = 4242
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from rl_small.rollout import client as client_mod
-from rl_small.rollout import vllm_server as server_mod
+from rl_small.rollout import vllm_server as client_mod
+from rl_small.rollout import server as server_mod
 from rl_small.rollout.base import SamplingSpec
-from rl_small.rollout.client import RolloutError, VLLMServerBackend
-from rl_small.rollout.vllm_server import VLLMServer, group_members, healthy
+from rl_small.rollout.base import RolloutError
+from rl_small.rollout.vllm_server import VLLMServerBackend
+from rl_small.rollout.server import VLLMServer, group_members, healthy
 from rl_small.types import Prompt
 from tests.fake_vllm import FakeVLLM
 
@@ -233,7 +234,7 @@ def test_spawned_server_start_logs_progress(fake_python: str, tmp_path: Path, fa
 TRAINER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from rl_small.rollout.vllm_server import VLLMServer
+    from rl_small.rollout.server import VLLMServer
     s = VLLMServer(model=sys.argv[1], port=int(sys.argv[2]), python=sys.argv[3], log_path=Path(sys.argv[4]))
     s.start(); s.wait_healthy()
     print("ready", flush=True)

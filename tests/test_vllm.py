@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rl_small.rollout.base import SamplingSpec
-from rl_small.rollout.vllm_server import ServerStartError, VLLMServer
+from rl_small.rollout.server import ServerStartError, VLLMServer
 from rl_small.types import Prompt
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -105,7 +105,7 @@ def _peft(path: str, seed: int, scale: float) -> object:
 @pytest.fixture(scope="module")
 def server_backend(smol: tuple[str, object], tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from rl_small.config import RolloutConfig
-    from rl_small.rollout.client import VLLMServerBackend
+    from rl_small.rollout.vllm_server import VLLMServerBackend
 
     path, tok = smol
     run_dir = tmp_path_factory.mktemp("vllm-run")
@@ -211,7 +211,7 @@ def test_engine_backend_versions_and_logprobs(smol, tmp_path: Path) -> None:  # 
     import torch
 
     from rl_small.logprobs import completion_logprobs
-    from rl_small.rollout.engine import VLLMEngineBackend
+    from rl_small.rollout.vllm_engine import VLLMEngineBackend
 
     path, tok = smol
     backend = VLLMEngineBackend(path, tok, tmp_path / "adapters", lora_rank=8, keep_versions=1,
@@ -246,7 +246,7 @@ def test_trainer_on_spawned_server_async_tis_and_resume(tiny_overrides: list[str
     import json
 
     from rl_small.config import load_recipe
-    from rl_small.rollout.vllm_server import port_free
+    from rl_small.rollout.server import port_free
     from rl_small.trainer import Trainer
 
     port = _free_port()
@@ -310,7 +310,7 @@ def test_two_servers_share_requests_and_survive_one_kill(tiny_model_dir: Path, t
     from rl_small.config import RolloutConfig
     from rl_small.logprobs import completion_logprobs
     from rl_small.models import load_tokenizer
-    from rl_small.rollout.client import VLLMServerBackend
+    from rl_small.rollout.vllm_server import VLLMServerBackend
 
     tok = load_tokenizer(str(tiny_model_dir))
     cfg = RolloutConfig(backend="vllm_server", spawn=True, num_servers=2, port=_free_port(), max_model_len=256,

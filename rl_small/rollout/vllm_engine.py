@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_small.rollout.base import SamplingSpec, expand_requests, export_weights, make_rollout
-from rl_small.rollout.vllm_server import _lora_rank_bucket, cpu_env, on_cpu
+from rl_small.rollout.server import cpu_env, lora_rank_bucket, on_cpu
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class VLLMEngineBackend:
     def _build(self, model: str) -> Any:
         from vllm import LLM
 
-        lora = {"enable_lora": True, "max_lora_rank": _lora_rank_bucket(self.lora_rank),
+        lora = {"enable_lora": True, "max_lora_rank": lora_rank_bucket(self.lora_rank),
                 "max_loras": self.keep + 1} if self.lora_rank else {}
         return LLM(model=model, seed=self.seed, logprobs_mode="processed_logprobs", **lora, **self.engine_kwargs)
 

@@ -13,6 +13,7 @@ from rl_small.cli import BENCH_DIR, benchmarks, main, run_bench
 sys.path.insert(0, str(BENCH_DIR))
 import common
 import scaling
+import seed_study
 import trl_compare
 
 
@@ -140,3 +141,54 @@ def test_eval_compare_pairs_the_problems_both_evaluations_have(tmp_path: Path) -
     assert (row["paired_problems"], row["paired_a"], row["paired_b"], row["only_a"], row["only_b"]) == (2, 0.5, 0.5, 1, 1)
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         load(tmp_path)
+
+
+def _summary(seed: int, before: float, after: float, up: int, down: int, n: int = 200) -> dict[str, Any]:
+    return {"seed": seed, "before": {"accuracy": before, "n": n}, "after": {"accuracy": after, "n": n},
+            "paired": {"problems": n, "after_only": up, "before_only": down}, "finished": True}
+
+
+def test_seed_study_gain_interval_and_paired_difference() -> None:
+    # gain +0.10 with 30 problems gained, 10 lost of 200: se = sqrt(40 - 20^2/200) / 200 = sqrt(38) / 200
+    r = seed_study.run_gain(_summary(0, 0.20, 0.30, up=30, down=10))
+    assert r["gain"] == pytest.approx(0.10) and r["gain_se"] == pytest.approx(38**0.5 / 200)
+    grpo = [seed_study.run_gain(_summary(s, 0.2, a, 10, 5)) for s, a in enumerate([0.35, 0.50, 0.10])]
+    mem = [seed_study.run_gain(_summary(s, 0.2, a, 10, 5)) for s, a in enumerate([0.29, 0.23, 0.20])]
+    out = seed_study.summarize({"grpo": grpo, "mem": mem})
+    g = out["methods"]["grpo"]["gain"]
+    assert (g["n"], g["mean"], g["min"]) == (3, pytest.approx(0.11666667), pytest.approx(-0.10))
+    # sd of (0.15, 0.30, -0.10) = 0.2021; half-width 4.303 x sd / sqrt(3) (t with 2 degrees of freedom)
+    assert g["hi"] - g["mean"] == pytest.approx(4.303 * 0.20207259 / 3**0.5, rel=1e-5)
+    assert out["methods"]["grpo"]["below_base"] == 1 and out["methods"]["mem"]["below_base"] == 0
+    assert out["paired"]["per_seed"] == pytest.approx([-0.06, -0.27, 0.10])
+    assert seed_study.t975(4) == 2.776 and seed_study.t975(11) == 2.228 and seed_study.t975(40) == 1.96
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        seed_study.t975(0)
+
+
+def test_seed_study_reuses_finished_runs_and_resumes_interrupted_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], cwd: Any, check: bool) -> None:
+        calls.append(cmd)
+        name = cmd[cmd.index("--resume") + 1] if "--resume" in cmd else str(
+            tmp_path / next(a for a in cmd if a.startswith("train.run_name=")).split("=")[1])
+        Path(name).mkdir(parents=True, exist_ok=True)
+        (Path(name) / "summary.json").write_text(json.dumps(_summary(0, 0.2, 0.25, 12, 2)))
+
+    monkeypatch.setattr(seed_study.subprocess, "run", fake_run)
+    done = tmp_path / "grpo_arith_s0"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps(_summary(0, 0.2, 0.4, 50, 10)))
+    assert seed_study.train("recipes/smollm2-135m/grpo/arith.yaml", 0, tmp_path, [], "py")["after"]["accuracy"] == 0.4
+    assert calls == []  # finished: read, not redone
+    (tmp_path / "grpo_arith_s1" / "checkpoints").mkdir(parents=True)
+    seed_study.train("recipes/smollm2-135m/grpo/arith.yaml", 1, tmp_path, ["data.difficulty=3"], "py")
+    assert calls[-1] == ["py", "-m", "rl_small.train", "--resume", str(tmp_path / "grpo_arith_s1")]
+    seed_study.train(None, 2, tmp_path, ["data.difficulty=3"], "py")
+    assert calls[-1][3:] == ["train.seed=2", "data.seed=2", f"train.output_dir={tmp_path}",
+                             "train.run_name=default_s2", "train.progress=false", "data.difficulty=3"]

@@ -158,7 +158,9 @@ VARIANTS: dict[str, type[AlgoBase]] = {
     "grpo": GrpoConfig, "dr_grpo": DrGrpoConfig, "rloo": RlooConfig, "reinforce_pp": ReinforcePPConfig,
     "ppo": PpoConfig,
 }
-AlgoConfig = Annotated[GrpoConfig | DrGrpoConfig | RlooConfig | ReinforcePPConfig | PpoConfig, Field(discriminator="name")]
+AlgoConfig = Annotated[
+    GrpoConfig | DrGrpoConfig | RlooConfig | ReinforcePPConfig | PpoConfig, Field(discriminator="name")
+]
 
 
 def variant_options(data: Any) -> Any:

@@ -49,27 +49,25 @@ def timer(metrics: dict[str, float], name: str) -> Iterator[None]:
 class Tracker:
     """Metrics sinks: ``metrics.jsonl`` (always) and Accelerate's trackers (``train.trackers``; None = tensorboard
     when installed): tensorboard in ``run_dir/tb``, the others in project ``rl-small`` as a run named after the
-    run directory. The run directory's ``config.yaml``, when there, is stored as the hyper-parameters."""
+    run directory. At the first ``log`` (the trainer writes config.yaml after it builds this), the run
+    directory's ``config.yaml`` is stored as the hyper-parameters."""
 
     def __init__(self, run_dir: Path, trackers: list[str] | None = None, is_main: bool = True) -> None:
         self.is_main = is_main
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.resolved = run_dir / "metrics.jsonl", run_dir / "config.yaml"
         self.sinks: list[Any] = []
+        self._config_stored = False
         if not is_main:
             return
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
         from accelerate.utils import is_tensorboard_available
 
         default = ["tensorboard"] if is_tensorboard_available() else []
-        resolved = run_dir / "config.yaml"
-        config = _flat(yaml.safe_load(resolved.read_text())) if resolved.exists() else {}
         for name in default if trackers is None else trackers:
             cls = LOGGER_TYPE_TO_CLASS[name]  # tensorboard and aim write into the run directory
             where = ("tb" if name == "tensorboard" else name, str(run_dir)) if cls.requires_logging_directory else ()
             sink = cls(*(where or ("rl-small",)), **({RUN_NAME[name]: run_dir.name} if name in RUN_NAME else {}))
             sink.start()
-            if config:
-                sink.store_init_configuration(config)
             self.sinks.append(sink)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -77,6 +75,11 @@ class Tracker:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self.sinks and not self._config_stored and self.resolved.exists():
+            config = _flat(yaml.safe_load(self.resolved.read_text()))
+            for sink in self.sinks:
+                sink.store_init_configuration(config)
+            self._config_stored = True
         for sink in self.sinks:
             sink.log(metrics, step=step)
 

@@ -98,16 +98,21 @@ def test_trackers_receive_the_metrics_and_the_resolved_config(tmp_path: Path,
     from accelerate import tracking
 
     monkeypatch.setitem(tracking.LOGGER_TYPE_TO_CLASS, "memory", _MemoryTracker)
+    tracker = Tracker(tmp_path, ["memory"])  # before config.yaml, as in rl_small.train
     dump_config(load_recipe(None, ["algo.name=ppo", "algo.gamma=0.5"]), tmp_path / "config.yaml")
-    tracker = Tracker(tmp_path, ["memory"])
     tracker.log(3, {"reward/total": 0.25})
+    tracker.log(4, {"reward/total": 0.5})
     tracker.close()
     run = _MemoryTracker.runs[-1]
-    assert run.run_name == "rl-small" and run.logged == [(3, {"reward/total": 0.25})] and run.finished
+    assert run.run_name == "rl-small" and run.kwargs == {} and run.finished
+    assert run.logged == [(3, {"reward/total": 0.25}), (4, {"reward/total": 0.5})]
     assert run.config["algo.gamma"] == 0.5 and run.config["algo.name"] == "ppo"
     assert run.config["algo.clip"] == "[0.2, 0.2]"  # lists as JSON text: trackers take scalars
-    line = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert line["step"] == 3 and line["reward/total"] == 0.25  # metrics.jsonl is always written
+    monkeypatch.setitem(tracking.LOGGER_TYPE_TO_CLASS, "wandb", _MemoryTracker)
+    Tracker(tmp_path, ["wandb"])
+    assert _MemoryTracker.runs[-1].kwargs == {"name": tmp_path.name}  # a wandb run named after the run directory
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["reward/total"]) for x in lines] == [(3, 0.25), (4, 0.5)]  # metrics.jsonl: always
 
 
 def test_default_trackers_are_tensorboard_when_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

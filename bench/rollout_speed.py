@@ -168,7 +168,7 @@ def bench_e2e(args: Any, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for backend in ("hf", "vllm_server"):
         over = [f"rollout.backend={backend}", "rollout.spawn=true", f"rollout.port={args.port + 10}",
-                f"train.steps={args.e2e_steps}", "train.progress=false", "train.tensorboard=false",
+                f"train.steps={args.e2e_steps}", "train.progress=false", "train.trackers=[]",
                 "rollout.max_model_len=1024"]
         tr = Trainer(load_recipe(None, over), work / f"e2e-{backend}")
         try:

@@ -38,7 +38,7 @@ def worker(recipe: str | None, steps: int, warmup: int, overrides: list[str], wo
     from rl_small.trainer import Trainer
 
     fixed = ["rollout.backend=hf", "train.eval_before=false", "train.eval_after=false", "train.progress=false",
-             "train.save_every=0", "train.tensorboard=false", f"train.output_dir={work}", "train.run_name=r",
+             "train.save_every=0", "train.trackers=[]", f"train.output_dir={work}", "train.run_name=r",
              f"train.steps={steps + warmup}"]
     tr = Trainer(load_recipe(recipe, fixed + overrides), work / "r")
     try:
@@ -79,7 +79,7 @@ def configs(args: Any) -> list[dict[str, Any]]:
                          ("length", [(args.base_group, L) for L in args.lengths])):
         for g, L in pairs:
             over = [*task, f"rollout.group_size={g}", f"rollout.max_new_tokens={L}", "rollout.ignore_eos=true",
-                    f"rollout.prompts_per_step={args.prompts}", "rollout.max_model_len=4096", *args.overrides]
+                    f"rollout.prompts_per_step={args.prompts}", *args.overrides]
             out.append({"sweep": sweep, "G": g, "L": L, "args": over})
     if not args.no_memory:
         rec = str(ROOT / "recipes/smollm2-135m/memory_r_plus/arith.yaml")

@@ -51,9 +51,10 @@ SYSTEMS = ("trl", "trl_gpu_head", "hf", "vllm_server")
 
 
 def _overrides(backend: str, seed: int, steps: int, work: Path, extra: list[str]) -> list[str]:
-    return [f"rollout.backend={backend}", f"train.seed={seed}", f"data.seed={seed}", f"rollout.seed={seed}",
+    vllm_seed = [f"rollout.seed={seed}"] if backend.startswith("vllm") else []  # a vLLM option: an error under hf
+    return [f"rollout.backend={backend}", f"train.seed={seed}", f"data.seed={seed}", *vllm_seed,
             f"train.steps={steps}", "train.eval_before=false", "train.eval_after=false", "train.progress=false",
-            "train.save_every=0", "train.tensorboard=false", f"train.output_dir={work}", "train.run_name=r",
+            "train.save_every=0", "train.trackers=[]", f"train.output_dir={work}", "train.run_name=r",
             *extra]
 
 

@@ -160,7 +160,7 @@ def compute_advantages(
         )
     else:
         r = batch.rewards if kl_tok is None else batch.rewards - algo.kl_coef * kl_tok.sum(-1)
-        adv = ADVANTAGES[algo.name](r, batch.group_ids, scale=algo.scale_rewards).unsqueeze(-1) * m
+        adv = ADVANTAGES[algo.name](r, batch.group_ids, scale=getattr(algo, "scale_rewards", True)).unsqueeze(-1) * m
     batch.advantages = adv
     _, inv, counts = torch.unique(batch.group_ids, return_inverse=True, return_counts=True)
     spread = torch.zeros(len(counts)).index_add_(0, inv, ((adv.abs() * m).sum(-1) > 1e-6).float())

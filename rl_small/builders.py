@@ -6,11 +6,10 @@ checks that refuse a config/launch combination the trainer cannot run, before an
 
 from __future__ import annotations
 
-import math
-import random
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 
 from rewards import REWARD_REGISTRY, CombinedReward, RewardComponent, RewardConfigError, build_reward
@@ -20,7 +19,7 @@ from rl_small.config import RecipeError, RunConfig
 def check_run(cfg: RunConfig, acc: Any) -> None:
     """Refuse, naming the setting, what this trainer cannot run: KL or PPO without LoRA, sharded training
     (FSDP / DeepSpeed), inconsistent sampling options."""
-    a = cfg.algo
+    a, s = cfg.algo, cfg.sampling
     if (a.kl_coef > 0 or a.log_kl) and cfg.model.lora is None:
         raise RecipeError("algo.kl_coef > 0 or algo.log_kl needs model.lora (the reference is the adapter-free base)")
     if a.name == "ppo" and cfg.model.lora is None:
@@ -35,17 +34,18 @@ def check_run(cfg: RunConfig, acc: Any) -> None:
     if r.sync_check_error is not None and r.sync_check_error < r.sync_check_warn:
         raise RecipeError(f"rollout.sync_check_error={r.sync_check_error} is below rollout.sync_check_warn="
                           f"{r.sync_check_warn}: jumps between the two would never stop the run")
-    if a.domain_sampling and len(cfg.data.mix) < 2:
-        raise RecipeError("algo.domain_sampling needs data.mix with at least two tasks")
+    if s.domain_sampling and len(cfg.data.mix) < 2:
+        raise RecipeError("sampling.domain_sampling needs data.mix with at least two tasks")
     names = [r.name for r in cfg.rewards]
-    if (a.difficulty_filter or (a.dynamic_sampling and a.dynamic_sampling_on == "pass")) and a.pass_reward not in names:
-        raise RecipeError(f"algo.pass_reward {a.pass_reward!r} is not one of the recipe's rewards {names}")
+    if (s.difficulty_filter or (s.dynamic_sampling and s.dynamic_sampling_on == "pass")) and s.pass_reward not in names:
+        raise RecipeError(f"sampling.pass_reward {s.pass_reward!r} is not one of the recipe's rewards {names}")
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed python's ``random``, numpy and torch (CPU and every GPU) with ``seed``: Accelerate's ``set_seed``."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
 
 
 def build_rewards(cfg: RunConfig, domain_rows: dict[str, tuple[Any, list[dict[str, Any]]]] | None = None
@@ -87,17 +87,23 @@ def sample_batch(domain: str, row: dict[str, Any]) -> tuple[list[str], dict[str,
     }
 
 
+def _warmup_ahead(hf_factor: Callable[[int], float], warmup: int, step: int) -> float:
+    """transformers' LR factor, one step ahead during the warm-up: its warm-up starts at 0 (step 0 would train
+    at LR 0), this one at 1/warmup and reaches the full LR on the warm-up's last step; the decay after it is
+    transformers' own."""
+    return hf_factor(step + 1 if step < warmup else step)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    o, total = cfg.optim, max(cfg.train.steps, 1)
+    """``optim.schedule`` (constant / linear / cosine, after ``optim.warmup_steps`` of linear warm-up over
+    ``train.steps``) from ``transformers.get_scheduler``. With warm-up w and T steps, step s (0-based) trains at
+    lr x (s + 1) / w while s < w, then lr x 1 (constant), (T - s) / (T - w) (linear) or
+    (1 + cos(pi (s - w) / (T - w))) / 2 (cosine)."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        frac = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
-        if o.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        if o.schedule == "linear":
-            return max(1.0 - frac, 0.0)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    o = cfg.optim
+    name = "constant_with_warmup" if o.schedule == "constant" else o.schedule
+    total = max(cfg.train.steps, o.warmup_steps + 1)  # warm-up through the last step: hf(w) is the decay's 1, not 0
+    hf = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=total)
+    factors = [partial(_warmup_ahead, f, o.warmup_steps) for f in hf.lr_lambdas]  # base LRs: hf's initial_lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -11,13 +11,39 @@ keys are passed to that reward's constructor, which rejects the ones it does not
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from rl_small.config_algo import PolicyLossOptions
+from rl_small.config_algo import AlgoConfig, GrpoConfig, check_owners, variant_options
+from rl_small.config_sampling import SamplingConfig, sampling_keys_in_algo
+
+log = logging.getLogger("rl_small")
+# option -> the backends that use it (rollout.backend; auto may become hf or vllm_server)
+ROLLOUT_OWNERS: dict[str, tuple[str, ...]] = {
+    "generation_batch_size": ("hf",), "fake_completions": ("fake",),
+    **{k: ("vllm_server",) for k in ("server_urls", "spawn", "num_servers", "port", "server_python", "server_args",
+                                     "request_timeout", "connect_grace_s", "max_retries", "startup_timeout",
+                                     "keep_versions", "async_generation")},
+    **{k: ("vllm_server", "vllm_engine") for k in ("max_model_len", "gpu_memory_utilization", "kv_cache_gib",
+                                                   "vllm_dtype", "enforce_eager", "seed")},
+}
+# trackers of train.trackers (Accelerate's names) -> the module that must be importable
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+                   "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive",
+                   "swanlab": "swanlab"}
 
 
 class _Closed(BaseModel):
@@ -48,7 +74,7 @@ class MixSpec(_Closed):
 
     task: str = Field(description="Task registry name.")
     name: str | None = Field(None, description="Domain name in metrics and the 'domain' column (default: task).")
-    weight: float = Field(1.0, gt=0, description="Share of the prompts (the start under algo.domain_sampling).")
+    weight: float = Field(1.0, gt=0, description="Share of the prompts (the start under sampling.domain_sampling).")
     path: str | None = Field(None, description="Local file/folder of this task.")
     difficulty: int | None = Field(None, ge=1, le=6, description="arith: operations per problem.")
 
@@ -161,79 +187,13 @@ class RolloutConfig(_Closed):
     )
     seed: int = Field(0, description="vLLM sampling seed.")
 
-
-class AlgoConfig(PolicyLossOptions, _Closed):
-    """Policy optimisation: advantage estimator, loss terms (the policy-loss options: rl_small.config_algo),
-    update schedule and batch-level sampling (docs/METHODS.md §1-3). An option of an algorithm, policy loss or
-    sampling feature the recipe does not use, set to a non-default value, is an error (config_algo.OWNERS);
-    ``dr_grpo`` brings Dr. GRPO's ``loss_agg`` unless one is given."""
-
-    name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
-        "grpo", description="Advantage estimator; ppo = GAE with a learned critic (own LoRA adapter + value head)."
-    )
-    kl_coef: float = Field(0.0, ge=0, description="beta of the KL to the reference (base model, adapter off).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k3", description="KL estimator with r = pi_ref/pi: k1 = -log r, k2 = (log r)^2/2, k3 = r - 1 - log r."
-    )
-    kl_mode: Literal["loss", "reward"] = Field(
-        "loss", description="loss: beta*KL is a loss term; reward: -beta*KL_t of the sampling policy is added to "
-        "the rewards before the advantages (per token for ppo/reinforce_pp, summed per sequence otherwise).",
-    )
-    log_kl: bool = Field(
-        False, description="Compute the KL to the reference for metrics even when kl_coef = 0 (a no-grad forward)."
-    )
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: loss -= coef * aggregated token entropy.")
-    entropy_log_every: int = Field(
-        5, ge=0, description="Compute the policy/entropy metric every N steps (0 = never) when entropy_coef = 0: "
-        "one more pass over the vocabulary per token; with entropy_coef > 0 it is computed (and logged) every step.",
-    )
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
-        "token_mean", description="Loss aggregation over tokens and sequences."
-    )
-    epochs: int = Field(1, ge=1, description="Passes over each rollout batch (PPO epochs, mu).")
-    minibatches: int = Field(
-        1, ge=1, description="Optimizer steps per epoch: the batch is split (by whole groups) into this many parts."
-    )
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (grad accumulation).")
-    scale_rewards: bool = Field(True, description="grpo: divide by the group std.")
-    group_baseline: bool = Field(
-        False, description="reinforce_pp: subtract the group mean reward first (REINFORCE++-baseline)."
-    )
-    gamma: float = Field(1.0, gt=0, le=1, description="ppo: GAE discount.")
-    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda.")
-    whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch's tokens.")
-    value_clip: float | None = Field(
-        0.2, gt=0, description="ppo: value-loss clip range around the old values; null = off."
-    )
-    critic_lr: float | None = Field(
-        None, gt=0, description="ppo: critic (adapter + head) learning rate; null = optim.lr."
-    )
-    dynamic_sampling: bool = Field(
-        False, description="DAPO: drop groups that all pass or all fail (see dynamic_sampling_on) and draw more "
-        "prompts to refill the batch."
-    )
-    dynamic_sampling_on: Literal["auto", "pass", "reward"] = Field(
-        "auto", description="dynamic_sampling: what must differ within a group to keep it. pass: whether each "
-        "completion passes (algo.pass_reward >= algo.pass_threshold; DAPO's accuracy filter); reward: the total "
-        "reward; auto: pass when algo.pass_reward is one of the rewards, else reward."
-    )
-    max_sampling_rounds: int = Field(3, ge=0, description="dynamic_sampling: cap on extra generation rounds per step.")
-    overlong_filter: bool = Field(
-        False, description="DAPO overlong filtering: truncated completions get no policy loss (masked out)."
-    )
-    difficulty_filter: bool = Field(
-        False, description="SimpleRL-Zoo: skip prompts whose running pass rate is 0 or 1 once they have been seen."
-    )
-    pass_reward: str = Field("math_accuracy", description="difficulty_filter, dynamic_sampling: the reward component "
-                             "that defines a pass.")
-    pass_threshold: float = Field(0.5, description="difficulty_filter: a completion passes if that score >= this.")
-    domain_sampling: bool = Field(
-        False, description="RuleReasoner domain-aware dynamic sampling over data.mix: domains with a lower "
-        "running reward are drawn more often (w = softmax(max(0, target - rbar) / tau)).",
-    )
-    domain_target: float = Field(1.0, description="domain_sampling: the reward a domain is measured against.")
-    domain_tau: float = Field(0.8, gt=0, description="domain_sampling: softmax temperature (smaller = sharper).")
-    domain_ewma: float = Field(0.5, ge=0, lt=1, description="domain_sampling: weight of the old reward estimate.")
+    @model_validator(mode="after")
+    def _options_of_other_backends(self) -> RolloutConfig:
+        used = {"hf", "vllm_server"} if self.backend == "auto" else {self.backend}
+        for key in check_owners(self, ROLLOUT_OWNERS, used):
+            raise ValueError(f"rollout.{key} is an option of the {' / '.join(ROLLOUT_OWNERS[key])} backend, not of "
+                             f"{self.backend}: remove it, or set rollout.backend")
+        return self
 
 
 class RewardSpec(BaseModel):
@@ -285,6 +245,27 @@ class OptimConfig(_Closed):
 
 
 class TrainConfig(_Closed):
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_alias(cls, data: Any) -> Any:
+        """``train.tensorboard`` (before train.trackers): true = the default sinks, false = none."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            on = data.pop("tensorboard")
+            if "trackers" in data:
+                raise ValueError("train.tensorboard is replaced by train.trackers: set only train.trackers")
+            log.warning("train.tensorboard is deprecated: use train.trackers (%s)", "null" if on else "[]")
+            data["trackers"] = None if on else []
+        return data
+
+    @field_validator("trackers")
+    @classmethod
+    def _installed(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+                raise ValueError(f"tracker {name!r} is not installed: pip install {TRACKER_MODULES[name]}")
+        return v
+
     steps: int = Field(40, ge=0, description="Optimizer steps.")
     seed: int = Field(0, description="Global seed (torch, python, numpy).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
@@ -307,7 +288,11 @@ class TrainConfig(_Closed):
     )
     eval_limit: int = Field(50, ge=1, description="Fixed subset size (first N problems) of each benchmark.")
     eval_data_dir: str | None = Field(None, description="Local data root for those benchmarks (default: HF hub).")
-    tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
+    trackers: list[Literal[tuple(TRACKER_MODULES)]] | None = Field(  # type: ignore[valid-type]
+        None, description="Metric sinks besides metrics.jsonl (always written), through Accelerate's trackers: "
+        "tensorboard (run_dir/tb), wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; each must be "
+        "installed. null = tensorboard when it is installed; [] = metrics.jsonl only.",
+    )
     progress: bool = Field(True, description="Rich progress bar on the terminal.")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Stop after this many optimizer steps in a row with a non-finite loss or gradient "
@@ -327,10 +312,22 @@ class RunConfig(_Closed):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    algo: AlgoConfig = Field(default_factory=GrpoConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rewards: list[RewardSpec] = Field(default_factory=_default_rewards, min_length=1)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampling_keys_in_algo(cls, data: Any) -> Any:
+        return sampling_keys_in_algo(data)
+
+    @field_validator("algo", mode="before")
+    @classmethod
+    def _algo_variant(cls, v: Any) -> Any:
+        return variant_options(v)
 
 
 class RecipeError(ValueError):

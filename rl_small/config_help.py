@@ -4,6 +4,7 @@
     closest_key(("algo", "kl_coeff"))   # "algo.kl_coef"
     closest_key(("rollout", "kl_coef")) # "algo.kl_coef" (the same name in another section)
     print(describe("algo"))              # algo.clip: tuple[float, float] = [0.2, 0.2]  (eps_low, eps_high); ...
+                                         # algo.gamma: float = 1.0  [name: ppo] ppo: GAE discount.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation (``LoraSpec | None``, ``list[MixSpec]``), if any."""
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (``LoraSpec | None``, ``list[MixSpec]``, the algo variants)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_of(arg)]
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The (first) pydantic model inside an annotation, if any."""
+    found = _models_of(annotation)
+    return found[0] if found else None
 
 
 def _root() -> type[BaseModel]:
@@ -43,9 +46,8 @@ def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         yield key
-        sub = _model_of(field.annotation)
-        if sub is not None and sub.model_config.get("extra") == "forbid":
-            yield from all_keys(sub, key + ".")
+        subs = [m for m in _models_of(field.annotation) if m.model_config.get("extra") == "forbid"]
+        yield from dict.fromkeys(k for sub in subs for k in all_keys(sub, key + "."))  # algo: every variant's
 
 
 def closest_key(loc: tuple[Any, ...]) -> str | None:
@@ -68,12 +70,18 @@ def closest_key(loc: tuple[Any, ...]) -> str | None:
 def format_errors(err: ValidationError, source: str) -> str:
     """A recipe's validation errors, one line each, naming the key, the problem and the value; an unknown key
     gets the closest known one."""
+    from rl_small.config_algo import VARIANTS
+
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = list(e["loc"])  # without the algo variant tag pydantic inserts: algo.grpo.kl_coef -> algo.kl_coef
+        parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "algo" and p in VARIANTS)]
+        loc = ".".join(str(p) for p in parts)
         if e["type"] == "extra_forbidden":
-            near = closest_key(tuple(e["loc"]))
+            near = closest_key(tuple(parts))
             lines.append(f"  unknown key {loc!r}" + (f"; did you mean {near}?" if near else "") + " (rl-small config)")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a section's check names the key
+            lines.append(f"  {loc or 'config'}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -103,10 +111,30 @@ def _default(field: Any) -> str:
     return json.dumps(value)
 
 
+def _variant_lines(variants: list[type[BaseModel]], prefix: str) -> Iterator[str]:
+    """A discriminated union (``algo``): ``name`` with every variant, the shared fields, then each variant's
+    own fields and its own defaults of shared ones, tagged ``[name: <variant>]``."""
+    names = [v.model_fields["name"].default for v in variants]
+    yield (f"{prefix}name: {'|'.join(names)} = {json.dumps(names[0])}  Advantage estimator; ppo = GAE with a "
+           "learned critic. Each variant brings its paper's defaults; an option tagged [name: X] exists only there.")
+    base = variants[0].__mro__[1]
+    yield from _lines(base, prefix)
+    for variant, vname in zip(variants, names):
+        for name, field in variant.model_fields.items():
+            shared = base.model_fields.get(name)
+            if name != "name" and (shared is None or _default(shared) != _default(field)):
+                desc = " ".join((field.description or "").split())
+                yield f"{prefix}{name}: {_type_name(field.annotation)} = {_default(field)}  [name: {vname}] {desc}"
+
+
 def _lines(model: type[BaseModel], prefix: str) -> Iterator[str]:
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        sub = _model_of(field.annotation)
+        subs = _models_of(field.annotation)
+        if len(subs) > 1:
+            yield from _variant_lines(subs, key + ".")
+            continue
+        sub = subs[0] if subs else None
         desc = " ".join((field.description or "").split())
         if sub is not None and sub.model_config.get("extra") == "forbid" and typing.get_origin(field.annotation) \
                 is not list:
@@ -132,6 +160,9 @@ def describe(section: str | None = None) -> str:
             known = ", ".join(k for k, f in model.model_fields.items() if _model_of(f.annotation))
             raise ValueError(f"unknown config section {section!r}{hint} (sections here: {known})")
         listed = typing.get_origin(field.annotation) is list
+        variants = _models_of(field.annotation)
+        if len(variants) > 1:  # algo: no sub-section inside it
+            return "\n".join(_variant_lines(variants, f"{prefix}{part}."))
         model, prefix = sub, f"{prefix}{part}{'[]' if listed else ''}."
     extra = [f"{prefix}<any other key>: a parameter of the reward"] if model.model_config.get("extra") == "allow" else []
     return "\n".join([*_lines(model, prefix), *extra])

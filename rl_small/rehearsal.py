@@ -221,6 +221,18 @@ def _data_overrides(cfg: RunConfig, data_root: Path) -> list[str]:
     return out
 
 
+def backend_overrides(cfg: RunConfig, backend: str) -> list[str]:
+    """The overrides that switch ``cfg`` to rollout ``backend`` (a rehearsal on hf of a vLLM recipe): the backend,
+    and each option of another backend that the recipe sets, back at its default (else an error under it)."""
+    from rl_small.config import ROLLOUT_OWNERS, RolloutConfig
+    from rl_small.config_algo import check_owners
+
+    used = {"hf", "vllm_server"} if backend == "auto" else {backend}
+    fields = RolloutConfig.model_fields
+    return [f"rollout.backend={backend}", *(f"rollout.{k}={json.dumps(fields[k].get_default(call_default_factory=True))}"
+                                            for k in check_owners(cfg.rollout, ROLLOUT_OWNERS, used))]
+
+
 def rehearsal_overrides(
     cfg: RunConfig, model_dir: str | Path, data_root: str | Path, shape: RehearsalShape, output_dir: str | Path,
     run_name: str,
@@ -229,7 +241,7 @@ def rehearsal_overrides(
     t = cfg.train
     out = [
         f"model.name={model_dir}",
-        f"rollout.backend={shape.backend}",
+        *backend_overrides(cfg, shape.backend),  # and the recipe's vLLM options at their defaults under hf
         f"rollout.max_new_tokens={min(cfg.rollout.max_new_tokens, shape.max_new_tokens)}",
         f"train.steps={shape.steps}",
         f"train.eval_samples={min(t.eval_samples, shape.eval_samples)}",
@@ -237,7 +249,7 @@ def rehearsal_overrides(
         f"train.output_dir={output_dir}",
         f"train.run_name={run_name}",
         "train.progress=false",
-        "train.tensorboard=false",
+        "train.trackers=[]",
     ]
     if not shape.full_batch:
         out.append(f"rollout.prompts_per_step={rehearsal_prompts(cfg)}")

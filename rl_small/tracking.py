@@ -1,6 +1,6 @@
 """Logging, metrics sinks and timers.
 
-    tracker = Tracker(run_dir, tensorboard=True)      # metrics.jsonl always; TensorBoard when installed
+    tracker = Tracker(run_dir, ["tensorboard"])       # metrics.jsonl always; Accelerate trackers (train.trackers)
     with timer(metrics, "rollout"): ...               # adds metrics["timing/rollout"] = seconds
     tracker.log(step, metrics)
 
@@ -18,7 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 log = logging.getLogger("rl_small")
+RUN_NAME = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name"}  # its keyword
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -44,32 +47,53 @@ def timer(metrics: dict[str, float], name: str) -> Iterator[None]:
 
 
 class Tracker:
-    """Metrics sinks: ``metrics.jsonl`` (always) and TensorBoard (if installed and enabled)."""
+    """Metrics sinks: ``metrics.jsonl`` (always) and Accelerate's trackers (``train.trackers``; None = tensorboard
+    when installed): tensorboard in ``run_dir/tb``, the others in project ``rl-small`` as a run named after the
+    run directory. At the first ``log`` (the trainer writes config.yaml after it builds this), the run
+    directory's ``config.yaml`` is stored as the hyper-parameters."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, is_main: bool = True) -> None:
+    def __init__(self, run_dir: Path, trackers: list[str] | None = None, is_main: bool = True) -> None:
         self.is_main = is_main
-        self.path = run_dir / "metrics.jsonl"
-        self._tb: Any = None
-        if is_main and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.path, self.resolved = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+        self.sinks: list[Any] = []
+        self._config_stored = False
+        if not is_main:
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+        from accelerate.utils import is_tensorboard_available
 
-                self._tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                log.debug("tensorboard not installed; metrics go to metrics.jsonl only")
+        default = ["tensorboard"] if is_tensorboard_available() else []
+        for name in default if trackers is None else trackers:
+            cls = LOGGER_TYPE_TO_CLASS[name]  # tensorboard and aim write into the run directory
+            where = ("tb" if name == "tensorboard" else name, str(run_dir)) if cls.requires_logging_directory else ()
+            sink = cls(*(where or ("rl-small",)), **({RUN_NAME[name]: run_dir.name} if name in RUN_NAME else {}))
+            sink.start()
+            self.sinks.append(sink)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
+        if self.sinks and not self._config_stored and self.resolved.exists():
+            config = _flat(yaml.safe_load(self.resolved.read_text()))
+            for sink in self.sinks:
+                sink.store_init_configuration(config)
+            self._config_stored = True
+        for sink in self.sinks:
+            sink.log(metrics, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self.sinks:
+            sink.finish()
+        self.sinks = []
+
+
+def _flat(node: Any, key: str = "") -> dict[str, Any]:
+    """A resolved config as ``{"algo.kl_coef": 0.0, ...}``: trackers take flat scalars (others as JSON text)."""
+    if isinstance(node, dict):
+        return {k2: v2 for k, v in node.items() for k2, v2 in _flat(v, f"{key}.{k}" if key else str(k)).items()}
+    return {key: node if isinstance(node, (bool, int, float, str)) else json.dumps(node)}
 
 
 def dump_completions(tr: Any, batch: Any, scored: list[Any]) -> int:

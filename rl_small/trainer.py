@@ -71,7 +71,7 @@ class Trainer:
                 self.acc.unwrap_model(self.model), cfg.model.lora, a.critic_lr or cfg.optim.lr, cfg.optim.betas,
                 cfg.optim.weight_decay, scheduler=lambda opt: make_scheduler(opt, cfg),
             )
-        self.pass_rates = PassRateTracker() if a.difficulty_filter else None
+        self.pass_rates = PassRateTracker() if cfg.sampling.difficulty_filter else None
         self.mixture = build_mixture(cfg, domain_rows, self.tok)
         self.train_prompts = [p for d in self.mixture.names for p in self.mixture.prompts[d]]
         for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
@@ -97,7 +97,7 @@ class Trainer:
         self.sync_check = SyncCheck.from_config(cfg.rollout)  # alarms on stale sampler weights
         if resume:
             self._resume()
-        self.tracker = Tracker(run_dir, cfg.train.tensorboard, self.acc.is_main_process)
+        self.tracker = Tracker(run_dir, cfg.train.trackers, self.acc.is_main_process)
         self.periodic_eval = self._periodic_eval()
 
     def _periodic_eval(self) -> Any:
@@ -166,16 +166,16 @@ class Trainer:
             m.update({k: m.get(k, 0.0) + v for k, v in t.items()})
             rounds.append((len(scored), rm))
             if self.pass_rates is not None:  # every process counts every process's completions: same skips
-                comps = [s.components.get(a.pass_reward) for s in scored]
-                seen = self.world.gather([(s.rollout.prompt.id, None if c is None else c >= a.pass_threshold)
+                comps = [s.components.get(self.cfg.sampling.pass_reward) for s in scored]
+                seen = self.world.gather([(s.rollout.prompt.id, None if c is None else c >= self.cfg.sampling.pass_threshold)
                                           for s, c in zip(scored, comps)])
                 self.pass_rates.update([pid for pid, _ in seen], [ok for _, ok in seen])
             return scored
 
         self._skipped = 0
-        if a.dynamic_sampling:
-            signal = group_signal(a, [x.name for x in self.cfg.rewards])
-            scored, sm = dynamic_sample(draw, r.prompts_per_step, a.max_sampling_rounds, self.world, signal)
+        if self.cfg.sampling.dynamic_sampling:
+            signal = group_signal(self.cfg.sampling, [x.name for x in self.cfg.rewards])
+            scored, sm = dynamic_sample(draw, r.prompts_per_step, self.cfg.sampling.max_sampling_rounds, self.world, signal)
         else:
             scored, sm = draw(r.prompts_per_step), {}
         m.update(merge_round_metrics(rounds) | sm)
@@ -278,7 +278,7 @@ class Trainer:
         with timer(m, "step"):
             scored = self.collect(m)
             with timer(m, "prepare"):
-                batch = pad_batch(scored, self.cfg.algo.overlong_filter)
+                batch = pad_batch(scored, self.cfg.sampling.overlong_filter)
                 temp, pad = self.cfg.rollout.temperature or 1.0, self.tok.pad_token_id
                 unwrapped = self.acc.unwrap_model(self.model)
                 fill_no_grad(batch, self.model, self.critic, self.cfg.algo, pad, temp, unwrapped)
@@ -295,7 +295,7 @@ class Trainer:
         real = [s.rollout for s in scored if s.weight]  # not the filler groups of dynamic sampling
         m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in real]))
         m["rollout/truncated_frac"] = float(np.mean([r.truncated for r in real]))
-        if self.cfg.algo.overlong_filter:
+        if self.cfg.sampling.overlong_filter:
             m["sampling/overlong_masked"] = m["rollout/truncated_frac"]
         return m
 

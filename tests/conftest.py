@@ -92,7 +92,7 @@ def tiny_overrides(tiny_model_dir: Path, tmp_path: Path) -> list[str]:
         "train.eval_before=false",
         "train.eval_after=false",
         "train.progress=false",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         f"train.output_dir={tmp_path}",
         "train.run_name=t",
     ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rl_small.config import AlgoConfig, RecipeError, RunConfig, load_recipe
+from rl_small.config import RecipeError, RunConfig, load_recipe
+from rl_small.config_algo import VARIANTS, AlgoBase
 from rl_small.config_help import all_keys, closest_key, describe
 
 
@@ -32,16 +33,22 @@ def test_no_suggestion_when_nothing_is_close() -> None:
 def test_describe_lists_every_field_with_type_default_and_description() -> None:
     text = describe("algo")
     lines = text.splitlines()
-    assert len(lines) == len(AlgoConfig.model_fields)
+    own = {(n, f) for n, v in VARIANTS.items() for f in v.model_fields if f != "name"
+           and (f not in AlgoBase.model_fields or v.model_fields[f].default != AlgoBase.model_fields[f].default)}
+    assert len(lines) == 1 + len(AlgoBase.model_fields) + len(own)  # name, the shared fields, each variant's own
+    assert "algo.gamma: float = 1.0  [name: ppo] ppo: GAE discount." in lines
+    assert 'algo.loss_agg: token_mean|seq_mean_token_mean|seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  ' \
+           "[name: dr_grpo] Loss aggregation; Dr. GRPO's: sum over tokens / (G x max length)." in lines
+    assert "algo.scale_rewards: bool = true  [name: grpo]" in text
     assert "algo.kl_coef: float = 0.0  beta of the KL to the reference (base model, adapter off)." in lines
     assert 'algo.name: grpo|dr_grpo|rloo|reinforce_pp|ppo = "grpo"  Advantage estimator;' in text
     assert "algo.clip: tuple[float, float] = [0.2, 0.2]" in text
     whole = describe(None)
     leaves = [k for k in all_keys() if whole.count(f"\n{k}:") + whole.startswith(f"{k}:")]
     assert "model.lora.r" in leaves and "train.steps" in leaves
-    for section in ("model", "data", "rollout", "algo", "optim", "train"):
-        fields = type(getattr(RunConfig(), section)).model_fields
-        assert all(f"{section}.{f}:" in whole for f in fields), section
+    for section in ("model", "data", "rollout", "algo", "sampling", "optim", "train"):
+        models = VARIANTS.values() if section == "algo" else [type(getattr(RunConfig(), section))]
+        assert all(f"{section}.{f}:" in whole for m in models for f in m.model_fields), section
     assert "rewards[].<any other key>: a parameter of the reward" in describe("rewards")
     assert describe("model.lora").splitlines()[0] == "model.lora.r: int = 16  LoRA rank."
 

@@ -70,9 +70,9 @@ BATCH_LEVEL = {
     # DAPO-style: dynamic sampling (every even global group is tied, so each step takes two rounds), token-mean
     # loss over the global batch, the difficulty filter (3 prompts a domain: the second step meets prompts
     # already decided) and domain weights, all of which must agree between processes.
-    "dapo": ["algo.dynamic_sampling=true", "algo.loss_agg=token_mean", "algo.difficulty_filter=true",
-             "algo.pass_reward=tests.helpers:token_reward", "algo.pass_threshold=0.0", "data.num_train=3", MIX,
-             "algo.domain_sampling=true", "rollout.fake_completions=['1', '1', '1', '1', '1', '1', '1', '22']"],
+    "dapo": ["sampling.dynamic_sampling=true", "algo.loss_agg=token_mean", "sampling.difficulty_filter=true",
+             "sampling.pass_reward=tests.helpers:token_reward", "sampling.pass_threshold=0.0", "data.num_train=3", MIX,
+             "sampling.domain_sampling=true", "rollout.fake_completions=['1', '1', '1', '1', '1', '1', '1', '22']"],
 }
 
 
@@ -142,7 +142,7 @@ def test_sharded_launches_are_refused_with_the_config_named() -> None:
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(ValueError, match=f"{kind.value} is not supported.*ddp.yaml"):
             check_run(cfg, SimpleNamespace(num_processes=2, distributed_type=kind))
-    for extra in ([], ["algo.name=ppo", "algo.dynamic_sampling=true", "algo.difficulty_filter=true"]):  # DDP: fine
+    for extra in ([], ["algo.name=ppo", "sampling.dynamic_sampling=true", "sampling.difficulty_filter=true"]):  # DDP: fine
         check_run(load_recipe(None, extra), SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
 
 

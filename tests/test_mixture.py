@@ -1,4 +1,4 @@
-"""Task mixtures (data.mix) and RuleReasoner domain-aware dynamic sampling (algo.domain_sampling)."""
+"""Task mixtures (data.mix) and RuleReasoner domain-aware dynamic sampling (sampling.domain_sampling)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_rulereasoner_weights_move_to_the_weaker_domain() -> None:
 
 
 def test_trainer_mixes_tasks_tags_domains_and_reweights(tiny_overrides: list[str], tmp_path: Path) -> None:
-    overrides = tiny_overrides + [MIX, "algo.domain_sampling=true", "rollout.prompts_per_step=4",
+    overrides = tiny_overrides + [MIX, "sampling.domain_sampling=true", "rollout.prompts_per_step=4",
                                   "rewards=[{name: 'tests.helpers:easy_domain_reward'}]"]
     tr = Trainer(load_recipe(None, overrides), tmp_path / "run")
     assert set(tr.mixture.names) == {"easy", "hard"} and tr.data_stats.kept == 2 * tr.cfg.data.num_train
@@ -75,7 +75,7 @@ def _probe(overrides: list[str], tmp_path: Path) -> Trainer:
 
 def test_domain_sampling_without_a_mix_is_a_recipe_error(tiny_overrides: list[str], tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="needs data.mix with at least two tasks"):
-        Trainer(load_recipe(None, tiny_overrides + ["algo.domain_sampling=true"]), tmp_path / "run")
+        Trainer(load_recipe(None, tiny_overrides + ["sampling.domain_sampling=true"]), tmp_path / "run")
 
 
 def test_repeated_domain_names_are_refused() -> None:

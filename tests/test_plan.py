@@ -124,7 +124,9 @@ def test_vllm_share_follows_backend_and_rank() -> None:
     assert "vLLM share" not in names(make_plan(remote))
     engine = load_recipe(base, ["rollout.backend=vllm_engine"])
     assert "vLLM share" in names(make_plan(engine, gpus=4, rank=3))
-    hf = make_plan(load_recipe(base, ["rollout.backend=hf"]))
+    from rl_small.rehearsal import backend_overrides
+
+    hf = make_plan(load_recipe(base, backend_overrides(auto, "hf")))
     assert "hf generate KV cache" in names(hf)
     share = next(t for t in make_plan(auto, gpu="a100-40gb").terms if t.name == "vLLM share")
     assert share.gib == pytest.approx(0.3 * GPUS["a100-40gb"])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_small.config import AlgoConfig, RecipeError, load_recipe
+from rl_small.config import RecipeError, load_recipe
+from rl_small.config_algo import GrpoConfig
 from rl_small.losses import clipped_policy_loss, is_weights, policy_loss
 from rl_small.policy_losses import BUILTIN_POLICY_LOSSES, POLICY_LOSSES, resolve_policy_loss
 
@@ -37,7 +38,7 @@ def _grad(loss: torch.Tensor, x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _run(name: str, x: dict[str, torch.Tensor], sampler: bool = False, **opts: object):
-    cfg = AlgoConfig(policy_loss=name, **opts)
+    cfg = GrpoConfig(policy_loss=name, **opts)
     return policy_loss(x["logp"], x["old"], x["sampler"] if sampler else None, x["adv"], x["mask"], cfg)
 
 
@@ -196,7 +197,7 @@ def _old_trainer_code(logp, old, samp, adv, cfg):
 @pytest.mark.parametrize("opts", [{}, {"clip": (0.2, 0.28), "dual_clip": 3.0}, {"tis_cap": 1.1}])
 def test_default_path_is_bit_identical_to_the_replaced_code(sampler: bool, opts: dict) -> None:
     x = _inputs(9, spread=1.0)
-    cfg = AlgoConfig(**opts)
+    cfg = GrpoConfig(**opts)
     new, metrics = policy_loss(x["logp"], x["old"], x["sampler"] if sampler else None, x["adv"], x["mask"], cfg)
     old, clipped = _old_trainer_code(x["logp"], x["old"], x["sampler"] if sampler else None, x["adv"], cfg)
     assert torch.equal(new, old) and torch.equal(metrics["loss/clip_frac"], clipped)

@@ -26,7 +26,7 @@ def test_builtin_alias_converts_once_and_one_step_trains(tmp_path: Path) -> None
     cfg = load_recipe(
         None,
         ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=16", "train.steps=1",
-         f"train.output_dir={tmp_path}", "train.progress=false", "train.tensorboard=false"],
+         f"train.output_dir={tmp_path}", "train.progress=false", "train.trackers=[]"],
     )
     tr = Trainer(cfg, tmp_path / "run")
     assert tr.model.config.num_hidden_layers == 30

@@ -59,12 +59,12 @@ def test_matrix_is_complete() -> None:
 def _check_method(method: str, cfg: RunConfig) -> None:
     a, names = cfg.algo, [r.name for r in cfg.rewards]
     if method == "grpo":
-        assert a.name == "grpo" and not a.dynamic_sampling
+        assert a.name == "grpo" and not cfg.sampling.dynamic_sampling
     elif method == "dr_grpo":
         assert a.name == "dr_grpo" and a.loss_agg == "seq_mean_token_sum_norm" and a.kl_coef == 0
     elif method == "dapo":
         assert a.name == "grpo" and a.clip[1] > a.clip[0] and a.loss_agg == "token_mean" and a.kl_coef == 0
-        assert a.dynamic_sampling and (a.overlong_filter or "soft_overlong" in names)
+        assert cfg.sampling.dynamic_sampling and (cfg.sampling.overlong_filter or "soft_overlong" in names)
     elif method == "ppo":
         assert a.name == "ppo" and cfg.model.lora is not None and a.minibatches <= cfg.rollout.prompts_per_step
     elif method == "memory_r_plus":

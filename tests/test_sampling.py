@@ -207,9 +207,9 @@ def test_dynamic_sampling_on_pass_needs_the_pass_reward() -> None:
     from rl_small.builders import check_run
     from rl_small.config import RecipeError, RunConfig
 
-    cfg = RunConfig.model_validate({"algo": {"dynamic_sampling": True, "dynamic_sampling_on": "pass"},
+    cfg = RunConfig.model_validate({"sampling": {"dynamic_sampling": True, "dynamic_sampling_on": "pass"},
                                     "rewards": [{"name": "boxed_format"}]})
-    with pytest.raises(RecipeError, match="algo.pass_reward 'math_accuracy'"):
+    with pytest.raises(RecipeError, match="sampling.pass_reward 'math_accuracy'"):
         check_run(cfg, type("Acc", (), {"distributed_type": "NO"})())
 
 

@@ -117,7 +117,7 @@ FAKE = ["rollout.backend=fake", "rollout.group_size=4"]
 def test_dynamic_sampling_refills_with_informative_groups(tiny_overrides: list[str], tmp_path: Path) -> None:
     # The fake backend cycles 8 completions: every first group is "1" x 4 (tied reward), every second mixed.
     fake = FAKE + ["rollout.fake_completions=['1', '1', '1', '1', '1', '1', '1', '22']"]
-    tr = _trainer(tiny_overrides + fake + [TOKEN_REWARD, "algo.dynamic_sampling=true"], tmp_path / "run")
+    tr = _trainer(tiny_overrides + fake + [TOKEN_REWARD, "sampling.dynamic_sampling=true"], tmp_path / "run")
     m = tr.step()
     # round 1: 2 prompts, 1 tied group dropped; round 2 asks for ceil(1 * 2 / 1) = 2 more, keeps 1 -> full
     assert m["sampling/rounds"] == 2 and m["sampling/dropped_groups"] == 2 and m["sampling/kept_groups"] == 2
@@ -130,7 +130,7 @@ def test_dynamic_sampling_refills_with_informative_groups(tiny_overrides: list[s
 def test_overlong_filter_masks_truncated_completions(tiny_overrides: list[str], tmp_path: Path) -> None:
     # Every completion is longer than max_new_tokens = 8, so every one is truncated.
     fake = FAKE + ["rollout.fake_completions=['1 2 3 4 5 6 7 8 9 10', '9 8 7 6 5 4 3 2 1 0 9 8']"]
-    tr = _trainer(tiny_overrides + fake + [TOKEN_REWARD, "algo.overlong_filter=true"], tmp_path / "on")
+    tr = _trainer(tiny_overrides + fake + [TOKEN_REWARD, "sampling.overlong_filter=true"], tmp_path / "on")
     before = _params(tr)
     m = tr.step()
     assert m["rollout/truncated_frac"] == 1.0 and m["sampling/overlong_masked"] == 1.0
@@ -144,7 +144,7 @@ def test_difficulty_filter_skips_decided_prompts_and_is_checkpointed(
 ) -> None:
     from rl_small.config import RecipeError
 
-    fake = FAKE + ["rollout.fake_completions=['\\boxed{1}']", "data.num_train=6", "algo.difficulty_filter=true"]
+    fake = FAKE + ["rollout.fake_completions=['\\boxed{1}']", "data.num_train=6", "sampling.difficulty_filter=true"]
     tr = _trainer(tiny_overrides + fake, tmp_path / "run")
     assert tr.pass_rates is not None
     m = tr.step()  # rewards: math_accuracy + boxed_format; a pass is math_accuracy >= 0.5
@@ -162,8 +162,8 @@ def test_difficulty_filter_skips_decided_prompts_and_is_checkpointed(
     tr.pass_rates.stats = {pid: [0, 4] for pid in order}  # every prompt decided: an error, not a hang
     with pytest.raises(RuntimeError, match="all 6 training prompts have a pass rate of 0 or 1"):
         tr.next_prompts()
-    with pytest.raises(RecipeError, match="algo.pass_reward 'nope' is not one of the recipe's rewards"):
-        _trainer(tiny_overrides + fake + ["algo.pass_reward=nope"], tmp_path / "bad")
+    with pytest.raises(RecipeError, match="sampling.pass_reward 'nope' is not one of the recipe's rewards"):
+        _trainer(tiny_overrides + fake + ["sampling.pass_reward=nope"], tmp_path / "bad")
 
 
 @pytest.mark.parametrize("offset,factor", [(0.0, 1.0), (math.log(2.0), 2.0), (math.log(8.0), 3.0)])

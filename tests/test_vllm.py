@@ -281,8 +281,9 @@ def test_trainer_on_spawned_server_async_tis_and_resume(tiny_overrides: list[str
 
     state = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
     assert json.dumps(state["cursor"], sort_keys=True) == cursor_at_save
-    resumed = Trainer(load_recipe(None, over[:-4] + ["rollout.backend=fake", "rollout.fake_completions=[a]",
-                                                      "train.steps=3", "train.save_every=2"]), run_dir, resume=True)
+    fake = ["rewards=[{name: 'tests.helpers:token_reward'}]", "rollout.backend=fake", "rollout.fake_completions=[a]",
+            "train.steps=3", "train.save_every=2"]  # no vllm_server options: they would be an error under fake
+    resumed = Trainer(load_recipe(None, tiny_overrides + fake), run_dir, resume=True)
     assert [p.id for p in resumed.next_prompts(2)] == prefetched  # the prompts in flight at the save are not lost
 
 

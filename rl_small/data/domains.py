@@ -36,7 +36,7 @@ def load_domains(d: DataConfig) -> tuple[DomainRows, LoadStats]:
 
 def build_mixture(cfg: RunConfig, domain_rows: DomainRows, tok: Any) -> DomainMixture:
     """Prompts per domain, each tagged with its domain, and the sampler over them."""
-    a, d = cfg.algo, cfg.data
+    a, d = cfg.sampling, cfg.data
     domains: dict[str, list[Prompt]] = {}
     for name, (sub, rows) in domain_rows.items():
         domains[name] = build_prompts(rows, tok, sub)

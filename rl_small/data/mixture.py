@@ -6,7 +6,7 @@
 
 With one domain this is a plain walk through a shuffled epoch. With several (``data.mix``), each prompt slot
 picks a domain by weight (seeded by the draw count, so a resumed run draws the same) and takes that domain's
-next prompt. The weights are the recipe's, or — with ``algo.domain_sampling`` — RuleReasoner's domain-aware
+next prompt. The weights are the recipe's, or — with ``sampling.domain_sampling`` — RuleReasoner's domain-aware
 dynamic sampling (arXiv 2506.08672): w = softmax(max(0, target - rbar_d) / tau) over an EWMA rbar_d of each
 domain's mean reward, so domains the policy is worse at are drawn more often.
 """

@@ -116,7 +116,7 @@ def worker_trl(seed: int, steps: int, extra: list[str], work: Path, gpu_head: bo
     cfg = load_recipe(None, _overrides("hf", seed, steps, work, extra))
     # rl-small builds what both systems share: the prompts in its order, the initial PEFT model, the rewards
     ours = Trainer(cfg, work / "shared")
-    prompts = [p for _ in range(steps) for p in ours.next_prompts()]
+    prompts = [p for _ in range(steps) for p in ours.stream.next_prompts()]
     model, tok = ours.acc.unwrap_model(ours.model), ours.tok
     rows = [{"prompt": p.text, "answer": p.answer, **{k: v for k, v in p.columns.items() if isinstance(v, str)}}
             for p in prompts]

@@ -72,26 +72,28 @@ class Tracker:
             self._tb.close()
 
 
-def dump_completions(tr: Any, batch: Any, scored: list[Any]) -> int:
+def dump_completions(tr: Any, batch: Any, groups: list[Any]) -> int:
     """Every ``train.log_completions_every`` steps of trainer ``tr`` (0 = never), on the main process, after the
-    step's update (``tr.step_no`` is the step as metrics.jsonl numbers it): one line per completion to
-    ``completions.jsonl`` (as TRL's ``log_completions``, verl's generation dumps): step, prompt id and text,
-    gold answer, completion, token count, truncated, reward and each component (None: abstained), advantage
-    (mean over the completion's tokens). Filler groups of dynamic sampling are left out. Returns lines written."""
+    step's update (``tr.step_no`` is the step as metrics.jsonl numbers it): one line per completion of the step's
+    ``groups`` to ``completions.jsonl`` (as TRL's ``log_completions``, verl's generation dumps): step, prompt id
+    and text, group (its place in the batch), gold answer, completion, token count, truncated, reward and each
+    component (None: abstained), advantage (mean over the completion's tokens). Filler groups of dynamic
+    sampling are left out. Returns lines written."""
     every, step = tr.cfg.train.log_completions_every, tr.step_no
     if not every or step % every or not tr.acc.is_main_process:
         return 0
     lines = []
-    for i, s in enumerate(scored):  # pad_batch keeps the order: row i of the batch is scored[i]
-        if not s.weight:
+    for k, g in enumerate(groups):  # pad_batch keeps the order: the rows of group k are batch.group_rows[k]
+        if not g.weight:
             continue
-        r, n = s.rollout, float(batch.mask[i].sum())
-        adv = float((batch.advantages[i] * batch.mask[i]).sum()) / max(n, 1.0)
-        lines.append(json.dumps({
-            "step": step, "prompt_id": r.prompt.id, "group": r.group_id, "prompt": r.prompt.text,
-            "answer": r.prompt.answer, "completion": r.text, "tokens": len(r.completion_ids),
-            "truncated": r.truncated, "reward": s.reward, "components": s.components, "advantage": adv,
-        }) + "\n")
+        for j, (i, r) in enumerate(zip(batch.group_rows[k], g.rollouts)):
+            n = float(batch.mask[i].sum())
+            adv = float((batch.advantages[i] * batch.mask[i]).sum()) / max(n, 1.0)
+            lines.append(json.dumps({
+                "step": step, "prompt_id": r.prompt.id, "group": k, "prompt": r.prompt.text,
+                "answer": r.prompt.answer, "completion": r.text, "tokens": len(r.completion_ids),
+                "truncated": r.truncated, "reward": g.rewards[j], "components": g.scores(j), "advantage": adv,
+            }) + "\n")
     with (tr.run_dir / "completions.jsonl").open("a") as f:
         f.writelines(lines)
     return len(lines)

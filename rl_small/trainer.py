@@ -83,10 +83,6 @@ class Trainer:
             lora_rank=lora.r if lora else None, run_dir=run_dir, is_main=self.acc.is_main_process,
             rank=self.world.rank, world=self.world.size,
         )
-        if cfg.rollout.async_generation and not getattr(self.backend, "thread_safe", False):
-            self.backend.close()
-            raise RecipeError("rollout.async_generation needs the vllm_server backend (vllm installed), not "
-                              f"{type(self.backend).__name__}")
         self.stream = RolloutStream(cfg, mixture, self.backend, self.rewards, self.world)
         self.step_no = 0
         self.sync_check = SyncCheck.from_config(cfg.rollout)  # alarms on stale sampler weights

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rl_small.config import RecipeError
 from rl_small.rollout.base import SamplingSpec, as_groups
 from rl_small.sampling import PassRateTracker, dynamic_sample, group_signal, merge_round_metrics
 from rl_small.tracking import timer
@@ -40,6 +41,10 @@ class RolloutStream:
         self.f = cfg.algo  # the group filters' options
         self.cfg, self.mixture, self.backend, self.rewards, self.world = cfg, mixture, backend, rewards, world
         r = cfg.rollout
+        if r.async_generation and not getattr(backend, "thread_safe", False):  # generate() runs in a thread
+            backend.close()
+            raise RecipeError("rollout.async_generation needs the vllm_server backend (vllm installed), not "
+                              f"{type(backend).__name__}")
         self.spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.ignore_eos)
         self.pass_rates = PassRateTracker() if self.f.difficulty_filter else None
         self.signal = group_signal(self.f, [x.name for x in cfg.rewards]) if self.f.dynamic_sampling else None

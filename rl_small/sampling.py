@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rl_small import metric_names as M
 from rl_small.distributed import World
 from rl_small.types import Group
 
@@ -107,24 +108,25 @@ def dynamic_sample(
         batch = pooled[rank * target : (rank + 1) * target] if len(pooled) == target * size else pooled[rank::size]
         fillers = [dataclasses.replace(g, weight=0.0) for g in first[: target - len(batch)]]
     metrics = {
-        "sampling/rounds": float(rounds),
-        "sampling/dropped_groups": float(totals[2]),
-        "sampling/kept_groups": float(min(kept_g, target * size)),
-        "sampling/batch_fill": min(kept_g, target * size) / (target * size),
+        M.SAMPLING_ROUNDS: float(rounds),
+        M.SAMPLING_DROPPED_GROUPS: float(totals[2]),
+        M.SAMPLING_KEPT_GROUPS: float(min(kept_g, target * size)),
+        M.SAMPLING_BATCH_FILL: min(kept_g, target * size) / (target * size),
     }
     if size > 1:
-        metrics["sampling/filler_groups"] = float(target * size - min(kept_g, target * size)) if kept_g else 0.0
+        metrics[M.SAMPLING_FILLER_GROUPS] = float(target * size - min(kept_g, target * size)) if kept_g else 0.0
     return batch + fillers, metrics
 
 
 def merge_round_metrics(rounds: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """Combine the reward metrics of several generation rounds of ``n`` rollouts each: counters (``*/errors``,
-    ``*/timeouts``, ``*/abstained``) and ``timing/*`` add up, everything else is a rollout-weighted mean."""
+    """Combine the reward metrics of several generation rounds of ``n`` rollouts each: counters
+    (``reward/<name>/<counter>``, metric_names.REWARD_COUNTERS) and ``timing/*`` add up, everything else is a
+    rollout-weighted mean."""
     out: dict[str, float] = {}
     total = sum(n for n, _ in rounds)
     for n, m in rounds:
         for k, v in m.items():
-            additive = k.startswith("timing/") or k.endswith(("/errors", "/timeouts", "/abstained"))
+            additive = k.startswith("timing/") or k.endswith(tuple(f"/{c}" for c in M.REWARD_COUNTERS))
             out[k] = out.get(k, 0.0) + (v if additive else v * n / max(total, 1))
     return out
 

@@ -1,10 +1,11 @@
 """Logging, metrics sinks and timers.
 
     tracker = Tracker(run_dir, tensorboard=True)      # metrics.jsonl always; TensorBoard when installed
-    with timer(metrics, "rollout"): ...               # adds metrics["timing/rollout"] = seconds
+    with timer(metrics, M.TIME_ROLLOUT): ...          # adds metrics["timing/rollout"] = seconds
     tracker.log(step, metrics)
 
-Only the main process writes (``is_main``). No ``print`` in the package: one logger, ``rl_small``.
+Only the main process writes (``is_main``). No ``print`` in the package: one logger, ``rl_small``. Metric names:
+rl_small.metric_names (``M``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from rl_small import metric_names as M
 
 log = logging.getLogger("rl_small")
 
@@ -34,13 +37,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 @contextlib.contextmanager
-def timer(metrics: dict[str, float], name: str) -> Iterator[None]:
-    """Time the block into ``metrics[f"timing/{name}"]`` (seconds)."""
+def timer(metrics: dict[str, float], key: str) -> Iterator[None]:
+    """Time the block into ``metrics[key]`` (seconds; ``key``: a ``timing/`` name of rl_small.metric_names)."""
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        metrics[f"timing/{name}"] = time.perf_counter() - t0
+        metrics[key] = time.perf_counter() - t0
 
 
 class Tracker:
@@ -163,10 +166,10 @@ class Progress:
         if self._bar is None:
             return
         info = (
-            f"reward {metrics.get('reward/total', float('nan')):.3f}  "
-            f"acc {metrics.get('reward/math_accuracy', float('nan')):.3f}  "
-            f"len {metrics.get('rollout/len_mean', float('nan')):.0f}  "
-            f"{metrics.get('timing/step', float('nan')):.1f}s/step"
+            f"reward {metrics.get(M.REWARD_TOTAL, float('nan')):.3f}  "
+            f"acc {metrics.get(M.REWARD_ACCURACY, float('nan')):.3f}  "
+            f"len {metrics.get(M.ROLLOUT_LEN_MEAN, float('nan')):.0f}  "
+            f"{metrics.get(M.TIME_STEP, float('nan')):.1f}s/step"
         )
         eta = eta_text(self.total - self.done, self.seconds_per_step())
         self._bar.update(self._task, advance=1, info=info, eta=eta)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from rl_small import metric_names as M
 from rl_small.batch import compute_advantages, fill_no_grad, micro_batches, pad_batch
 from rl_small.builders import build_rewards, check_run, make_scheduler, seed_everything
 from rl_small.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
@@ -118,7 +119,7 @@ class Trainer:
         a, groups = self.cfg.algo, batch.group_rows
         if a.minibatches > len(groups):
             raise RecipeError(f"algo.minibatches={a.minibatches} exceeds the {len(groups)} groups of the batch")
-        stats = dict.fromkeys(("loss/policy", "loss/kl", "loss/total", "loss/clip_frac", "optim/grad_norm"), 0.0)
+        stats = dict.fromkeys((M.LOSS_POLICY, M.LOSS_KL, M.LOSS_TOTAL, M.LOSS_CLIP_FRAC, M.OPTIM_GRAD_NORM), 0.0)
         self.model.train()
         n_opt = a.epochs * a.minibatches
         for epoch in range(a.epochs):
@@ -129,7 +130,7 @@ class Trainer:
                 part = order[k * len(order) // a.minibatches : (k + 1) * len(order) // a.minibatches]
                 self._minibatch_step(batch, sorted(part), stats, n_opt)
         step_schedulers(self, stats, n_opt)  # rl_small.guards: not after a step whose updates were all skipped
-        stats["optim/lr"] = self.scheduler.get_last_lr()[0]
+        stats[M.OPTIM_LR] = self.scheduler.get_last_lr()[0]
         return stats
 
     def _minibatch_step(self, batch: TrainBatch, part: list[list[int]], stats: dict[str, float], n_opt: int) -> None:
@@ -150,7 +151,7 @@ class Trainer:
             rows, rs = torch.tensor(chunk), [batch.rollouts[i] for i in chunk]
             loss = self._policy_loss(batch, rows, rs, n_seq, n_tok, add)
             self.acc.backward(loss)
-            add("loss/total", loss.item())
+            add(M.LOSS_TOTAL, loss.item())
             if self.critic is not None:
                 self._value_loss(batch, rows, rs, n_tok_v, add)
         guarded_step(self, stats, add)  # rl_small.guards: clip, then step, or skip a non-finite step on every rank
@@ -179,17 +180,17 @@ class Trainer:
         for key, per_token in pm.items():  # clip fractions, sampler/trainer mismatch: token means
             add(key, float((per_token * m).sum()) / max(n_tok, 1.0))
         loss = agg(pg)
-        add("loss/policy", loss.item())
+        add(M.LOSS_POLICY, loss.item())
         if batch.ref_logp is not None:  # a KL is in the loss or logged
             kl = agg(KL_ESTIMATORS[a.kl_estimator](logp, cut(batch.ref_logp)))
-            add("policy/kl", kl.item())
+            add(M.POLICY_KL, kl.item())
             if a.kl_mode == "loss" and a.kl_coef > 0:
                 loss = loss + a.kl_coef * kl
-                add("loss/kl", kl.item())
+                add(M.LOSS_KL, kl.item())
         if a.entropy_coef > 0:
             loss = loss - a.entropy_coef * agg(ent)
         if ent is not None:
-            add("policy/entropy", float((ent.detach() * m).sum()) / max(n_tok, 1.0))
+            add(M.POLICY_ENTROPY, float((ent.detach() * m).sum()) / max(n_tok, 1.0))
         return loss
 
     def _value_loss(self, batch: TrainBatch, rows: torch.Tensor, rs: list[Any], n_tok_v: float, add: Any) -> None:
@@ -201,25 +202,25 @@ class Trainer:
         vl, vclip = value_loss(v, old, ret, self.cfg.algo.value_clip)
         vloss = aggregate(vl, vm, "token_mean", num_tokens=n_tok_v)
         self.acc.backward(vloss)
-        add("loss/value", vloss.item())
-        add("loss/value_clip_frac", float((vclip * vm).sum()) / max(n_tok_v, 1.0))
+        add(M.LOSS_VALUE, vloss.item())
+        add(M.LOSS_VALUE_CLIP_FRAC, float((vclip * vm).sum()) / max(n_tok_v, 1.0))
 
     def step(self) -> dict[str, float]:
         """One training step (``epochs`` x ``minibatches`` optimizer steps); returns its metrics."""
         m: dict[str, float] = {}
-        with timer(m, "step"):
+        with timer(m, M.TIME_STEP):
             groups = self.stream.next_groups(self.step_no, m)  # timing/prompts, timing/rollout, timing/reward
-            with timer(m, "prepare"):
+            with timer(m, M.TIME_PREPARE):
                 batch = self.make_batch(groups)
-            with timer(m, "advantage"):
+            with timer(m, M.TIME_ADVANTAGE):
                 m.update(compute_advantages(batch, self.cfg.algo, self.world.sum))
-            with timer(m, "update"):
+            with timer(m, M.TIME_UPDATE):
                 m.update(self.update(batch))
             m.update(self.sync_check(m, batch.rollouts, self.step_no, self.world))
             self.step_no += 1
             dump_completions(self, batch, groups)  # train.log_completions_every: completions.jsonl
             if self.step_no % self.cfg.rollout.sync_every == 0:
-                with timer(m, "sync"):
+                with timer(m, M.TIME_SYNC):
                     self.sync()
         return m
 
@@ -232,7 +233,7 @@ class Trainer:
             while self.step_no < t.steps:
                 metrics = reduce_metrics(self.acc, self.step())
                 if self.periodic_eval is not None and self.periodic_eval.due(self.step_no):
-                    with timer(metrics, "eval"):
+                    with timer(metrics, M.TIME_EVAL):
                         metrics.update(self.periodic_eval(self.backend))
                 if self.step_no % t.log_every == 0:
                     self.tracker.log(self.step_no, metrics)

@@ -68,10 +68,11 @@ def test_dynamic_sampling_caps_rounds_and_never_returns_nothing() -> None:
 
 def test_merge_round_metrics_weights_means_and_adds_counters() -> None:
     merged = merge_round_metrics([
-        (8, {"reward/total": 1.0, "reward/x/errors": 1.0, "timing/reward/x": 0.5}),
-        (24, {"reward/total": 0.0, "reward/x/errors": 2.0, "timing/reward/x": 0.25}),
+        (8, {"reward/total": 1.0, "reward/x/errors": 1.0, "timing/reward/x": 0.5, "reward/x/nonfinite": 1.0}),
+        (24, {"reward/total": 0.0, "reward/x/errors": 2.0, "timing/reward/x": 0.25, "reward/x/nonfinite": 1.0}),
     ])
-    assert merged == {"reward/total": 0.25, "reward/x/errors": 3.0, "timing/reward/x": 0.75}
+    # every counter of rewards.base adds up (nonfinite was averaged, 1.0, before it was read from metric_names)
+    assert merged == {"reward/total": 0.25, "reward/x/errors": 3.0, "timing/reward/x": 0.75, "reward/x/nonfinite": 2.0}
 
 
 def test_overlong_keep() -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rl_small import metric_names as M
 from rl_small.config import RecipeError
 from rl_small.rollout.base import SamplingSpec, as_groups
 from rl_small.sampling import PassRateTracker, dynamic_sample, group_signal, merge_round_metrics
@@ -84,7 +85,7 @@ class RolloutStream:
             end = start + len(g.rollouts)
             g.rewards, g.components = list(totals[start:end]), {k: list(v[start:end]) for k, v in per.items()}
             start = end
-        metrics["reward/total"] = float(np.mean(totals))
+        metrics[M.REWARD_TOTAL] = float(np.mean(totals))
         return metrics
 
     def _draw(self, n: int, step: int, m: dict[str, float], rounds: list[tuple[int, dict[str, float]]]
@@ -92,12 +93,12 @@ class RolloutStream:
         """Generate and score ``n`` prompts' groups (the prefetched ones when they are ``n``)."""
         t: dict[str, float] = {}
         pre = self._prefetch if self._prefetch is not None and len(self._prefetch[0]) == n else None
-        with timer(t, "prompts"):
+        with timer(t, M.TIME_PROMPTS):
             prompts = pre[0] if pre else self.next_prompts(n)
-        with timer(t, "rollout"):
+        with timer(t, M.TIME_ROLLOUT):
             rollouts = pre[1].result() if pre else self.backend.generate(prompts, self.spec)
             self._prefetch = None if pre else self._prefetch
-        with timer(t, "reward"):
+        with timer(t, M.TIME_REWARD):
             groups = as_groups(prompts, rollouts, self.spec.n)
             rm = self.score(groups, step)
         m.update({k: m.get(k, 0.0) + v for k, v in t.items()})
@@ -130,12 +131,12 @@ class RolloutStream:
             seen = self.world.gather([(g.prompt.columns["domain"], x) for g in groups if g.weight for x in g.rewards])
             m.update(self.mixture.observe([d for d, _ in seen], [x for _, x in seen]))
         if self.pass_rates is not None:
-            m["sampling/skipped_prompts"] = float(self.skipped)
+            m[M.SAMPLING_SKIPPED_PROMPTS] = float(self.skipped)
         real = [x for g in groups if g.weight for x in g.rollouts]  # not the filler groups of dynamic sampling
-        m["rollout/len_mean"] = float(np.mean([len(x.completion_ids) for x in real]))
-        m["rollout/truncated_frac"] = float(np.mean([x.truncated for x in real]))
+        m[M.ROLLOUT_LEN_MEAN] = float(np.mean([len(x.completion_ids) for x in real]))
+        m[M.ROLLOUT_TRUNCATED_FRAC] = float(np.mean([x.truncated for x in real]))
         if f.overlong_filter:
-            m["sampling/overlong_masked"] = m["rollout/truncated_frac"]
+            m[M.SAMPLING_OVERLONG_MASKED] = m[M.ROLLOUT_TRUNCATED_FRAC]
         if r.async_generation and step + 1 < self.cfg.train.steps:  # next step's rollouts, during the update
             self._cursor_snapshot = copy.deepcopy(self.mixture.state_dict())  # what a checkpoint resumes from
             nxt = self.next_prompts(r.prompts_per_step)

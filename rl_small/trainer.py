@@ -28,6 +28,7 @@ from rl_small.config import RecipeError, RunConfig
 from rl_small.critic import Critic
 from rl_small.data.domains import build_mixture, load_domains
 from rl_small.distributed import World, gather_object, reduce_metrics
+from rl_small.eval.benchmarks import PeriodicEval
 from rl_small.guards import StopRequest, TrainingInterrupted, guarded_step, step_schedulers
 from rl_small.logprobs import completion_logprobs_and_entropy
 from rl_small.losses import KL_ESTIMATORS, aggregate, policy_loss, value_loss
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Owns the model (+ critic), optimizer, data cursor, rewards, sampling state and rollout backend of a run."""
+    """Owns the model (+ critic), optimizer, rewards, rollout backend and rollout stream (data cursor, group
+    filters' state) of a run."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, accelerator: Any = None) -> None:
         from accelerate import Accelerator
@@ -90,19 +92,7 @@ class Trainer:
         if resume:
             self._resume()
         self.tracker = Tracker(run_dir, cfg.train.tensorboard, self.acc.is_main_process)
-        self.periodic_eval = self._periodic_eval()
-
-    def _periodic_eval(self) -> Any:
-        t = self.cfg.train
-        if not (t.eval_every and t.eval_benchmarks):
-            return None
-        from rl_small.eval.benchmarks import PeriodicEval
-
-        try:
-            return PeriodicEval(t.eval_benchmarks, self.tok, t.eval_every, t.eval_limit, t.eval_max_new_tokens,
-                                t.eval_data_dir)
-        except KeyError as err:
-            raise RecipeError(str(err.args[0])) from err
+        self.periodic_eval = PeriodicEval.from_config(cfg.train, self.tok)  # train.eval_every: benchmarks
 
     # ---- stages ---------------------------------------------------------------------------------
     def make_batch(self, groups: list[Group]) -> TrainBatch:

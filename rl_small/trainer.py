@@ -98,7 +98,7 @@ class Trainer:
     def make_batch(self, groups: list[Group]) -> TrainBatch:
         """The step's groups as padded tensors, with the no-grad passes the algorithm uses (pi_old, pi_ref,
         critic values; none for one-epoch GRPO without KL)."""
-        batch = pad_batch(groups, self.cfg.algo.overlong_filter)
+        batch = pad_batch(groups, self.stream.f.overlong_filter)  # the overlong filter: the stream's options
         temp, pad = self.cfg.rollout.temperature or 1.0, self.tok.pad_token_id
         fill_no_grad(batch, self.model, self.critic, self.cfg.algo, pad, temp, self.acc.unwrap_model(self.model))
         return batch

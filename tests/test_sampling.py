@@ -113,7 +113,7 @@ def test_ewma() -> None:
 def _global_stream(informative: object) -> object:
     """``draw`` factory over one global prompt stream (group k has rewards MIXED if ``informative(k)`` else
     TIED): a process of a world of ``size`` takes its slice ``[rank::size]`` of each draw of ``n * size``, as
-    Trainer.next_prompts does; it records the global indices it was given."""
+    RolloutStream.next_prompts does; it records the global indices it was given."""
 
     def make(rank: int, size: int) -> tuple[list[int], object]:
         cursor, given = [0], []

@@ -18,7 +18,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-KEYS = {"train_acc": "reward/math_accuracy", "len": "rollout/len_mean", "reward": "reward/total"}
+from rl_small import metric_names as M
+
+KEYS = {"train_acc": M.REWARD_ACCURACY, "len": M.ROLLOUT_LEN_MEAN, "reward": M.REWARD_TOTAL}
 
 
 def run_stats(run: Path) -> dict[str, Any]:
@@ -31,7 +33,7 @@ def run_stats(run: Path) -> dict[str, Any]:
         vals = [r[key] for r in rows if key in r]
         out[f"{name}_first5"] = statistics.mean(vals[:5])
         out[f"{name}_last5"] = statistics.mean(vals[-5:])
-    mem = {k: v for k, v in rows[-1].items() if k.startswith("memory/")}
+    mem = {k: v for k, v in rows[-1].items() if k in M.MEMORY}
     if mem:
         out["memory_last"] = mem
     return out

@@ -33,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from rl_small import metric_names as M  # this checkout's, on the path above
+
 FIXTURES = REPO / "tests" / "fixtures"
 # Gradient-checkpointing families first (they crashed at step 1 before issue 15), the small ones last.
 ORDER = ("r1-distill-qwen-1.5b", "qwen2.5-1.5b", "llama3.2-1b", "qwen2.5-0.5b", "smollm2-135m")
@@ -130,9 +132,9 @@ def rehearse_one(path: Path, models: dict[str, Path], table: Any, corpus: list[s
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        train_rows = [r for r in rows if "loss/total" in r]
+        train_rows = [r for r in rows if M.LOSS_TOTAL in r]
         row["train_steps_logged"] = len(train_rows)
-        keep = ("loss/total", "loss/policy", "optim/grad_norm", "reward/total", "rollout/len_mean")
+        keep = (M.LOSS_TOTAL, M.LOSS_POLICY, M.OPTIM_GRAD_NORM, M.REWARD_TOTAL, M.ROLLOUT_LEN_MEAN)
         row["metrics"] = [{k: r[k] for k in r if k in keep or k.startswith("timing/")} for r in train_rows]
     resolved = run_dir / "config.yaml"
     if resolved.exists():

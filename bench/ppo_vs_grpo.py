@@ -17,16 +17,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rl_small import metric_names as M
+
 COLUMNS = [
-    ("reward/total", "reward", 3),
-    ("reward/math_accuracy", "train acc", 3),
-    ("rollout/len_mean", "len", 1),
-    ("policy/kl", "KL (k3)", 4),
-    ("policy/entropy", "entropy", 3),
-    ("loss/clip_frac", "ratio clip frac", 4),
-    ("rollout/truncated_frac", "truncated", 3),
-    ("loss/value", "value loss", 4),
-    ("timing/step", "step s", 1),
+    (M.REWARD_TOTAL, "reward", 3),
+    (M.REWARD_ACCURACY, "train acc", 3),
+    (M.ROLLOUT_LEN_MEAN, "len", 1),
+    (M.POLICY_KL, "KL (k3)", 4),
+    (M.POLICY_ENTROPY, "entropy", 3),
+    (M.LOSS_CLIP_FRAC, "ratio clip frac", 4),
+    (M.ROLLOUT_TRUNCATED_FRAC, "truncated", 3),
+    (M.LOSS_VALUE, "value loss", 4),
+    (M.TIME_STEP, "step s", 1),
 ]
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 from common import data_root, noisy_lora_policy
 
+from rl_small import metric_names as M
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = data_root()  # rl-small data download --out data (or $RL_SMALL_DATA)
 
@@ -175,8 +177,8 @@ def bench_e2e(args: Any, work: Path) -> dict[str, Any]:
             steps = [tr.step() for _ in range(args.e2e_steps)]
         finally:
             tr.backend.close()
-        out[backend] = {k: [s[k] for s in steps] for k in ("timing/step", "timing/rollout", "timing/update",
-                                                           "timing/sync") if k in steps[0]}
+        out[backend] = {k: [s[k] for s in steps] for k in (M.TIME_STEP, M.TIME_ROLLOUT, M.TIME_UPDATE, M.TIME_SYNC)
+                        if k in steps[0]}
     return out
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from common import data_root, fmt, run_worker, save_results, spread
 
+from rl_small import metric_names as M
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = data_root() / "gsm8k"  # rl-small data download --out data (or $RL_SMALL_DATA)
 STAGES = ("step", "rollout", "reward", "prepare", "update")
@@ -45,10 +47,10 @@ def worker(recipe: str | None, steps: int, warmup: int, overrides: list[str], wo
         rows = [tr.step() for _ in range(steps + warmup)][warmup:]  # untimed warm-up steps first
     finally:
         tr.backend.close()
-    keep = [f"timing/{s}" for s in STAGES]
+    keep = [k for k in M.STAGES if k.split("/", 1)[1] in STAGES]
     completions = tr.cfg.rollout.prompts_per_step * tr.cfg.rollout.group_size
-    return {"steps": [{k.split("/", 1)[1]: v for k, v in r.items() if k in keep or k.startswith("timing/reward/")}
-                      | {"tokens": r["rollout/len_mean"] * completions} for r in rows]}
+    return {"steps": [{k.split("/", 1)[1]: v for k, v in r.items() if k in keep or k.startswith(M.reward_time(""))}
+                      | {"tokens": r[M.ROLLOUT_LEN_MEAN] * completions} for r in rows]}
 
 
 def worker_main(argv: list[str]) -> None:

@@ -59,6 +59,7 @@ def _overrides(backend: str, seed: int, steps: int, work: Path, extra: list[str]
 
 
 def worker_rlsmall(backend: str, seed: int, steps: int, extra: list[str], work: Path) -> dict[str, Any]:
+    from rl_small import metric_names as M
     from rl_small.config import load_recipe
     from rl_small.trainer import Trainer
 
@@ -70,10 +71,10 @@ def worker_rlsmall(backend: str, seed: int, steps: int, extra: list[str], work: 
         tr.backend.close()
     out = []
     for r in rows:
-        rest = r["timing/step"] - r["timing/rollout"] - r["timing/reward"]
-        out.append({"step": r["timing/step"], "rollout": r["timing/rollout"], "reward": r["timing/reward"],
-                    "update": rest, "sync": r.get("timing/sync", 0.0), "reward_mean": r["reward/total"],
-                    "len_mean": r["rollout/len_mean"]})
+        rest = r[M.TIME_STEP] - r[M.TIME_ROLLOUT] - r[M.TIME_REWARD]
+        out.append({"step": r[M.TIME_STEP], "rollout": r[M.TIME_ROLLOUT], "reward": r[M.TIME_REWARD],
+                    "update": rest, "sync": r.get(M.TIME_SYNC, 0.0), "reward_mean": r[M.REWARD_TOTAL],
+                    "len_mean": r[M.ROLLOUT_LEN_MEAN]})
     return {"steps": out}
 
 
@@ -117,7 +118,7 @@ def worker_trl(seed: int, steps: int, extra: list[str], work: Path, gpu_head: bo
     cfg = load_recipe(None, _overrides("hf", seed, steps, work, extra))
     # rl-small builds what both systems share: the prompts in its order, the initial PEFT model, the rewards
     ours = Trainer(cfg, work / "shared")
-    prompts = [p for _ in range(steps) for p in ours.next_prompts()]
+    prompts = [p for _ in range(steps) for p in ours.stream.next_prompts()]
     model, tok = ours.acc.unwrap_model(ours.model), ours.tok
     rows = [{"prompt": p.text, "answer": p.answer, **{k: v for k, v in p.columns.items() if isinstance(v, str)}}
             for p in prompts]

@@ -1,6 +1,6 @@
-"""From scored rollouts to a per-token ``TrainBatch``: padding, the no-grad passes, and the advantages.
+"""From scored groups to a per-token ``TrainBatch``: padding, the no-grad passes, and the advantages.
 
-    batch = pad_batch(scored, overlong_filter=False)                 # mask, rewards, group ids, loss weights
+    batch = pad_batch(groups, overlong_filter=False)                 # mask, rewards, group ids, loss weights
     fill_no_grad(batch, model, critic, cfg.algo, pad_id, temperature)  # pi_old / pi_ref / old values as needed
     metrics = compute_advantages(batch, cfg.algo)                    # batch.advantages (+ batch.returns for ppo)
 
@@ -20,47 +20,41 @@ from rl_small.advantages import ADVANTAGES, last_token_rewards, masked_whiten
 from rl_small.logprobs import completion_logprobs
 from rl_small.losses import KL_ESTIMATORS
 from rl_small.sampling import overlong_keep
-from rl_small.types import Rollout, ScoredRollout, TrainBatch
+from rl_small.types import Group, TrainBatch, flat_rollouts
 
 if TYPE_CHECKING:
     from rl_small.config import AlgoConfig
     from rl_small.critic import Critic
 
 
-def group_indices(rollouts: list[Rollout]) -> list[list[int]]:
-    """Index lists of consecutive rollouts that share a group id."""
-    out: list[list[int]] = []
-    for i, r in enumerate(rollouts):
-        if i == 0 or r.group_id != rollouts[i - 1].group_id:
-            out.append([])
-        out[-1].append(i)
-    return out
-
-
-def micro_batches(rollouts: list[Rollout], size: int) -> list[list[int]]:
-    """Indices in chunks of about ``size`` that never split a group (its prompt prefix is shared)."""
+def micro_batches(group_rows: list[list[int]], size: int) -> list[list[int]]:
+    """Row indices in chunks of about ``size`` that never split a group (its prompt prefix is shared):
+    ``group_rows`` are the rows of each group in batch order (``TrainBatch.group_rows``, or a subset of them)."""
     chunks: list[list[int]] = [[]]
-    for i, r in enumerate(rollouts):
-        new_group = i == 0 or r.group_id != rollouts[i - 1].group_id
-        if new_group and len(chunks[-1]) >= size:
+    for rows in group_rows:
+        if chunks[-1] and len(chunks[-1]) >= size:
             chunks.append([])
-        chunks[-1].append(i)
+        chunks[-1].extend(rows)
     return chunks
 
 
-def pad_batch(scored: list[ScoredRollout], overlong_filter: bool = False) -> TrainBatch:
-    """(N, T) completion mask (T = longest completion), rewards (N,), group ids (N,), the policy-loss
-    weight (N,) (0 for filler groups, and with overlong filtering for truncated completions), and the sampler's
-    logprobs (N, T) when the backend reported them for every rollout."""
-    rollouts = [s.rollout for s in scored]
+def pad_batch(groups: list[Group], overlong_filter: bool = False) -> TrainBatch:
+    """(N, T) completion mask (T = longest completion), rewards (N,), group ids (N,: the group's place in
+    ``groups``), the policy-loss weight (N,) (0 for filler groups, and with overlong filtering for truncated
+    completions), and the sampler's logprobs (N, T) when the backend reported them for every rollout."""
+    rollouts = flat_rollouts(groups)
+    sizes = [len(g.rollouts) for g in groups]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    group_rows = [list(range(s, s + k)) for s, k in zip(starts, sizes)]
     n, width = len(rollouts), max(max(len(r.completion_ids) for r in rollouts), 1)
     mask = torch.zeros(n, width)
     for i, r in enumerate(rollouts):
         mask[i, : len(r.completion_ids)] = 1
     keep = overlong_keep([r.truncated for r in rollouts]) if overlong_filter else torch.ones(n)
-    keep = keep * torch.tensor([s.weight for s in scored], dtype=keep.dtype)
-    rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32)
-    batch = TrainBatch(rollouts, rewards, torch.tensor([r.group_id for r in rollouts]), mask, keep)
+    keep = keep * torch.tensor([g.weight for g in groups for _ in g.rollouts], dtype=keep.dtype)
+    rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
+    gids = torch.tensor([k for k, g in enumerate(groups) for _ in g.rollouts])
+    batch = TrainBatch(rollouts, group_rows, rewards, gids, mask, keep)
     if all(r.sampler_logprobs is not None and len(r.sampler_logprobs) == len(r.completion_ids) for r in rollouts):
         batch.sampler_logp = torch.zeros(n, width)
         for i, r in enumerate(rollouts):
@@ -109,7 +103,7 @@ def fill_no_grad(
         return
     peft_model = model if peft_model is None else peft_model
     with torch.no_grad(), eval_mode(model):  # a DDP wrapper passes the mode on to the PEFT model
-        for idx in micro_batches(batch.rollouts, algo.micro_batch_size):
+        for idx in micro_batches(batch.group_rows, algo.micro_batch_size):
             chunk, rows = [batch.rollouts[i] for i in idx], torch.tensor(idx)
             if batch.old_logp is not None:
                 lp, _ = completion_logprobs(model, chunk, pad_id, temperature)

@@ -75,7 +75,7 @@ def build_rewards(cfg: RunConfig, domain_rows: dict[str, tuple[Any, list[dict[st
 
 
 def sample_batch(domain: str, row: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """Two completions for one dataset row, with the keywords the trainer passes (``Trainer.score``): one in
+    """Two completions for one dataset row, with the keywords the trainer passes (``RolloutStream.score``): one in
     think/answer form ending in the gold answer boxed, one without an answer."""
     gold = row.get("answer", "")
     completions = [f"<think>\nLet me work it out.\n</think>\n<answer>\n\\boxed{{{gold}}}\n</answer>", "I am not sure."]

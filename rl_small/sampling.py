@@ -1,18 +1,17 @@
 """Batch-level sampling (docs/METHODS.md §3): which prompts and groups a training step uses.
 
-    scored, m = dynamic_sample(draw, target=4, max_extra_rounds=3)   # DAPO: drop all-pass/all-fail groups
+    groups, m = dynamic_sample(draw, target=4, max_extra_rounds=3)   # DAPO: drop all-pass/all-fail groups
     keep = overlong_keep(truncated)                                  # DAPO overlong filtering: (N,) 0/1
     tracker = PassRateTracker(); tracker.update(ids, passed); tracker.skip(pid)   # SimpleRL-Zoo difficulty
     w = domain_weights(ewma(prev, batch_means, 0.5), target=1.0, tau=0.8)       # RuleReasoner DADS
 
-``draw(n)`` is any callable that generates and scores ``n`` prompts' groups, so the loop is tested without a
+``draw(n)`` is any callable that generates and scores ``n`` prompts' groups (``Group``), so the loop is tested without a
 model (and across simulated processes). The pass-rate tracker has ``state_dict`` / ``load_state_dict`` and is
 saved with checkpoints. The domain weights are applied by rl_small.data.mixture.DomainMixture.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -20,83 +19,72 @@ from typing import Any
 
 import torch
 
+from rl_small import metric_names as M
 from rl_small.distributed import World
-from rl_small.types import ScoredRollout
+from rl_small.types import Group
 
 
-def split_groups(scored: list[ScoredRollout]) -> list[list[ScoredRollout]]:
-    """Consecutive runs of the same ``group_id`` (backends return prompt-major groups)."""
-    groups: list[list[ScoredRollout]] = []
-    for s in scored:
-        if not groups or groups[-1][0].rollout.group_id != s.rollout.group_id:
-            groups.append([])
-        groups[-1].append(s)
-    return groups
+def total_reward(g: Group) -> list[float]:
+    """Each rollout's total reward."""
+    return list(g.rewards)
 
 
-def total_reward(s: ScoredRollout) -> float:
-    return s.reward
-
-
-def group_signal(algo: Any, reward_names: list[str]) -> Callable[[ScoredRollout], float]:
-    """What dynamic sampling compares within a group (``algo.dynamic_sampling_on``). DAPO (arXiv 2503.14476
-    eq. 11) keeps a group unless its accuracy is all 0 or all 1: with shaping terms in the total reward
-    (format, overlong penalty) an all-wrong group still has unequal totals, so ``pass`` (and ``auto`` when the
-    pass reward exists) compares 1/0 passes of ``algo.pass_reward`` >= ``algo.pass_threshold`` (an abstained
-    score counts as a fail); ``reward`` compares the total reward."""
-    on = algo.dynamic_sampling_on
-    if on == "reward" or (on == "auto" and algo.pass_reward not in reward_names):
+def group_signal(f: Any, reward_names: list[str]) -> Callable[[Group], list[float]]:
+    """What dynamic sampling compares within a group (``f.dynamic_sampling_on``; ``f``: the group filters'
+    options). DAPO (arXiv 2503.14476 eq. 11) keeps a group unless its accuracy is all 0 or all 1: with shaping
+    terms in the total reward (format, overlong penalty) an all-wrong group still has unequal totals, so ``pass``
+    (and ``auto`` when the pass reward exists) compares 1/0 passes of ``f.pass_reward`` >= ``f.pass_threshold``
+    (an abstained score counts as a fail); ``reward`` compares the total reward."""
+    on = f.dynamic_sampling_on
+    if on == "reward" or (on == "auto" and f.pass_reward not in reward_names):
         return total_reward
-    name, threshold = algo.pass_reward, algo.pass_threshold
+    name, threshold = f.pass_reward, f.pass_threshold
 
-    def passed(s: ScoredRollout) -> float:
-        c = s.components.get(name)
-        return float(c is not None and c >= threshold)
+    def passed(g: Group) -> list[float]:
+        return [float(c is not None and c >= threshold) for c in g.components.get(name, [None] * len(g.rollouts))]
 
     return passed
 
 
-def is_informative(
-    group: list[ScoredRollout], tol: float = 1e-6, signal: Callable[[ScoredRollout], float] = total_reward
-) -> bool:
+def is_informative(group: Group, tol: float = 1e-6, signal: Callable[[Group], list[float]] = total_reward) -> bool:
     """A group teaches something only if its ``signal`` (default: the total reward) differs."""
-    values = [signal(s) for s in group]
+    values = signal(group)
     return max(values) - min(values) > tol
 
 
 def dynamic_sample(
-    draw: Callable[[int], list[ScoredRollout]], target: int, max_extra_rounds: int, world: World | None = None,
-    signal: Callable[[ScoredRollout], float] = total_reward,
-) -> tuple[list[ScoredRollout], dict[str, float]]:
+    draw: Callable[[int], list[Group]], target: int, max_extra_rounds: int, world: World | None = None,
+    signal: Callable[[Group], list[float]] = total_reward,
+) -> tuple[list[Group], dict[str, float]]:
     """DAPO dynamic sampling (arXiv 2503.14476 §3.2): keep only groups whose ``signal`` (``group_signal``: passes
     or total reward) is not all equal and draw more prompts until ``target`` groups are kept or
     ``max_extra_rounds`` extra rounds were spent.
 
     Each extra round asks for the missing groups divided by the keep rate seen so far (at most ``target``).
     Extra kept groups beyond ``target`` are discarded; if no group at all was informative the first round is
-    returned as is (a zero-advantage batch) rather than nothing. Group ids are renumbered 0..K-1 in the
-    returned list. Metrics: sampling/rounds, sampling/dropped_groups, sampling/kept_groups, sampling/batch_fill.
+    returned as is (a zero-advantage batch) rather than nothing. Metrics: sampling/rounds,
+    sampling/dropped_groups, sampling/kept_groups, sampling/batch_fill.
 
     Data parallel (``world`` of several processes, ``target`` groups each, ``draw(n)`` returning this process's
     slice ``global[rank::size]`` of a global draw of ``n * size`` prompts): the counts are summed over the
     processes, so every process takes the same decisions and draws alike; the kept groups are then pooled in
     global draw order and dealt out ``target`` per process, the batch one process would keep from the same
     draws. If fewer than ``target * size`` were kept, they are dealt round-robin and each process fills up to
-    ``target`` groups with groups of its first round at ``weight`` 0 (same shapes everywhere for DDP, no
-    effect on the loss); ``sampling/filler_groups`` counts them. The counts in the metrics are global.
+    ``target`` groups with copies of groups of its first round at ``weight`` 0 (same shapes everywhere for DDP,
+    no effect on the loss); ``sampling/filler_groups`` counts them. The counts in the metrics are global.
     """
     if target < 1 or max_extra_rounds < 0:
         msg = f"dynamic_sample: target must be >= 1 and max_extra_rounds >= 0, got {target}, {max_extra_rounds}"
         raise ValueError(msg)
     world = world or World()
     size, rank = world.size, world.rank
-    kept: list[tuple[tuple[int, int], list[ScoredRollout]]] = []  # (round, index in the global draw), group
-    first: list[list[ScoredRollout]] | None = None
+    kept: list[tuple[tuple[int, int], Group]] = []  # (round, index in the global draw), group
+    first: list[Group] | None = None
     rounds = 0
     totals = torch.zeros(3, dtype=torch.float64)  # global groups seen, kept, dropped
     n = target
     while True:
-        groups = split_groups(draw(n))
+        groups = draw(n)
         first = groups if first is None else first
         informative = [is_informative(g, signal=signal) for g in groups]
         kept += [((rounds, i * size + rank), g) for i, (g, ok) in enumerate(zip(groups, informative)) if ok]
@@ -110,7 +98,7 @@ def dynamic_sample(
         want = min(target * size, math.ceil(missing * seen_g / kept_g)) if kept_g else target * size
         n = math.ceil(want / size)
     kept_g = int(totals[1])
-    fillers: list[list[ScoredRollout]] = []
+    fillers: list[Group] = []
     if kept_g == 0:
         batch = first
     elif size == 1:
@@ -118,32 +106,27 @@ def dynamic_sample(
     else:
         pooled = [g for _, g in sorted(world.gather(kept), key=lambda kg: kg[0])][: target * size]
         batch = pooled[rank * target : (rank + 1) * target] if len(pooled) == target * size else pooled[rank::size]
-        fillers = [[dataclasses.replace(s, rollout=copy.copy(s.rollout), weight=0.0) for s in g]
-                   for g in first[: target - len(batch)]]
-    out = []
-    for gid, g in enumerate(batch + fillers):
-        for s in g:
-            s.rollout.group_id = gid
-            out.append(s)
+        fillers = [dataclasses.replace(g, weight=0.0) for g in first[: target - len(batch)]]
     metrics = {
-        "sampling/rounds": float(rounds),
-        "sampling/dropped_groups": float(totals[2]),
-        "sampling/kept_groups": float(min(kept_g, target * size)),
-        "sampling/batch_fill": min(kept_g, target * size) / (target * size),
+        M.SAMPLING_ROUNDS: float(rounds),
+        M.SAMPLING_DROPPED_GROUPS: float(totals[2]),
+        M.SAMPLING_KEPT_GROUPS: float(min(kept_g, target * size)),
+        M.SAMPLING_BATCH_FILL: min(kept_g, target * size) / (target * size),
     }
     if size > 1:
-        metrics["sampling/filler_groups"] = float(target * size - min(kept_g, target * size)) if kept_g else 0.0
-    return out, metrics
+        metrics[M.SAMPLING_FILLER_GROUPS] = float(target * size - min(kept_g, target * size)) if kept_g else 0.0
+    return batch + fillers, metrics
 
 
 def merge_round_metrics(rounds: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """Combine the reward metrics of several generation rounds of ``n`` rollouts each: counters (``*/errors``,
-    ``*/timeouts``, ``*/abstained``) and ``timing/*`` add up, everything else is a rollout-weighted mean."""
+    """Combine the reward metrics of several generation rounds of ``n`` rollouts each: counters
+    (``reward/<name>/<counter>``, metric_names.REWARD_COUNTERS) and ``timing/*`` add up, everything else is a
+    rollout-weighted mean."""
     out: dict[str, float] = {}
     total = sum(n for n, _ in rounds)
     for n, m in rounds:
         for k, v in m.items():
-            additive = k.startswith("timing/") or k.endswith(("/errors", "/timeouts", "/abstained"))
+            additive = k.startswith("timing/") or k.endswith(tuple(f"/{c}" for c in M.REWARD_COUNTERS))
             out[k] = out.get(k, 0.0) + (v if additive else v * n / max(total, 1))
     return out
 

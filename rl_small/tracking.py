@@ -1,7 +1,7 @@
 """Logging, metrics sinks and timers.
 
     tracker = Tracker(run_dir, ["tensorboard"])       # metrics.jsonl always; Accelerate trackers (train.trackers)
-    with timer(metrics, "rollout"): ...               # adds metrics["timing/rollout"] = seconds
+    with timer(metrics, M.TIME_ROLLOUT): ...          # adds metrics["timing/rollout"] = seconds (rl_small.metric_names)
     tracker.log(step, metrics)
 
 Only the main process writes (``is_main``). No ``print`` in the package: one logger, ``rl_small``.
@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from rl_small import metric_names as M
+
 log = logging.getLogger("rl_small")
 RUN_NAME = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name"}  # its keyword
 
@@ -37,13 +39,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 @contextlib.contextmanager
-def timer(metrics: dict[str, float], name: str) -> Iterator[None]:
-    """Time the block into ``metrics[f"timing/{name}"]`` (seconds)."""
+def timer(metrics: dict[str, float], key: str) -> Iterator[None]:
+    """Time the block into ``metrics[key]`` (seconds; ``key``: a ``timing/`` name of rl_small.metric_names)."""
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        metrics[f"timing/{name}"] = time.perf_counter() - t0
+        metrics[key] = time.perf_counter() - t0
 
 
 class Tracker:
@@ -84,9 +86,8 @@ class Tracker:
             sink.log(metrics, step=step)
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.finish()
-        self.sinks = []
+        while self.sinks:
+            self.sinks.pop(0).finish()
 
 
 def _flat(node: Any, key: str = "") -> dict[str, Any]:
@@ -96,26 +97,27 @@ def _flat(node: Any, key: str = "") -> dict[str, Any]:
     return {key: node if isinstance(node, (bool, int, float, str)) else json.dumps(node)}
 
 
-def dump_completions(tr: Any, batch: Any, scored: list[Any]) -> int:
+def dump_completions(tr: Any, batch: Any, groups: list[Any]) -> int:
     """Every ``train.log_completions_every`` steps of trainer ``tr`` (0 = never), on the main process, after the
-    step's update (``tr.step_no`` is the step as metrics.jsonl numbers it): one line per completion to
-    ``completions.jsonl`` (as TRL's ``log_completions``, verl's generation dumps): step, prompt id and text,
-    gold answer, completion, token count, truncated, reward and each component (None: abstained), advantage
-    (mean over the completion's tokens). Filler groups of dynamic sampling are left out. Returns lines written."""
+    step's update (``tr.step_no`` is the step as metrics.jsonl numbers it): one line per completion of the step's
+    ``groups`` to ``completions.jsonl`` (TRL's ``log_completions``, verl's generation dumps): step, prompt id and
+    text, group (its place in the batch), gold answer, completion, token count, truncated, reward and each component
+    (None: abstained), advantage (token mean). Filler groups of dynamic sampling are left out. Returns lines."""
     every, step = tr.cfg.train.log_completions_every, tr.step_no
     if not every or step % every or not tr.acc.is_main_process:
         return 0
     lines = []
-    for i, s in enumerate(scored):  # pad_batch keeps the order: row i of the batch is scored[i]
-        if not s.weight:
+    for k, g in enumerate(groups):  # pad_batch keeps the order: the rows of group k are batch.group_rows[k]
+        if not g.weight:
             continue
-        r, n = s.rollout, float(batch.mask[i].sum())
-        adv = float((batch.advantages[i] * batch.mask[i]).sum()) / max(n, 1.0)
-        lines.append(json.dumps({
-            "step": step, "prompt_id": r.prompt.id, "group": r.group_id, "prompt": r.prompt.text,
-            "answer": r.prompt.answer, "completion": r.text, "tokens": len(r.completion_ids),
-            "truncated": r.truncated, "reward": s.reward, "components": s.components, "advantage": adv,
-        }) + "\n")
+        for j, (i, r) in enumerate(zip(batch.group_rows[k], g.rollouts)):
+            n = float(batch.mask[i].sum())
+            adv = float((batch.advantages[i] * batch.mask[i]).sum()) / max(n, 1.0)
+            lines.append(json.dumps({
+                "step": step, "prompt_id": r.prompt.id, "group": k, "prompt": r.prompt.text,
+                "answer": r.prompt.answer, "completion": r.text, "tokens": len(r.completion_ids),
+                "truncated": r.truncated, "reward": g.rewards[j], "components": g.scores(j), "advantage": adv,
+            }) + "\n")
     with (tr.run_dir / "completions.jsonl").open("a") as f:
         f.writelines(lines)
     return len(lines)
@@ -185,10 +187,10 @@ class Progress:
         if self._bar is None:
             return
         info = (
-            f"reward {metrics.get('reward/total', float('nan')):.3f}  "
-            f"acc {metrics.get('reward/math_accuracy', float('nan')):.3f}  "
-            f"len {metrics.get('rollout/len_mean', float('nan')):.0f}  "
-            f"{metrics.get('timing/step', float('nan')):.1f}s/step"
+            f"reward {metrics.get(M.REWARD_TOTAL, float('nan')):.3f}  "
+            f"acc {metrics.get(M.REWARD_ACCURACY, float('nan')):.3f}  "
+            f"len {metrics.get(M.ROLLOUT_LEN_MEAN, float('nan')):.0f}  "
+            f"{metrics.get(M.TIME_STEP, float('nan')):.1f}s/step"
         )
         eta = eta_text(self.total - self.done, self.seconds_per_step())
         self._bar.update(self._task, advance=1, info=info, eta=eta)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts, grader = _held_out(trainer, held_rows) if held_rows is not None else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
     chunk = cfg.rollout.generation_batch_size if cfg.rollout.backend == "hf" else 256  # requests in flight
-    main = trainer.acc.is_main_process
+    main = trainer.is_main
     previous = run_dir / "summary.json"
     if args.resume and previous.exists():  # a resumed run keeps the base-model evaluation it already did
         summary.update({k: v for k, v in json.loads(previous.read_text()).items() if k == "before"})
     if cfg.train.eval_before and trainer.step_no == 0 and prompts:
-        with trainer.acc.unwrap_model(trainer.model).disable_adapter() if cfg.model.lora else nullcontext():
+        with trainer.base_policy():
             before = evaluate(trainer.backend, prompts, grader, max_tok, "held-out before training", chunk)
         summary["before"] = {"accuracy": before.accuracy, "len_mean": before.len_mean, "n": before.n}
         if main:
@@ -141,9 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         trainer.fit()
         summary["train_seconds"] = time.time() - t0
-        model = trainer.acc.unwrap_model(trainer.model)
-        if main and hasattr(model, "peft_config"):  # before any evaluation: a failing one loses no training
-            model.save_pretrained(run_dir / "adapter")
+        if trainer.save_adapter(run_dir / "adapter"):  # before any evaluation: a failing one loses no training
             summary["adapter"] = str(run_dir / "adapter")
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

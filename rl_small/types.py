@@ -1,6 +1,8 @@
 """Typed records passed between the stages of a training step.
 
-Prompt -> (rollout backend) -> Rollout -> (rewards) -> ScoredRollout -> (old/ref/values, advantages) -> TrainBatch.
+Prompt -> (rollout backend) -> Rollout -> Group (one prompt's G rollouts, scored by the rewards) ->
+(old/ref/values, advantages) -> TrainBatch. The group is the unit of data from generation to the batch: filters
+keep or drop whole groups, and a batch's group structure is its list of groups, never re-derived from ids.
 Token ids and sampler logprobs travel with every rollout, so any backend (hf, vLLM) fits the same loss.
 """
 
@@ -28,7 +30,7 @@ class Rollout:
     """One completion of one prompt, as produced by a rollout backend."""
 
     prompt: Prompt
-    group_id: int  # completions of the same prompt in the same step share it
+    group_id: int  # index of its prompt in the generate() call that produced it (its place in a batch: its Group's)
     prompt_ids: list[int]
     completion_ids: list[int]
     text: str
@@ -48,19 +50,30 @@ def batch_columns(rollouts: list[Rollout]) -> dict[str, list[Any]]:
 
 
 @dataclass
-class ScoredRollout:
-    """A rollout with its total reward and each component's score (None = the component abstained).
-    ``weight`` 0: in the batch only to give every process the same shape (a filler group), out of the loss."""
+class Group:
+    """One prompt and its G rollouts, with each rollout's total reward and each reward component's scores
+    (None = the component abstained), filled by scoring (rl_small.rollout.stream). ``weight`` 0: a filler group
+    of dynamic sampling, in the batch only to give every process the same shape, out of the loss."""
 
-    rollout: Rollout
-    reward: float
-    components: dict[str, float | None]
+    prompt: Prompt
+    rollouts: list[Rollout]
+    rewards: list[float] = field(default_factory=list)  # (G,) weighted total per rollout
+    components: dict[str, list[float | None]] = field(default_factory=dict)  # name -> (G,) scores
     weight: float = 1.0
+
+    def scores(self, i: int) -> dict[str, float | None]:
+        """Rollout ``i``'s score from each component."""
+        return {k: v[i] for k, v in self.components.items()}
+
+
+def flat_rollouts(groups: list[Group]) -> list[Rollout]:
+    """The rollouts of ``groups`` in batch order (group after group)."""
+    return [r for g in groups for r in g.rollouts]
 
 
 @dataclass
 class TrainBatch:
-    """One step's scored rollouts as right-padded per-token tensors (N sequences, T = longest completion).
+    """One step's groups as right-padded per-token tensors (N sequences, T = longest completion).
 
     Filled stage by stage: ``mask``/``rewards``/``loss_weight`` when built, ``old_logp``/``ref_logp``/
     ``old_values`` by the no-grad pass, ``advantages``/``returns`` by the advantage stage. Tensors the run does
@@ -68,6 +81,7 @@ class TrainBatch:
     """
 
     rollouts: list[Rollout]
+    group_rows: list[list[int]]  # the row indices of each group, in batch order
     rewards: torch.Tensor  # (N,) float
     group_ids: torch.Tensor  # (N,) long
     mask: torch.Tensor  # (N, T) 1 on completion tokens

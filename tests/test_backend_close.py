@@ -93,7 +93,7 @@ from tests.test_server_faults import _Tok
 fake = FakeVLLM().start()
 fake.delay = 120.0
 backend = VLLMServerBackend([fake.url], _Tok(), Path(sys.argv[1]), request_timeout=300)
-pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # Trainer._pool: non-daemon, joined at exit
+pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # RolloutStream._pool: non-daemon, joined at exit
 fut = pool.submit(backend.generate, [Prompt("p", "hi", "")], SamplingSpec(n=2, max_new_tokens=3))
 while not sum(backend._inflight.values()):
     time.sleep(0.01)

@@ -57,16 +57,16 @@ def test_trainer_mixes_tasks_tags_domains_and_reweights(tiny_overrides: list[str
     overrides = tiny_overrides + [MIX, "sampling.domain_sampling=true", "rollout.prompts_per_step=4",
                                   "rewards=[{name: 'tests.helpers:easy_domain_reward'}]"]
     tr = Trainer(load_recipe(None, overrides), tmp_path / "run")
-    assert set(tr.mixture.names) == {"easy", "hard"} and tr.data_stats.kept == 2 * tr.cfg.data.num_train
+    assert set(tr.stream.mixture.names) == {"easy", "hard"} and tr.data_stats.kept == 2 * tr.cfg.data.num_train
     assert {p.columns["domain"] for p in tr.train_prompts} == {"easy", "hard"}
-    first = [p.columns["domain"] for p in Trainer.next_prompts(_probe(overrides, tmp_path))]
+    first = [p.columns["domain"] for p in _probe(overrides, tmp_path).stream.next_prompts()]
     assert "easy" in first  # this seed's first batch mixes both (or only easy): the weights below follow
     m = tr.step()
     assert m["sampling/domain_reward/easy"] == 1.0 and m["sampling/domain_reward/hard"] == 0.0
     assert m["sampling/domain_weight/hard"] == pytest.approx(math.exp(1.25) / (1 + math.exp(1.25)))
     tr.save()
     resumed = Trainer(load_recipe(None, overrides), tmp_path / "run", resume=True)
-    assert resumed.mixture.state_dict() == tr.mixture.state_dict()
+    assert resumed.stream.mixture.state_dict() == tr.stream.mixture.state_dict()
 
 
 def _probe(overrides: list[str], tmp_path: Path) -> Trainer:

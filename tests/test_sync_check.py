@@ -102,7 +102,7 @@ def test_trainer_alarms_when_the_sampler_serves_stale_weights(tiny_overrides: li
                              "train.steps=10"]
     tr = Trainer(load_recipe(None, over), tmp_path / "run")
     sampler = _StaleSampler(tr.backend, tr)
-    tr.backend = sampler
+    tr.backend = tr.stream.backend = sampler
     initial = copy.deepcopy(tr.acc.unwrap_model(tr.model)).eval()
     fresh = [tr.step() for _ in range(4)]
     assert all(m["rollout/version_lag"] == 0.0 and m["rollout/sampler_logp_absdiff"] < 1e-4 for m in fresh)

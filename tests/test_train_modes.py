@@ -49,7 +49,7 @@ def test_gradient_checkpointing_step_equals_plain_step(tiny_overrides: list[str]
 
 def _no_grad_passes(tr: Trainer) -> TrainBatch:
     """A fresh batch from ``tr`` with pi_old (and pi_ref, critic values when configured) filled."""
-    batch = pad_batch(tr.collect({}), tr.cfg.sampling.overlong_filter)
+    batch = pad_batch(tr.stream.next_groups(tr.step_no, {}), tr.stream.f.overlong_filter)
     fill_no_grad(batch, tr.model, tr.critic, tr.cfg.algo, tr.tok.pad_token_id, 1.0)
     return batch
 

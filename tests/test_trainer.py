@@ -49,7 +49,7 @@ def test_resume_reproduces_next_batch_and_weights(tiny_overrides: list[str], tmp
     # The resumed run's next batch is the uninterrupted run's third batch, in the same order.
     third = [p.id for p in _third_batch(common, tmp_path)]
     probe = _trainer(common + ["train.steps=3"], tmp_path / "cut", resume=True)
-    assert [p.id for p in probe.next_prompts()] == third
+    assert [p.id for p in probe.stream.next_prompts()] == third
     # (the torch RNG is process-global: build the resumed trainer last, as a fresh process would)
     resumed = _trainer(common + ["train.steps=3"], tmp_path / "cut", resume=True)
     assert resumed.step_no == 2
@@ -64,9 +64,9 @@ def test_resume_reproduces_next_batch_and_weights(tiny_overrides: list[str], tmp
 
 def _third_batch(common: list[str], tmp_path: Path) -> list:
     t = _trainer(common + ["train.steps=3"], tmp_path / "probe")
-    t.next_prompts()
-    t.next_prompts()
-    return t.next_prompts()
+    t.stream.next_prompts()
+    t.stream.next_prompts()
+    return t.stream.next_prompts()
 
 
 def test_hanging_reward_does_not_stop_training(tiny_overrides: list[str], tmp_path: Path) -> None:

@@ -122,9 +122,9 @@ def test_dynamic_sampling_refills_with_informative_groups(tiny_overrides: list[s
     # round 1: 2 prompts, 1 tied group dropped; round 2 asks for ceil(1 * 2 / 1) = 2 more, keeps 1 -> full
     assert m["sampling/rounds"] == 2 and m["sampling/dropped_groups"] == 2 and m["sampling/kept_groups"] == 2
     assert m["sampling/batch_fill"] == 1.0 and m["rollout/zero_adv_groups"] == 0.0
-    assert tr.mixture.cursor["arith"]["index"] == 4  # four prompts drawn for a two-prompt batch
+    assert tr.stream.mixture.cursor["arith"]["index"] == 4  # four prompts drawn for a two-prompt batch
     off = _trainer(tiny_overrides + fake + [TOKEN_REWARD], tmp_path / "off")
-    assert off.step()["rollout/zero_adv_groups"] == 0.5 and off.mixture.cursor["arith"]["index"] == 2
+    assert off.step()["rollout/zero_adv_groups"] == 0.5 and off.stream.mixture.cursor["arith"]["index"] == 2
 
 
 def test_overlong_filter_masks_truncated_completions(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -146,22 +146,22 @@ def test_difficulty_filter_skips_decided_prompts_and_is_checkpointed(
 
     fake = FAKE + ["rollout.fake_completions=['\\boxed{1}']", "data.num_train=6", "sampling.difficulty_filter=true"]
     tr = _trainer(tiny_overrides + fake, tmp_path / "run")
-    assert tr.pass_rates is not None
+    assert tr.stream.pass_rates is not None
     m = tr.step()  # rewards: math_accuracy + boxed_format; a pass is math_accuracy >= 0.5
-    assert len(tr.pass_rates.stats) == 2 and all(st[1] == 4 for st in tr.pass_rates.stats.values())
+    assert len(tr.stream.pass_rates.stats) == 2 and all(st[1] == 4 for st in tr.stream.pass_rates.stats.values())
     assert m["sampling/skipped_prompts"] == 0
-    order = [tr.train_prompts[i].id for i in tr.mixture._order("arith", 1)]
+    order = [tr.train_prompts[i].id for i in tr.stream.mixture._order("arith", 1)]
     # order[0] is mixed, order[1] unseen, order[2] always solved, order[3] never solved
-    tr.pass_rates.stats = {order[0]: [1, 2], order[2]: [4, 4], order[3]: [0, 4]}
-    tr.mixture.cursor["arith"] = {"epoch": 1, "index": 0}
-    assert [p.id for p in tr.next_prompts()] == order[0:2]
-    assert [p.id for p in tr.next_prompts()] == order[4:6] and tr._skipped == 2
+    tr.stream.pass_rates.stats = {order[0]: [1, 2], order[2]: [4, 4], order[3]: [0, 4]}
+    tr.stream.mixture.cursor["arith"] = {"epoch": 1, "index": 0}
+    assert [p.id for p in tr.stream.next_prompts()] == order[0:2]
+    assert [p.id for p in tr.stream.next_prompts()] == order[4:6] and tr.stream.skipped == 2
     tr.save()
     resumed = _trainer(tiny_overrides + fake, tmp_path / "run", resume=True)
-    assert resumed.pass_rates is not None and resumed.pass_rates.stats == tr.pass_rates.stats
-    tr.pass_rates.stats = {pid: [0, 4] for pid in order}  # every prompt decided: an error, not a hang
+    assert resumed.stream.pass_rates is not None and resumed.stream.pass_rates.stats == tr.stream.pass_rates.stats
+    tr.stream.pass_rates.stats = {pid: [0, 4] for pid in order}  # every prompt decided: an error, not a hang
     with pytest.raises(RuntimeError, match="all 6 training prompts have a pass rate of 0 or 1"):
-        tr.next_prompts()
+        tr.stream.next_prompts()
     with pytest.raises(RecipeError, match="sampling.pass_reward 'nope' is not one of the recipe's rewards"):
         _trainer(tiny_overrides + fake + ["sampling.pass_reward=nope"], tmp_path / "bad")
 

@@ -37,7 +37,7 @@ def _rows() -> list[dict[str, Any]]:
 
 
 def _rl_small_scores(specs: str) -> dict[str, list[float | None]]:
-    """Build the recipe's rewards (checked on a sample row) and score the batch as Trainer.score does."""
+    """Build the recipe's rewards (checked on a sample row) and score the batch as RolloutStream.score does."""
     rows = _rows()
     cfg = load_recipe(None, [f"rewards={specs}"])
     combo = build_rewards(cfg, {"generic": (None, rows[:1])})

@@ -265,8 +265,8 @@ def test_trainer_on_spawned_server_async_tis_and_resume(tiny_overrides: list[str
             served.append(sorted(m["id"] for m in tr.backend._get(tr.backend.urls[0], "/v1/models")["data"]))
             if tr.step_no == 2:
                 tr.save()
-                cursor_at_save = json.dumps(json.loads(json.dumps(tr._cursor_snapshot)), sort_keys=True)
-                prefetched = [p.id for p in tr._prefetch[0]]
+                cursor_at_save = json.dumps(json.loads(json.dumps(tr.stream.state_dict()["cursor"])), sort_keys=True)
+                prefetched = [p.id for p in tr.stream.prefetched]
     finally:
         tr.backend.close()
     assert port_free("127.0.0.1", port), "the spawned server outlived close()"
@@ -284,7 +284,7 @@ def test_trainer_on_spawned_server_async_tis_and_resume(tiny_overrides: list[str
     fake = ["rewards=[{name: 'tests.helpers:token_reward'}]", "rollout.backend=fake", "rollout.fake_completions=[a]",
             "train.steps=3", "train.save_every=2"]  # no vllm_server options: they would be an error under fake
     resumed = Trainer(load_recipe(None, tiny_overrides + fake), run_dir, resume=True)
-    assert [p.id for p in resumed.next_prompts(2)] == prefetched  # the prompts in flight at the save are not lost
+    assert [p.id for p in resumed.stream.next_prompts(2)] == prefetched  # the prompts in flight at the save are not lost
 
 
 

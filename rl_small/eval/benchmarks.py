@@ -275,6 +275,19 @@ class PeriodicEval:
         self.protocol = EvalProtocol(max_new_tokens=max_new_tokens, limit=limit)
         self.prompts = {n: load_benchmark_prompts(BENCHMARKS[n], tokenizer, self.protocol, data_dir) for n in names}
 
+    @classmethod
+    def from_config(cls, t: Any, tokenizer: Any) -> PeriodicEval | None:
+        """The evaluation of ``train`` config ``t`` (eval_every, eval_benchmarks, ...), None when off; an unknown
+        benchmark is a RecipeError."""
+        from rl_small.config import RecipeError
+
+        if not (t.eval_every and t.eval_benchmarks):
+            return None
+        try:
+            return cls(t.eval_benchmarks, tokenizer, t.eval_every, t.eval_limit, t.eval_max_new_tokens, t.eval_data_dir)
+        except KeyError as err:
+            raise RecipeError(str(err.args[0])) from err
+
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 

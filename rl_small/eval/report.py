@@ -17,15 +17,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rl_small import metric_names as M
+
 # (metric keys, the first a run has is drawn; title; drop a run's series when it is all zero: the feature is off)
 CURVES: list[tuple[tuple[str, ...], str, bool]] = [
-    (("reward/total",), "total reward", False),
-    (("reward/math_accuracy",), "training accuracy (math_accuracy)", False),
-    (("rollout/len_mean",), "completion length (tokens)", False),
-    (("rollout/truncated_frac", "rollout/clip_frac"), "truncated completions (share at max_new_tokens)", False),
-    (("policy/kl", "loss/kl"), "KL to reference", True),  # 0 when KL is neither in the loss nor logged
-    (("policy/entropy", "loss/entropy"), "policy entropy", True),
-    (("loss/clip_frac",), "PPO ratio clip fraction", True),  # 0 in on-policy GRPO (one epoch, one minibatch)
+    ((M.REWARD_TOTAL,), "total reward", False),
+    ((M.REWARD_ACCURACY,), "training accuracy (math_accuracy)", False),
+    ((M.ROLLOUT_LEN_MEAN,), "completion length (tokens)", False),
+    ((M.ROLLOUT_TRUNCATED_FRAC, M.OLD_TRUNCATED_FRAC), "truncated completions (share at max_new_tokens)", False),
+    ((M.POLICY_KL, M.LOSS_KL), "KL to reference", True),  # 0 when KL is neither in the loss nor logged
+    ((M.POLICY_ENTROPY, M.OLD_ENTROPY), "policy entropy", True),
+    ((M.LOSS_CLIP_FRAC,), "PPO ratio clip fraction", True),  # 0 in on-policy GRPO (one epoch, one minibatch)
 ]
 MATPLOTLIB_HINT = "rl-small report needs matplotlib: pip install matplotlib (or pip install -e '.[report]')"
 

@@ -5,7 +5,8 @@
     backend.sync(adapter_dir_or_model, version=step)
 
 ``generate`` returns prompt-major groups: the n completions of ``prompts[i]`` are
-``rollouts[i*n:(i+1)*n]`` and share ``group_id == i``. Every rollout carries its token ids, the sampler's
+``rollouts[i*n:(i+1)*n]`` and share ``group_id == i``; ``as_groups(prompts, rollouts, n)`` makes them typed
+``Group``s, the unit every later stage works on. Every rollout carries its token ids, the sampler's
 per-token logprobs when the backend has them, and the policy version that produced it.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rl_small.types import Prompt, Rollout
+from rl_small.types import Group, Prompt, Rollout
 
 
 class RolloutError(RuntimeError):
@@ -82,3 +83,17 @@ def make_rollout(
     """A rollout from a vLLM completion (token ids include the EOS token when it stopped there)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return Rollout(prompt, gid, list(prompt_ids), list(ids), text, logprobs, finish_reason == "length", version)
+
+
+def as_groups(prompts: list[Prompt], rollouts: list[Rollout], n: int) -> list[Group]:
+    """The prompt-major output of ``generate(prompts, SamplingSpec(n=n))`` as one unscored ``Group`` per prompt,
+    by position; a backend that broke the contract (count or order) is an error naming what it returned."""
+    if len(rollouts) != len(prompts) * n:
+        raise RolloutError(f"the backend returned {len(rollouts)} rollouts for {len(prompts)} prompts x n={n}")
+    groups = [Group(p, rollouts[i * n : (i + 1) * n]) for i, p in enumerate(prompts)]
+    for i, g in enumerate(groups):
+        bad = next((r for r in g.rollouts if r.prompt is not g.prompt and r.prompt.id != g.prompt.id), None)
+        if bad is not None:
+            raise RolloutError(f"rollouts {i * n}..{(i + 1) * n - 1} should answer prompt {g.prompt.id!r} "
+                               f"(prompt-major order), one answers {bad.prompt.id!r}")
+    return groups

@@ -126,6 +126,16 @@ class _Zygote:
             self.proc.wait(5)
 
 
+def _exited(pid: int) -> bool:
+    """Process ``pid`` has exited (gone, or a zombie); False where /proc cannot tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return Path("/proc/self").exists()
+    except (OSError, IndexError):
+        return False
+
+
 class _Worker:
     """One worker process (forked by the zygote), its socket, and the job it holds (index, deadline) when busy."""
 
@@ -212,6 +222,13 @@ class GraderPool:
                 self._workers.remove(w)
             self.restarts += 1
 
+    def _retire_exited(self) -> None:
+        """Forget idle workers that died since the last batch (their zygote was killed, out of memory...): an item
+        sent to one would be scored as if it had killed its worker."""
+        for w in [w for w in self._workers if w.job is None and _exited(w.pid)]:
+            log.warning("math grading: idle worker (pid %s) exited; replaced", w.pid)
+            self._retire(w)
+
     def _retire_busy(self) -> None:
         """Kill and forget every worker holding a job: after an interrupted batch its answer is stale."""
         with shield():
@@ -235,6 +252,7 @@ class GraderPool:
         with self._lock:
             self._check_fork()
             self._retire_busy()  # left busy by a batch interrupted before its own cleanup ran
+            self._retire_exited()
             self._fill()
             self._batch += 1
             try:

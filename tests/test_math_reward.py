@@ -339,6 +339,30 @@ def test_pool_recovers_when_its_zygote_is_killed() -> None:
         pool.close()
 
 
+def test_an_idle_worker_that_exited_is_replaced_before_the_next_batch() -> None:
+    """A worker that exited while a copy of its socket stays open elsewhere (a process that another thread forks
+    at that moment inherits it) used to be sent the next item: the send succeeded, and the item scored None at
+    its deadline (seen as a flake of the zygote test on a loaded machine). Exited idle workers are now replaced
+    before a batch is sent. Here the open copy is held by the test."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    pool = GraderPool(1)
+    try:
+        assert pool.run([[("x+x", "2x")]], 60) == [[True]]
+        worker = pool._workers[0]
+        ours, held = socket.socketpair()  # ``held``: the copy that keeps the worker's end open
+        worker.conn.close()
+        worker.conn = Connection(ours.detach())
+        os.kill(worker.pid, signal.SIGKILL)  # the zygote reaps it
+        assert _wait_gone([worker.pid], 30) == []
+        assert pool.run([[("x+x", "2x")]], 3.0) == [[True]]  # was [None]: the item waited on the dead worker
+        assert pool.timeouts == 0 and worker.pid not in pool.pids()
+        held.close()
+    finally:
+        pool.close()
+
+
 def test_component_keeps_the_batch_when_some_items_are_pathological() -> None:
     """Through the run's component (its batch deadline 8 s, SIGALRM on the main thread): 10 pathological items
     at 1 s each used to exhaust it (10 s) and the component abstained for all 20; now they run 4 at a time in

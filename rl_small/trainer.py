@@ -292,6 +292,7 @@ class Trainer:
             if self.step_no % self.cfg.rollout.sync_every == 0:
                 with timer(m, "sync"):
                     self.sync()
+                m.update(getattr(self.backend, "metrics", {}))  # vLLM: rollout/sync_merged, auto's timings
         real = [s.rollout for s in scored if s.weight]  # not the filler groups of dynamic sampling
         m["rollout/len_mean"] = float(np.mean([len(r.completion_ids) for r in real]))
         m["rollout/truncated_frac"] = float(np.mean([r.truncated for r in real]))

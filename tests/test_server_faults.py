@@ -20,6 +20,7 @@ import pytest
 
 from rl_small.rollout import vllm_server as client_mod
 from rl_small.rollout import server as server_mod
+from rl_small.rollout import watchdog as watchdog_mod
 from rl_small.rollout.base import SamplingSpec
 from rl_small.rollout.base import RolloutError
 from rl_small.rollout.vllm_server import VLLMServerBackend
@@ -71,6 +72,7 @@ def _spawned(fake_python: str, tmp_path: Path, **kw: object) -> VLLMServer:
 def fast_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_mod, "PROGRESS_EVERY_S", 0.5)
     monkeypatch.setattr(server_mod, "PROGRESS_EVERY_S", 0.5)
+    monkeypatch.setattr(watchdog_mod, "PROGRESS_EVERY_S", 0.5)  # wait_ready, wait_back
 
 
 # ---- item 5: a server that dies during a weight sync ------------------------------------------------------------

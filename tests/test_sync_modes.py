@@ -14,7 +14,7 @@ from rl_small.rollout.server import VLLMServer
 from rl_small.rollout.weights import SyncChooser, WeightSync, merged_state, reload_on_server, write_merged
 
 
-def _peft(tiny_model_dir: Path, scale: float = 1.0):  # noqa: ANN202
+def _peft(tiny_model_dir: Path, scale: float = 1.0):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -156,14 +156,35 @@ def test_server_flags_follow_the_sync_mode(tmp_path: Path) -> None:
 
 
 def test_server_without_reload_route_is_named(tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fake_vllm import FakeVLLM
+    from tests.fake_vllm import FakeVLLM
 
     fake = FakeVLLM().start()  # answers 404 on routes it does not know, like a server without dev mode
     try:
         with pytest.raises(RolloutError, match="VLLM_SERVER_DEV_MODE=1"):
             reload_on_server(fake.url, tmp_path)
     finally:
+        fake.stop()
+
+
+def test_other_rank_requests_the_version_the_main_process_loaded() -> None:
+    """Data-parallel rank > 0 does not load weights itself: it must still name the adapter the main process
+    loaded (before the fix it asked for ``base``: the base model's completions, silently), and ``base`` where
+    the main process pushed merged weights."""
+    from rl_small.rollout.base import SamplingSpec
+    from rl_small.rollout.vllm_server import VLLMServerBackend
+    from rl_small.types import Prompt
+    from tests.fake_vllm import FakeVLLM
+    from tests.test_server_faults import _Tok
+
+    fake = FakeVLLM().start()
+    backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), is_main=False, sync="auto")
+    try:
+        fake.models.add("v1")  # the main process loaded adapter v1
+        backend.sync(Path("/unused"), version=1)
+        backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=1, max_new_tokens=2))
+        backend.sync(Path("/unused"), version=2)  # the main process pushed merged weights: no "v2"
+        out = backend.generate([Prompt("p", "hi", "")], SamplingSpec(n=1, max_new_tokens=2))
+        assert fake.requested == ["v1", "base"] and out[0].version == 2
+    finally:
+        backend.close()
         fake.stop()

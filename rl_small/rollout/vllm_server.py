@@ -317,6 +317,10 @@ class VLLMServerBackend:
         self.full = True
 
     def _name(self, version: int) -> str:
+        """Its adapter, else ``base`` (version 0, merged, full weights); ranks > 0 ask what the main one loaded."""
+        if not self.is_main and version and version not in self.paths and not self.full:
+            served = {m["id"] for m in self._get(self.urls[0], "/v1/models")["data"]}
+            return f"v{version}" if f"v{version}" in served else BASE_NAME
         return f"v{version}" if version in self.paths and not self.full else BASE_NAME
 
     def _load(self, url: str, version: int) -> None:

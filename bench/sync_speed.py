@@ -23,8 +23,8 @@ weights and the LoRA kernels should agree). The merge-and-restart path (full wei
 rebuilt) is in bench/rollout_speed.py. Prints a table and writes bench/results/sync_speed.json.
 
 ``--modes`` runs rl-small's backends as a training run uses them, each (backend, mode) in a fresh process and
-the four alternating within each of ``--rounds`` rounds: ``vllm_engine`` and ``vllm_server`` (spawned), each
-with ``rollout.sync: adapter`` and ``merged``. Each run syncs the same policy ``--reps`` times (timed: export
+the runs alternating within each of ``--rounds`` rounds: ``vllm_engine`` and ``vllm_server`` (spawned), each
+with ``rollout.sync: adapter`` and ``merged``, and ``hf`` (the CPU default; its sync is a no-op). Each run syncs the same policy ``--reps`` times (timed: export
 and load, merged = merge + write safetensors + in-place reload) and generates the default job's rollouts
 ``--reps`` times (4 prompts x 8 completions x 48 tokens, T = 0.7, ``ignore_eos`` so that every run makes the
 same 1,536 tokens; timed after one warm-up). The implied rollout+sync time per step is sync s + 1,536 / tok/s;
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -152,8 +153,8 @@ def mode_worker(kind: str, reps: int, port: int) -> dict[str, Any]:
     policy = noisy_lora_policy(model_dir)
     cfg = RolloutConfig(backend=backend_name, spawn=True, port=port, max_model_len=512, sync=mode)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    backend = make_backend(cfg, policy, tok, model_name=model_dir, lora_rank=16,
-                           run_dir=Path(tempfile.mkdtemp(prefix="sync_modes_")))
+    run_dir = Path(tempfile.mkdtemp(prefix="sync_modes_run_"))  # adapters and merged copies (0.5 GB each)
+    backend = make_backend(cfg, policy, tok, model_name=model_dir, lora_rank=16, run_dir=run_dir)
     start_s = time.perf_counter() - t0
     chat = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             for q in (*PROMPTS, "What is 9 * 8? Put the answer in \\boxed{}.")]
@@ -175,13 +176,14 @@ def mode_worker(kind: str, reps: int, port: int) -> dict[str, Any]:
         greedy = backend.generate(prompts[:3], SamplingSpec(n=1, max_new_tokens=24, temperature=0.0))
     finally:
         backend.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
     return {"sync_s": sync_s, "gen_s": gen_s, "tokens": tokens, "start_s": start_s,
             "completions": [r.text for r in greedy], "threads": torch.get_num_threads()}
 
 
 def modes_main(args: argparse.Namespace) -> None:
-    """``--modes``: the four (backend, sync mode) runs, alternating within each round."""
-    kinds = [f"{b}:{m}" for b in ("vllm_engine", "vllm_server") for m in ("adapter", "merged")]
+    """``--modes``: the (backend, sync mode) runs, alternating within each round."""
+    kinds = [f"{b}:{m}" for b in ("vllm_engine", "vllm_server") for m in ("adapter", "merged")] + ["hf:adapter"]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="sync_modes_") as tmp:
         for r in range(args.rounds):
@@ -191,6 +193,12 @@ def modes_main(args: argparse.Namespace) -> None:
                                              Path(tmp) / f"{r}-{i}.json", args.timeout))
                 print(f"round {r + 1} {kind}: sync {statistics.mean(runs[kind][-1]['sync_s']):.2f} s, "
                       f"{runs[kind][-1]['tokens'] / statistics.mean(runs[kind][-1]['gen_s']):.1f} tok/s", flush=True)
+    summarize(runs, args)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    """Print the --modes table from the workers' results and write bench/results/sync_modes.json."""
+    runs = {k: rs for k, rs in runs.items() if rs}
     summary: dict[str, Any] = {}
     for kind, rs in runs.items():
         tokens = rs[0]["tokens"]
@@ -207,6 +215,8 @@ def modes_main(args: argparse.Namespace) -> None:
         print(f"{b:<13}{m:<9}{fmt(s['sync_s'], 2):>22}{fmt(s['tok_s']):>22}{fmt(s['rollout_plus_sync_s'], 1):>24}")
     out: dict[str, Any] = {"settings": vars(args), "summary": summary, "runs": runs}
     for b in ("vllm_engine", "vllm_server"):
+        if f"{b}:adapter" not in summary or f"{b}:merged" not in summary:
+            continue
         a, m = summary[f"{b}:adapter"], summary[f"{b}:merged"]
         gain = 1 / a["tok_s"]["mean"] - 1 / m["tok_s"]["mean"]
         cross = (m["sync_s"]["mean"] - a["sync_s"]["mean"]) / gain if gain > 0 else None

@@ -101,8 +101,8 @@ class VLLMEngineBackend:
         self.version = version
 
     def _reload(self, folder: Path) -> None:
-        """Load the full weights in ``folder`` into the engine in place; no request may name an older adapter
-        version afterwards (vLLM drops the adapters it built on the old base)."""
+        """Load the full weights in ``folder`` into the engine in place and drop the prefix cache (KV of the old
+        weights); vLLM also drops its loaded adapters, which a later adapter request loads from its folder again."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         self.llm.reset_prefix_cache()
 

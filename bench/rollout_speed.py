@@ -15,7 +15,8 @@ Throughput = completion tokens / wall seconds of the whole ``generate`` call (be
 warm-up). Sync = export the adapter + load it as a new version (server: /v1/load_lora_adapter; engine:
 add_lora) against the full-weight path (merge the adapter, save the model, restart the server / rebuild the
 engine on it until it serves). With --e2e-steps, the default training run is also timed per step with the
-``hf`` backend and with ``vllm_server`` (spawned). Prints a table and writes bench/results/rollout_speed.json.
+``--e2e-backends`` (default ``hf`` and ``vllm_server``, spawned; ``vllm_server:merged`` for rollout.sync merged;
+``--e2e-only`` skips the rest and writes bench/results/rollout_speed_e2e.json). Prints a table and writes bench/results/rollout_speed.json.
 """
 
 from __future__ import annotations
@@ -127,8 +128,8 @@ def bench_engine(model_dir: str, tok: Any, peft_model: Any, adapter: Path, promp
 def bench_server(model_dir: str, tok: Any, peft_model: Any, prompts: list[Any], args: Any, work: Path) -> dict[str, Any]:
     from rl_small.config import RolloutConfig
     from rl_small.rollout.base import SamplingSpec
-    from rl_small.rollout.vllm_server import VLLMServerBackend
     from rl_small.rollout.server import healthy
+    from rl_small.rollout.vllm_server import VLLMServerBackend
 
     spec = SamplingSpec(args.n, args.max_new_tokens, 1.0, 1.0)
     cfg = RolloutConfig(backend="vllm_server", spawn=True, port=args.port, max_model_len=1024, keep_versions=2)
@@ -168,17 +169,20 @@ def bench_e2e(args: Any, work: Path) -> dict[str, Any]:
     from rl_small.trainer import Trainer
 
     out: dict[str, Any] = {}
-    for backend in ("hf", "vllm_server"):
-        over = [f"rollout.backend={backend}", "rollout.spawn=true", f"rollout.port={args.port + 10}",
+    for spec in args.e2e_backends:  # backend[:rollout.sync]
+        backend, _, mode = spec.partition(":")
+        over = [f"rollout.backend={backend}", f"rollout.sync={mode or 'adapter'}", "rollout.spawn=true",
+                f"rollout.port={args.port + 10}",
                 f"train.steps={args.e2e_steps}", "train.progress=false", "train.trackers=[]",
                 "rollout.max_model_len=1024"]
-        tr = Trainer(load_recipe(None, over), work / f"e2e-{backend}")
+        key = spec if spec not in out else f"{spec}#{sum(k.split('#')[0] == spec for k in out) + 1}"  # rounds
+        tr = Trainer(load_recipe(None, over), work / f"e2e-{key.replace(':', '-').replace('#', '-')}")
         try:
             steps = [tr.step() for _ in range(args.e2e_steps)]
         finally:
             tr.backend.close()
-        out[backend] = {k: [s[k] for s in steps] for k in (M.TIME_STEP, M.TIME_ROLLOUT, M.TIME_UPDATE, M.TIME_SYNC)
-                        if k in steps[0]}
+        out[key] = {k: [s[k] for s in steps] for k in (M.TIME_STEP, M.TIME_ROLLOUT, M.TIME_UPDATE, M.TIME_SYNC)
+                    if k in steps[0]}
     return out
 
 
@@ -190,6 +194,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--port", type=int, default=8231)
     ap.add_argument("--e2e-steps", type=int, default=0, help="also time N default-run training steps per backend")
+    ap.add_argument("--e2e-backends", nargs="+", default=["hf", "vllm_server"],
+                    help="--e2e-steps: backends to time, backend[:rollout.sync], e.g. vllm_server:merged")
+    ap.add_argument("--e2e-only", action="store_true", help="only the --e2e-steps training steps")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -202,6 +209,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rollout_bench_"))
     peft_model = noisy_lora_policy(model_dir, work / "adapter")
     results: dict[str, Any] = {}
+    if args.e2e_only:
+        results["e2e"] = bench_e2e(args, work)
+        print(json.dumps(results["e2e"], indent=1))
+        (RESULTS / "rollout_speed_e2e.json").write_text(json.dumps({"settings": vars(args), **results}, indent=2))
+        return
     results.update(bench_engine(model_dir, tok, peft_model, work / "adapter", prompts, args, work))
     results.update(bench_server(model_dir, tok, peft_model, prompts, args, work))
     if not args.skip_hf:

@@ -1,6 +1,8 @@
-"""Benchmark: policy sync into an in-process vLLM engine, rl-small's adapter hot-swap against TRL's approach.
+"""Benchmark: policy sync into vLLM, rl-small's adapter hot-swap against TRL's approach and against rl-small's
+merged-weight sync (rollout.sync: merged), and what each implies for a training step.
 
-    python bench/sync_speed.py [--reps 5]
+    python bench/sync_speed.py [--reps 5]               # the sync paths below, in-process engine
+    python bench/sync_speed.py --modes [--rounds 2]     # rollout.sync adapter vs merged on both vLLM backends
 
 Both paths push the same SmolLM2-135M-Instruct + LoRA r=16 (all linear layers, B filled with small noise)
 policy into ``vllm.LLM`` running in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as TRL's colocate
@@ -19,12 +21,23 @@ Timed: the sync, and the sync plus the first one-token request that uses the new
 counts). Afterwards both engines answer the same greedy requests; the completions are compared (the merged
 weights and the LoRA kernels should agree). The merge-and-restart path (full weights saved, engine/server
 rebuilt) is in bench/rollout_speed.py. Prints a table and writes bench/results/sync_speed.json.
+
+``--modes`` runs rl-small's backends as a training run uses them, each (backend, mode) in a fresh process and
+the runs alternating within each of ``--rounds`` rounds: ``vllm_engine`` and ``vllm_server`` (spawned), each
+with ``rollout.sync: adapter`` and ``merged``, and ``hf`` (the CPU default; its sync is a no-op). Each run syncs the same policy ``--reps`` times (timed: export
+and load, merged = merge + write safetensors + in-place reload) and generates the default job's rollouts
+``--reps`` times (4 prompts x 8 completions x 48 tokens, T = 0.7, ``ignore_eos`` so that every run makes the
+same 1,536 tokens; timed after one warm-up). The implied rollout+sync time per step is sync s + 1,536 / tok/s;
+the crossover is the tokens per step above which merged wins: (sync_merged - sync_adapter) /
+(1/tok_s_adapter - 1/tok_s_merged). Writes bench/results/sync_modes.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -124,7 +137,112 @@ def worker(path: str, reps: int) -> dict[str, Any]:
             "base_params": n_params, "adapter_bytes": lora_bytes, "threads": torch.get_num_threads()}
 
 
+def mode_worker(kind: str, reps: int, port: int) -> dict[str, Any]:
+    """One (backend, sync mode) run of ``--modes``: sync seconds and default-job generation seconds."""
+    import torch
+
+    from rl_small.config import RolloutConfig
+    from rl_small.models import load_tokenizer, resolve_model
+    from rl_small.rollout.base import SamplingSpec
+    from rl_small.rollout.factory import make_backend
+    from rl_small.types import Prompt
+
+    backend_name, mode = kind.split(":")
+    model_dir = resolve_model("smollm2-135m-instruct")
+    tok = load_tokenizer(model_dir)
+    policy = noisy_lora_policy(model_dir)
+    cfg = RolloutConfig(backend=backend_name, spawn=True, port=port, max_model_len=512, sync=mode)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    run_dir = Path(tempfile.mkdtemp(prefix="sync_modes_run_"))  # adapters and merged copies (0.5 GB each)
+    backend = make_backend(cfg, policy, tok, model_name=model_dir, lora_rank=16, run_dir=run_dir)
+    start_s = time.perf_counter() - t0
+    chat = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in (*PROMPTS, "What is 9 * 8? Put the answer in \\boxed{}.")]
+    prompts = [Prompt(f"p{i}", text, "") for i, text in enumerate(chat)]
+    job = SamplingSpec(n=8, max_new_tokens=48, temperature=0.7, ignore_eos=True)
+    sync_s, gen_s, tokens = [], [], 0
+    try:
+        for k in range(1, reps + 2):  # version 1 warms up
+            _bump(policy, k)
+            t0 = time.perf_counter()
+            backend.sync(policy, version=k)
+            t1 = time.perf_counter()
+            out = backend.generate(prompts, job)
+            t2 = time.perf_counter()
+            if k > 1:
+                sync_s.append(t1 - t0)
+                gen_s.append(t2 - t1)
+            tokens = sum(len(r.completion_ids) for r in out)
+        greedy = backend.generate(prompts[:3], SamplingSpec(n=1, max_new_tokens=24, temperature=0.0))
+    finally:
+        backend.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"sync_s": sync_s, "gen_s": gen_s, "tokens": tokens, "start_s": start_s,
+            "completions": [r.text for r in greedy], "threads": torch.get_num_threads()}
+
+
+def modes_main(args: argparse.Namespace) -> None:
+    """``--modes``: the (backend, sync mode) runs, alternating within each round."""
+    kinds = [f"{b}:{m}" for b in ("vllm_engine", "vllm_server") for m in ("adapter", "merged")] + ["hf:adapter"]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="sync_modes_") as tmp:
+        for r in range(args.rounds):
+            for i, kind in enumerate(kinds):
+                runs[kind].append(run_worker(sys.executable, Path(__file__).resolve(),
+                                             ["--worker", kind, "--reps", str(args.reps), "--port", str(8400 + i)],
+                                             Path(tmp) / f"{r}-{i}.json", args.timeout))
+                print(f"round {r + 1} {kind}: sync {statistics.mean(runs[kind][-1]['sync_s']):.2f} s, "
+                      f"{runs[kind][-1]['tokens'] / statistics.mean(runs[kind][-1]['gen_s']):.1f} tok/s", flush=True)
+    summarize(runs, args)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    """Print the --modes table from the workers' results and write bench/results/sync_modes.json."""
+    runs = {k: rs for k, rs in runs.items() if rs}
+    summary: dict[str, Any] = {}
+    for kind, rs in runs.items():
+        tokens = rs[0]["tokens"]
+        sync = [x for r in rs for x in r["sync_s"]]
+        rate = [tokens / g for r in rs for g in r["gen_s"]]
+        step = [s + tokens / t for s, t in zip(sync, rate, strict=True)]
+        summary[kind] = {"sync_s": spread(sync), "tok_s": spread(rate), "rollout_plus_sync_s": spread(step),
+                         "tokens": tokens, "start_s": spread([r["start_s"] for r in rs])}
+    print(f"\nrollout.sync on SmolLM2-135M + LoRA r=16, default job (4 x 8 x 48 = {tokens} tokens), "
+          f"{args.rounds} rounds x {args.reps} reps: mean [min-max]")
+    print(f"{'backend':<13}{'sync':<9}{'sync s':>22}{'tok/s':>22}{'rollout+sync s/step':>24}")
+    for kind, s in summary.items():
+        b, m = kind.split(":")
+        print(f"{b:<13}{m:<9}{fmt(s['sync_s'], 2):>22}{fmt(s['tok_s']):>22}{fmt(s['rollout_plus_sync_s'], 1):>24}")
+    out: dict[str, Any] = {"settings": vars(args), "summary": summary, "runs": runs}
+    for b in ("vllm_engine", "vllm_server"):
+        if f"{b}:adapter" not in summary or f"{b}:merged" not in summary:
+            continue
+        a, m = summary[f"{b}:adapter"], summary[f"{b}:merged"]
+        gain = 1 / a["tok_s"]["mean"] - 1 / m["tok_s"]["mean"]
+        cross = (m["sync_s"]["mean"] - a["sync_s"]["mean"]) / gain if gain > 0 else None
+        same = sum(x == y for x, y in zip(runs[f"{b}:adapter"][-1]["completions"],
+                                          runs[f"{b}:merged"][-1]["completions"], strict=True))
+        out[b] = {"merged_speedup_tok_s": m["tok_s"]["mean"] / a["tok_s"]["mean"],
+                  "step_ratio_merged_vs_adapter": m["rollout_plus_sync_s"]["mean"] / a["rollout_plus_sync_s"]["mean"],
+                  "crossover_tokens_per_step": cross, "identical_greedy_completions": same}
+        print(f"{b}: merged generates {out[b]['merged_speedup_tok_s']:.2f}x the adapter's tok/s; rollout+sync per "
+              f"step {out[b]['step_ratio_merged_vs_adapter']:.2f}x; merged wins above "
+              f"{'never' if cross is None else f'{cross:.0f} tokens/step'}; greedy completions identical {same}/3")
+    print(f"\nwrote {save_results('sync_modes', out)}")
+
+
 def main() -> None:
+    if "--worker" in sys.argv and ":" in sys.argv[sys.argv.index("--worker") + 1]:
+        import json
+
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--worker", required=True)
+        ap.add_argument("--reps", type=int, required=True)
+        ap.add_argument("--port", type=int, required=True)
+        ap.add_argument("--out", required=True)
+        a = ap.parse_args()
+        Path(a.out).write_text(json.dumps(mode_worker(a.worker, a.reps, a.port)))
+        return
     if "--worker" in sys.argv:
         import json
 
@@ -138,8 +256,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--modes", action="store_true", help="rollout.sync adapter vs merged on both vLLM backends")
+    ap.add_argument("--rounds", type=int, default=2, help="--modes: rounds of the four runs, alternating")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.modes:
+        modes_main(args)
+        return
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     res, failed = {}, {}
     with tempfile.TemporaryDirectory(prefix="sync_speed_") as tmp:

@@ -172,6 +172,11 @@ class RolloutConfig(_Closed):
         1, ge=1, description="Push the adapter to the sampler every k optimizer steps (k > 1: rollouts are up to "
         "k-1 versions stale; algo.tis_cap corrects for it).",
     )
+    sync: Literal["adapter", "merged", "auto"] = Field(
+        "adapter", description="vllm_server / vllm_engine: how the LoRA policy reaches the sampler: adapter "
+        "(hot-swap, MBs; vLLM runs LoRA kernels), merged (base + adapter merged, full weights reloaded in place; "
+        "base-speed generation), auto (time both on the first steps, keep the faster, re-measure now and then).",
+    )
     keep_versions: int = Field(2, ge=1, description="Adapter versions kept loaded on the servers (older unloaded).")
     max_model_len: int = Field(2048, ge=64, description="vLLM: context length (prompt + completion).")
     gpu_memory_utilization: float = Field(

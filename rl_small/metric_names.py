@@ -30,6 +30,7 @@ ROLLOUT_SAMPLER_LOGP_JUMP = "rollout/sampler_logp_jump"  # that difference over 
 ROLLOUT_SYNC_ALARM = "rollout/sync_alarm"  # 1 when the sampler likely does not serve the trained weights
 ROLLOUT_TIS_CAP_FRAC = "rollout/tis_cap_frac"  # share of tokens whose sampler-correction weight was capped
 ROLLOUT_TIS_MASK_FRAC = "rollout/tis_mask_frac"  # share of tokens the sampler correction masked out
+ROLLOUT_SYNC_MERGED = "rollout/sync_merged"  # vLLM backends: 1 when the sampler serves merged weights, 0 an adapter
 
 # ---- loss/ and policy/: the update (means over the step's optimizer steps) ----
 LOSS_POLICY = "loss/policy"  # the policy-gradient surrogate loss
@@ -94,6 +95,12 @@ def reward_time(name: str) -> str:
     return f"timing/reward/{name}"
 
 
+def sync_timing(kind: str, mode: str) -> str:
+    """rollout.sync auto: ``kind`` sync_s (seconds of a push), tok_s (generation tokens/s) or step_s (their
+    rollout + sync seconds per step) measured for ``mode`` (adapter or merged)."""
+    return f"rollout/{kind}_{mode}"
+
+
 def domain_weight(domain: str) -> str:
     """Sampling weight of a data.mix domain (domain_sampling)."""
     return f"sampling/domain_weight/{domain}"
@@ -122,4 +129,5 @@ def is_metric(key: str, rewards: Iterable[str] = (), domains: Iterable[str] = ()
     rewards = list(rewards)
     made = {reward_time(r) for r in rewards} | {domain_weight(d) for d in domains} | {domain_reward(d) for d in domains}
     made |= {eval_pass1(b) for b in benches} | {eval_len(b) for b in benches}
+    made |= {sync_timing(k, mode) for k in ("sync_s", "tok_s", "step_s") for mode in ("adapter", "merged")}
     return key in made or any(key == reward(r) or key.startswith(reward(r) + "/") for r in rewards)

@@ -212,6 +212,7 @@ class Trainer:
             if self.step_no % self.cfg.rollout.sync_every == 0:
                 with timer(m, M.TIME_SYNC):
                     self.sync()
+                m.update(getattr(self.backend, "metrics", {}))  # vLLM: rollout/sync_merged, auto's timings
         return m
 
     # ---- loop -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class FakeVLLM:
     def __init__(self, port: int = 0, die_on_load: str | None = None) -> None:
         self.models = {"base"}
         self.loads: list[str] = []
+        self.requested: list[str] = []  # the model name of every completion request
         self.hang = False
         self.reset_loads = 0
         self.die_on_load = die_on_load
@@ -70,6 +71,7 @@ class FakeVLLM:
                     fake.models.discard(body["lora_name"])
                     self._send({}, raw=b"Success")
                 elif self.path == "/v1/completions":
+                    fake.requested.append(body["model"])
                     if body["model"] not in fake.models:
                         self._send({"error": f"model {body['model']} not found"}, 404)
                         return

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_small.rollout.base import SamplingSpec
-from rl_small.rollout.base import RolloutError
+from rl_small.rollout.base import RolloutError, SamplingSpec
 from rl_small.rollout.vllm_server import VLLMServerBackend
 from rl_small.types import Prompt
 from tests.fake_vllm import FakeVLLM

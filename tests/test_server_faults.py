@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from rl_small.rollout import vllm_server as client_mod
 from rl_small.rollout import server as server_mod
-from rl_small.rollout.base import SamplingSpec
-from rl_small.rollout.base import RolloutError
-from rl_small.rollout.vllm_server import VLLMServerBackend
+from rl_small.rollout import watchdog as watchdog_mod
+from rl_small.rollout.base import RolloutError, SamplingSpec
 from rl_small.rollout.server import VLLMServer, group_members, healthy
+from rl_small.rollout.vllm_server import VLLMServerBackend
 from rl_small.types import Prompt
 from tests.fake_vllm import FakeVLLM
 
@@ -69,8 +68,8 @@ def _spawned(fake_python: str, tmp_path: Path, **kw: object) -> VLLMServer:
 
 @pytest.fixture
 def fast_progress(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client_mod, "PROGRESS_EVERY_S", 0.5)
     monkeypatch.setattr(server_mod, "PROGRESS_EVERY_S", 0.5)
+    monkeypatch.setattr(watchdog_mod, "PROGRESS_EVERY_S", 0.5)  # wait_ready, wait_back (the client's waits)
 
 
 # ---- item 5: a server that dies during a weight sync ------------------------------------------------------------

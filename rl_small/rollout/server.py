@@ -11,7 +11,9 @@ is written to ``vllm_server_<port>.pid`` next to the log, so that a resumed run 
 run directory that is still running (only if that group still runs our server command on that port). Runtime
 LoRA loading is enabled (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), the base model served under the
 name ``base``, and sampled-token logprobs after temperature (``--logprobs-mode processed_logprobs``) so that
-they are comparable with the trainer's. ``rl-small serve`` is ``main`` below. This module does not import
+they are comparable with the trainer's. For merged-weight sync (``reload_route``, rollout.sync merged / auto)
+``VLLM_SERVER_DEV_MODE=1`` opens vLLM's ``/collective_rpc`` route (weights.py reloads through it); with
+``rollout.sync: merged`` the server runs without LoRA kernels. ``rl-small serve`` is ``main`` below. This module does not import
 vllm: the server may run in another interpreter (``rollout.server_python``).
 """
 
@@ -172,6 +174,7 @@ class VLLMServer:
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     startup_timeout: float = 900.0
+    reload_route: bool = False  # VLLM_SERVER_DEV_MODE=1: /collective_rpc for in-place weight reloads
     proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -179,7 +182,8 @@ class VLLMServer:
         cls, cfg: RolloutConfig, model: str, lora_rank: int | None, port: int, log_dir: Path | None = None
     ) -> VLLMServer:
         return cls(
-            model=model, port=port, lora_rank=lora_rank or 0, max_loras=cfg.keep_versions + 1,
+            model=model, port=port, lora_rank=0 if cfg.sync == "merged" else lora_rank or 0,
+            max_loras=cfg.keep_versions + 1, reload_route=cfg.sync != "adapter",
             max_model_len=cfg.max_model_len, dtype=cfg.vllm_dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
             python=cfg.server_python or sys.executable, extra_args=list(cfg.server_args),
@@ -204,6 +208,8 @@ class VLLMServer:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        if self.reload_route:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         if on_cpu():
             env.update(cpu_env(self.kv_cache_gib, env))
         return env

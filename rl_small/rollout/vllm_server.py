@@ -24,7 +24,10 @@ completes (seen on a loaded 2-core machine at ~3 tokens/s). A server that hangs 
 nothing) is found sooner by a watchdog (watchdog.py): while requests are in flight it checks /health every
 ``health_every`` seconds, and after 3 checks in a row without an answer it closes those requests' connections, so
 that they are retried at once (a spawned server is restarted first). Adapter versions are served as ``v{version}``
-(the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted.
+(the base model as ``base``); the oldest beyond ``keep_versions`` are unloaded and their folders deleted. With
+``rollout.sync: merged`` (or ``auto`` choosing it, weights.py) the merged weights are written once to the shared
+folder and every server reloads them in place (``/collective_rpc``); requests then name ``base``, and a spawned
+server that restarts is given the latest merged weights again.
 ``close()`` is final: requests still in flight (a prefetch thread's) are aborted and fail with "rollout backend
 closed", nothing is retried and no server is restarted after it.
 """
@@ -45,23 +48,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_small.rollout.base import RolloutError, SamplingSpec, expand_requests, export_weights, make_rollout
-from rl_small.rollout.server import (
-    BASE_NAME,
-    PROGRESS_EVERY_S,
-    VLLMServer,
-    describe_error,
-    healthy,
-    probe,
+from rl_small.rollout.server import BASE_NAME, VLLMServer, describe_error, healthy, probe
+from rl_small.rollout.watchdog import (
+    CLOSED,
+    NETWORK_ERRORS,
+    RETRYABLE_HTTP,
+    Watchdog,
+    push_recovering,
+    wait_back,
+    wait_ready,
 )
-from rl_small.rollout.watchdog import CLOSED, Watchdog
+from rl_small.rollout.weights import WeightSync, reload_on_server
 from rl_small.types import Prompt, Rollout
 
 if TYPE_CHECKING:
     from rl_small.config import RolloutConfig
 
 log = logging.getLogger("rl_small.rollout")
-_RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not (yet / again) on that server
-_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
 AUTO_BASE_S = 60.0  # request_timeout "auto": fixed part (queueing, prefill)
 AUTO_S_PER_TOKEN = 0.05  # ... plus this per token in flight on the server: a floor of 20 tokens/s per server
 AUTO_MAX_S = 600.0  # ... at most this (x 2^attempt): 64 requests x 16 x 512 tokens would be 26,000 s
@@ -76,7 +79,7 @@ class VLLMServerBackend:
         self, urls: list[str], tokenizer: Any, adapter_root: Path, servers: list[VLLMServer] | None = None,
         request_timeout: float | str = "auto", max_retries: int = 3, keep_versions: int = 2, max_workers: int = 64,
         is_main: bool = True, connect_grace: float = 60.0, spawned: set[str] | None = None,
-        health_every: float = 10.0, startup_timeout: float = 900.0, world_size: int = 1,
+        health_every: float = 10.0, startup_timeout: float = 900.0, world_size: int = 1, sync: str = "adapter",
     ) -> None:
         if not urls:
             raise ValueError("vllm_server backend needs rollout.server_urls or rollout.spawn: true")
@@ -93,6 +96,7 @@ class VLLMServerBackend:
         self.loaded: list[int] = []  # adapter versions on the servers, oldest first
         self.paths: dict[int, Path] = {}
         self.full = False  # full fine-tuning: the servers serve new weights as "base"
+        self.weights = WeightSync(sync, self.adapter_root)  # adapter or merged push (rollout.sync)
         self.stats = {"requests": 0, "retries": 0, "restarts": 0, "sync_retries": 0}
         self._inflight = dict.fromkeys(self.urls, 0)
         self.answered = dict.fromkeys(self.urls, 0)  # successful requests per server
@@ -134,7 +138,7 @@ class VLLMServerBackend:
                 servers = []  # the main process owns and restarts them
         backend = cls(urls, tokenizer, root / "adapters", servers, cfg.request_timeout, cfg.max_retries,
                       cfg.keep_versions, is_main=is_main, connect_grace=cfg.connect_grace_s, spawned=spawned,
-                      startup_timeout=cfg.startup_timeout, world_size=world)
+                      startup_timeout=cfg.startup_timeout, world_size=world, sync=cfg.sync)
         backend.wait_ready(cfg.startup_timeout)
         return backend
 
@@ -147,6 +151,7 @@ class VLLMServerBackend:
             return []
         self._check_open()
         self._fatal = None
+        t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(len(reqs), self.max_workers)) as ex:
             futures = [ex.submit(self._complete, prompt_ids[i], k, sampling, model) for i, k in reqs]
             results = [f.result() for f in futures]
@@ -154,6 +159,7 @@ class VLLMServerBackend:
         for (i, _), choices in zip(reqs, results, strict=True):
             for ids, logprobs, finish in choices:
                 out.append(make_rollout(prompts[i], i, prompt_ids[i], ids, logprobs, finish, version, self.tok))
+        self.weights.chooser.observe_generation(sum(len(r.completion_ids) for r in out), time.perf_counter() - t0)
         return out
 
     def _complete(
@@ -182,10 +188,10 @@ class VLLMServerBackend:
                 return [_choice(c) for c in sorted(resp["choices"], key=lambda c: c["index"])]
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:500]
-                if err.code not in _RETRYABLE_HTTP:
+                if err.code not in RETRYABLE_HTTP:
                     raise RolloutError(f"{url} refused the request (HTTP {err.code}): {detail}") from err
                 last = RuntimeError(f"{url}: HTTP {err.code}: {detail}")
-            except _NETWORK_ERRORS as err:
+            except NETWORK_ERRORS as err:
                 why = describe_error(getattr(err, "reason", err))
                 last = RuntimeError(f"{url}: {why}" + (f" (no answer within {timeout:.0f} s)" if "timed out" in why
                                                        else ""))
@@ -230,7 +236,7 @@ class VLLMServerBackend:
             if self._fatal:
                 raise RolloutError(self._fatal)
             if healthy(url):
-                self._ensure_adapter(url)
+                self._ensure_adapter(url, restarted=False)
                 return
             server = self.servers.get(url)
             if server is None:
@@ -239,7 +245,7 @@ class VLLMServerBackend:
                     all_down = len(self._down) == len(self.urls)
                 # spawned by the main process (this one is another data-parallel rank): it may be restarting
                 grace = self.startup_timeout if url in self.spawned else self.connect_grace
-                if all_down and not self._wait_back(url, since, grace):  # nothing else to send to
+                if all_down and not wait_back(url, since, grace):  # nothing else to send to
                     self._fatal = (f"vLLM server {url} is not answering /health ({probe(url)}) for "
                                    f"{time.monotonic() - since:.0f} s (grace {grace:g} s: rollout."
                                    f"{'startup_timeout' if url in self.spawned else 'connect_grace_s'}), "
@@ -255,25 +261,40 @@ class VLLMServerBackend:
                 if self._closed:  # close() ran during the restart: leave no server behind
                     server.stop()
             self._check_open()
-            self._ensure_adapter(url)
+            self._ensure_adapter(url, restarted=True)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def sync(self, weights: Path | Any, version: int) -> None:
-        """Serve ``weights`` (PEFT model, adapter folder, or full model) as ``version``."""
+        """Serve ``weights`` (PEFT model, adapter folder, or full model) as ``version``: as an adapter or merged
+        (rollout.sync)."""
         self._check_open()
-        if not self.is_main:
-            self.version = version  # the main process exported and loaded it (the trainer waits for it)
-            return
+        if self.is_main:  # else the main process exported and loaded it (the trainer waits for it)
+            self.weights.sync(weights, version, lambda w: self._sync_adapter(w, version), self._reload)
+        self.version = version
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """rollout/sync_merged and the auto sync measurements (weights.py); the main process's only."""
+        return self.weights.chooser.metrics() if self.is_main else {}
+
+    def _reload(self, folder: Path) -> None:
+        """Every server loads the full weights in ``folder`` in place, once the requests in flight (an async
+        prefetch of the previous version) are answered: no rollout mixes two versions' weights."""
+        while any(self._inflight.values()):
+            self._check_open()
+            time.sleep(0.05)
+        for url in self.urls:
+            push_recovering(self, url, f"merged weights {folder.name}", lambda u: reload_on_server(u, folder))
+
+    def _sync_adapter(self, weights: Path | Any, version: int) -> None:
         path, is_adapter = export_weights(weights, self.adapter_root, version, self.tok)
         if not is_adapter:
             self._reload_full(path)
-            self.version = version
             return
         self.paths[version] = path
         for url in self.urls:
             self._load_recovering(url, version)
         self.loaded.append(version)
-        self.version = version
         while len(self.loaded) > self.keep:
             old = self.loaded.pop(0)
             for url in self.urls:
@@ -296,6 +317,10 @@ class VLLMServerBackend:
         self.full = True
 
     def _name(self, version: int) -> str:
+        """Its adapter, else ``base`` (version 0, merged, full weights); ranks > 0 ask what the main one loaded."""
+        if not self.is_main and version and version not in self.paths and not self.full:
+            served = {m["id"] for m in self._get(self.urls[0], "/v1/models")["data"]}
+            return f"v{version}" if f"v{version}" in served else BASE_NAME
         return f"v{version}" if version in self.paths and not self.full else BASE_NAME
 
     def _load(self, url: str, version: int) -> None:
@@ -307,52 +332,14 @@ class VLLMServerBackend:
             detail = err.read().decode(errors="replace")[:500]
             if "already" in detail:
                 return
-            if err.code in _RETRYABLE_HTTP and err.code != 404:
+            if err.code in RETRYABLE_HTTP and err.code != 404:
                 raise
             raise RolloutError(f"{url} could not load adapter v{version} from {body['lora_path']}: "
                                f"HTTP {err.code}: {detail}") from err
 
     def _load_recovering(self, url: str, version: int) -> None:
-        """Load ``version`` into ``url``; a network failure is a server that died or hangs: a spawned one is
-        restarted (``_recover`` also gives it the current adapter), an external one retried with backoff
-        within ``connect_grace`` seconds of the first failure; then the error names the server."""
-        t0, last = time.monotonic(), ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                self._load(url, version)
-                return
-            except _NETWORK_ERRORS as err:
-                if isinstance(err, urllib.error.HTTPError) and err.code not in _RETRYABLE_HTTP:
-                    raise
-                last = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else describe_error(
-                    getattr(err, "reason", err))
-            with self._lock:
-                self.stats["sync_retries"] += 1
-            log.warning("loading adapter v%d into %s failed (%s), attempt %d of %d", version, url, last,
-                        attempt + 1, self.max_retries + 1)
-            if attempt == self.max_retries:
-                break
-            if url in self.servers:
-                self._recover(url)
-            elif not self._wait_back(url, t0, self.connect_grace, pause=min(2.0**attempt, 30.0)):
-                break
-        raise RolloutError(f"vLLM server {url} could not load adapter v{version} after {attempt + 1} attempts "
-                           f"({time.monotonic() - t0:.0f} s; last error: {last}); is it running?")
-
-    def _wait_back(self, url: str, since: float, grace: float, pause: float = 1.0) -> bool:
-        """Sleep ``pause`` s, then poll ``url``'s /health until it answers or ``grace`` s have passed since
-        ``since`` (its first failure), logging progress; True when it answers."""
-        time.sleep(pause)
-        last_log = time.monotonic()
-        while (error := probe(url)) is not None:
-            now = time.monotonic()
-            if now - since >= grace:
-                return False
-            if now - last_log >= PROGRESS_EVERY_S:
-                last_log = now
-                log.warning("vLLM server %s is down for %.0f s (grace %.0f s): %s", url, now - since, grace, error)
-            time.sleep(1.0)
-        return True
+        """Load adapter ``version`` into ``url``, recovering from a server fault (watchdog.push_recovering)."""
+        push_recovering(self, url, f"adapter v{version}", lambda u: self._load(u, version))
 
     def _unload(self, url: str, version: int) -> None:
         try:
@@ -360,7 +347,14 @@ class VLLMServerBackend:
         except (urllib.error.URLError, OSError) as err:
             log.warning("could not unload adapter v%d from %s: %s", version, url, err)
 
-    def _ensure_adapter(self, url: str) -> None:
+    def _ensure_adapter(self, url: str, restarted: bool) -> None:
+        """Give ``url`` the current weights again if it lost them: a restarted server starts on the base model
+        (the merged folder is reloaded), and a server may have lost an adapter (it is loaded again)."""
+        if self.weights.loaded is not None:
+            if restarted:
+                log.info("loading merged weights %s into %s again", self.weights.loaded.name, url)
+                reload_on_server(url, self.weights.loaded)
+            return
         if self.version not in self.paths or self.full:
             return
         try:
@@ -373,27 +367,8 @@ class VLLMServerBackend:
 
     # ---- plumbing ------------------------------------------------------------------------------------------
     def wait_ready(self, timeout: float) -> None:
-        """Wait until every server answers /health: a line every PROGRESS_EVERY_S s; an external URL that
-        refuses connections for ``connect_grace`` s, or any URL still failing after ``timeout`` s, is an error."""
-        t0 = last_log = time.monotonic()
-        hint = "is it running? start one with `rl-small serve --recipe R` or set rollout.spawn: true"
-        for url in self.urls:
-            refused_since: float | None = None
-            while (error := probe(url)) is not None:
-                now = time.monotonic()
-                refused = error == "connection refused" and url not in self.spawned
-                refused_since = (refused_since or now) if refused else None
-                if refused_since is not None and now - refused_since >= self.connect_grace:
-                    raise RolloutError(f"vLLM server {url} refuses connections ({now - refused_since:.0f} s, "
-                                       f"rollout.connect_grace_s={self.connect_grace:g}): {hint}")
-                if now - t0 > timeout:
-                    raise RolloutError(f"vLLM server {url} not healthy after {timeout:.0f} s (last error: {error}): "
-                                       f"{hint}")
-                if now - last_log >= PROGRESS_EVERY_S:
-                    last_log = now
-                    log.warning("waiting for vLLM server %s: %.0f s of %.0f, last error: %s", url, now - t0,
-                                timeout, error)
-                time.sleep(1.0)
+        """Wait until every server answers /health (watchdog.wait_ready)."""
+        wait_ready(self.urls, self.spawned, self.connect_grace, timeout)
 
     def _post(self, url: str, route: str, body: dict[str, Any], timeout: float, raw: bool = False) -> Any:
         req = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(),

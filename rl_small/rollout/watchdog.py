@@ -9,6 +9,9 @@ nothing, so a request to it would wait for its whole timeout. While requests are
 daemon thread checks its /health every ``every`` seconds; after ``STRIKES`` checks in a row without an answer
 it shuts the sockets of those requests down, so that they fail at once with ``ServerHung`` and are retried
 (the client restarts a spawned server first). urllib hides its socket, hence http.client here.
+
+The waits of vllm_server.py live here too: ``wait_ready`` (every server healthy at start), ``wait_back`` (an
+external server that went down), ``push_recovering`` (a weight load that met a dead server).
 """
 
 from __future__ import annotations
@@ -20,15 +23,20 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from rl_small.rollout.server import healthy
+from rl_small.rollout.base import RolloutError
+from rl_small.rollout.server import PROGRESS_EVERY_S, describe_error, healthy, probe
 
 log = logging.getLogger("rl_small.rollout")
 STRIKES = 3  # consecutive /health checks without an answer before in-flight requests are aborted
 CLOSED = "rollout backend closed"
+RETRYABLE_HTTP = {404, 408, 429, 500, 502, 503, 504}  # 404: the adapter is not (yet / again) on that server
+NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError)
 
 
 class ServerHung(ConnectionError):
@@ -117,3 +125,73 @@ class Watchdog:
             if conn.sock is not None:
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+def wait_ready(urls: Iterable[str], spawned: set[str], connect_grace: float, timeout: float) -> None:
+    """Wait until every server answers /health: a line every PROGRESS_EVERY_S s; an external URL (not in
+    ``spawned``) that refuses connections for ``connect_grace`` s, or any URL still failing after ``timeout`` s,
+    is an error."""
+    t0 = last_log = time.monotonic()
+    hint = "is it running? start one with `rl-small serve --recipe R` or set rollout.spawn: true"
+    for url in urls:
+        refused_since: float | None = None
+        while (error := probe(url)) is not None:
+            now = time.monotonic()
+            refused = error == "connection refused" and url not in spawned
+            refused_since = (refused_since or now) if refused else None
+            if refused_since is not None and now - refused_since >= connect_grace:
+                raise RolloutError(f"vLLM server {url} refuses connections ({now - refused_since:.0f} s, "
+                                   f"rollout.connect_grace_s={connect_grace:g}): {hint}")
+            if now - t0 > timeout:
+                raise RolloutError(f"vLLM server {url} not healthy after {timeout:.0f} s (last error: {error}): "
+                                   f"{hint}")
+            if now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                log.warning("waiting for vLLM server %s: %.0f s of %.0f, last error: %s", url, now - t0,
+                            timeout, error)
+            time.sleep(1.0)
+
+
+def wait_back(url: str, since: float, grace: float, pause: float = 1.0) -> bool:
+    """Sleep ``pause`` s, then poll ``url``'s /health until it answers or ``grace`` s have passed since
+    ``since`` (its first failure), logging progress; True when it answers."""
+    time.sleep(pause)
+    last_log = time.monotonic()
+    while (error := probe(url)) is not None:
+        now = time.monotonic()
+        if now - since >= grace:
+            return False
+        if now - last_log >= PROGRESS_EVERY_S:
+            last_log = now
+            log.warning("vLLM server %s is down for %.0f s (grace %.0f s): %s", url, now - since, grace, error)
+        time.sleep(1.0)
+    return True
+
+
+def push_recovering(client: Any, url: str, what: str, push: Callable[[str], None]) -> None:
+    """``push(url)`` loads ``what`` (an adapter, merged weights) into the server of ``client``
+    (a VLLMServerBackend); a network failure is a server that died or hangs: a spawned one is restarted
+    (``client._recover`` also gives it the current weights), an external one retried with backoff within
+    ``client.connect_grace`` seconds of the first failure; then the error names the server."""
+    t0, last, attempt = time.monotonic(), "", 0
+    for attempt in range(client.max_retries + 1):
+        try:
+            push(url)
+            return
+        except NETWORK_ERRORS as err:
+            if isinstance(err, urllib.error.HTTPError) and err.code not in RETRYABLE_HTTP:
+                raise
+            last = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else describe_error(
+                getattr(err, "reason", err))
+        with client._lock:
+            client.stats["sync_retries"] += 1
+        log.warning("loading %s into %s failed (%s), attempt %d of %d", what, url, last, attempt + 1,
+                    client.max_retries + 1)
+        if attempt == client.max_retries:
+            break
+        if url in client.servers:
+            client._recover(url)
+        elif not wait_back(url, t0, client.connect_grace, pause=min(2.0**attempt, 30.0)):
+            break
+    raise RolloutError(f"vLLM server {url} could not load {what} after {attempt + 1} attempts "
+                       f"({time.monotonic() - t0:.0f} s; last error: {last}); is it running?")

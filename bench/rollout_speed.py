@@ -171,10 +171,12 @@ def bench_e2e(args: Any, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in args.e2e_backends:  # backend[:rollout.sync]
         backend, _, mode = spec.partition(":")
-        over = [f"rollout.backend={backend}", f"rollout.sync={mode or 'adapter'}", "rollout.spawn=true",
-                f"rollout.port={args.port + 10}",
-                f"train.steps={args.e2e_steps}", "train.progress=false", "train.trackers=[]",
-                "rollout.max_model_len=1024"]
+        over = [f"rollout.backend={backend}", f"train.steps={args.e2e_steps}", "train.progress=false",
+                "train.trackers=[]"]
+        if backend != "hf":  # options of another backend are an error at load
+            over += [f"rollout.sync={mode or 'adapter'}", "rollout.max_model_len=1024"]
+        if backend == "vllm_server":
+            over += ["rollout.spawn=true", f"rollout.port={args.port + 10}"]
         key = spec if spec not in out else f"{spec}#{sum(k.split('#')[0] == spec for k in out) + 1}"  # rounds
         tr = Trainer(load_recipe(None, over), work / f"e2e-{key.replace(':', '-').replace('#', '-')}")
         try:

@@ -78,8 +78,6 @@ class Trainer:
         for comp in self.rewards.components:  # e.g. episodic_memory with encoder: policy
             if hasattr(comp.fn, "bind_policy"):
                 comp.fn.bind_policy(self.acc.unwrap_model(self.model), self.tok)
-        if cfg.rollout.async_generation and cfg.rollout.backend not in ("vllm_server", "auto"):
-            raise RecipeError(f"rollout.async_generation needs the vllm_server backend, not {cfg.rollout.backend!r}")
         lora = cfg.model.lora
         self.backend = make_backend(
             cfg.rollout, self.acc.unwrap_model(self.model), self.tok, model_name=resolve_model(cfg.model.name),

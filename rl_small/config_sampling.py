@@ -22,6 +22,7 @@ SAMPLING_OWNERS: dict[str, tuple[str, ...]] = {
     "domain_target": ("domain_sampling",), "domain_tau": ("domain_sampling",), "domain_ewma": ("domain_sampling",),
 }
 
+
 class SamplingConfig(BaseModel):
     """Batch-level sampling (docs/METHODS.md §3): which groups and prompts reach the update. An option of a
     filter that is off, set to a non-default value, is an error naming the filter."""

@@ -31,6 +31,9 @@ def check_run(cfg: RunConfig, acc: Any) -> None:
         raise RecipeError(f"accelerate distributed_type {kind} is not supported by the trainer yet: use "
                          "launch/accelerate/ddp.yaml (or single_gpu.yaml)")
     r = cfg.rollout
+    if r.sync != "adapter" and cfg.model.lora is None:
+        raise RecipeError(f"rollout.sync={r.sync} merges a LoRA adapter into the base weights: it needs model.lora "
+                          "(full fine-tuning pushes full weights already)")
     if r.sync_check_error is not None and r.sync_check_error < r.sync_check_warn:
         raise RecipeError(f"rollout.sync_check_error={r.sync_check_error} is below rollout.sync_check_warn="
                           f"{r.sync_check_warn}: jumps between the two would never stop the run")

@@ -38,7 +38,7 @@ ROLLOUT_OWNERS: dict[str, tuple[str, ...]] = {
                                      "request_timeout", "connect_grace_s", "max_retries", "startup_timeout",
                                      "keep_versions", "async_generation")},
     **{k: ("vllm_server", "vllm_engine") for k in ("max_model_len", "gpu_memory_utilization", "kv_cache_gib",
-                                                   "vllm_dtype", "enforce_eager", "seed")},
+                                                   "vllm_dtype", "enforce_eager", "seed", "sync")},
 }
 # trackers of train.trackers (Accelerate's names) -> the module that must be importable
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",

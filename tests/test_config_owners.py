@@ -105,6 +105,8 @@ def test_an_option_of_a_sampling_filter_that_is_off_names_the_filter(overrides: 
                                                                   "hf backend, not of fake")),
     (["rollout.backend=hf", "rollout.async_generation=true"], ("rollout.async_generation is an option of the "
                                                               "vllm_server backend, not of hf")),
+    (["rollout.backend=hf", "rollout.sync=merged"], ("rollout.sync is an option of the vllm_server / vllm_engine "
+                                                    "backend, not of hf")),
 ])
 def test_a_rollout_option_of_another_backend_names_the_backend(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=message):
@@ -117,6 +119,17 @@ def test_rollout_options_of_the_chosen_backend_load() -> None:
     assert load_recipe(None, ["rollout.backend=vllm_engine", "rollout.seed=3"]).rollout.seed == 3
     assert load_recipe(None, ["rollout.backend=fake", "rollout.fake_completions=['1']"]).rollout.fake_completions == ["1"]
     assert load_recipe(None, ["rollout.backend=hf", "rollout.seed=0"]).rollout.seed == 0  # the default: no effect
+
+
+def test_merged_sync_without_lora_is_refused_before_the_model_loads() -> None:
+    from rl_small.builders import check_run
+
+    class Acc:
+        distributed_type = "NO"
+
+    check_run(load_recipe(None, ["rollout.backend=vllm_engine", "rollout.sync=merged"]), Acc())  # LoRA: fine
+    with pytest.raises(RecipeError, match="rollout.sync=merged merges a LoRA adapter .* needs model.lora"):
+        check_run(load_recipe(None, ["rollout.backend=vllm_engine", "rollout.sync=merged", "model.lora=null"]), Acc())
 
 
 def test_algo_sampling_keys_move_to_sampling_with_a_warning(warnings_log: pytest.LogCaptureFixture,

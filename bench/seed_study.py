@@ -29,6 +29,13 @@ from typing import Any
 
 from common import ROOT, machine, save_results
 
+sys.path.insert(0, str(ROOT))
+from rl_small import metric_names as M  # noqa: E402  (this checkout's)
+
+# what each run's training did, first steps against last (why a seed gained little: no signal, or length)
+DYNAMICS = {"train_acc": M.reward("math_accuracy"), "truncated": M.ROLLOUT_TRUNCATED_FRAC,
+            "len": M.ROLLOUT_LEN_MEAN, "zero_adv": M.ROLLOUT_ZERO_ADV_GROUPS}
+
 # two-sided 95 % Student t quantiles by degrees of freedom (the normal 1.96 beyond 30)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
@@ -50,9 +57,23 @@ def interval(values: list[float]) -> dict[str, float]:
             "hi": mean + half}
 
 
-def run_gain(summary: dict[str, Any]) -> dict[str, Any]:
+def dynamics(metrics: Path, window: int = 5) -> dict[str, list[float | None]]:
+    """Per DYNAMICS metric, its mean over the first and over the last ``window`` training steps of a run's
+    metrics.jsonl (a metric the run did not log: None)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if M.LOSS_TOTAL in r]
+
+    def mean(part: list[dict[str, Any]], key: str) -> float | None:
+        vals = [r[key] for r in part if isinstance(r.get(key), (int, float))]
+        return statistics.mean(vals) if vals else None
+
+    return {k: [mean(steps[:window], key), mean(steps[-window:], key)] for k, key in DYNAMICS.items()}
+
+
+def run_gain(summary: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
     """One finished run's held-out numbers: before, after, gain, and the gain's standard error (paired counts
-    when the summary has them, else the two accuracies' binomial errors as if independent)."""
+    when the summary has them, else the two accuracies' binomial errors as if independent); with ``run_dir``,
+    its training dynamics (``dynamics``)."""
     b, a = summary["before"], summary["after"]
     gain = a["accuracy"] - b["accuracy"]
     p = summary.get("paired")
@@ -61,8 +82,11 @@ def run_gain(summary: dict[str, Any]) -> dict[str, Any]:
         se = math.sqrt(max(up + down - (up - down) ** 2 / n, 0.0)) / n
     else:
         se = math.sqrt(sum(x["accuracy"] * (1 - x["accuracy"]) / max(x["n"], 1) for x in (a, b)))
-    return {"seed": summary.get("seed"), "before": b["accuracy"], "after": a["accuracy"], "n": a["n"],
-            "gain": gain, "gain_se": se, "train_seconds": summary.get("train_seconds")}
+    out = {"seed": summary.get("seed"), "before": b["accuracy"], "after": a["accuracy"], "n": a["n"],
+           "gain": gain, "gain_se": se, "train_seconds": summary.get("train_seconds")}
+    if run_dir is not None and (run_dir / "metrics.jsonl").exists():
+        out["dynamics"] = dynamics(run_dir / "metrics.jsonl")
+    return out
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -89,10 +113,14 @@ def label_of(recipe: str | None) -> str:
     return "_".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
 
 
+def run_dir_of(recipe: str | None, seed: int, runs: Path) -> Path:
+    return runs / f"{label_of(recipe)}_s{seed}"
+
+
 def train(recipe: str | None, seed: int, runs: Path, overrides: list[str], python: str) -> dict[str, Any]:
     """The summary of this recipe's run for ``seed``: read when finished, else trained (or resumed) first."""
-    name = f"{label_of(recipe)}_s{seed}"
-    run_dir = runs / name
+    run_dir = run_dir_of(recipe, seed, runs)
+    name = run_dir.name
     summary_path = run_dir / "summary.json"
     if summary_path.exists() and "after" in (done := json.loads(summary_path.read_text())):
         return done
@@ -111,11 +139,17 @@ def train(recipe: str | None, seed: int, runs: Path, overrides: list[str], pytho
 
 
 def table(result: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| recipe | seed | held-out before | after (n) | gain, points (± se) |", "|---|---|---|---|---|"]
+    def pair(r: dict[str, Any], key: str, fmt: str) -> str:
+        first, last = r.get("dynamics", {}).get(key, [None, None])
+        return "-" if first is None or last is None else f"{first:{fmt}} → {last:{fmt}}"
+
+    lines = ["| recipe | seed | held-out before | after (n) | gain, points (± se) | train acc, first 5 → last 5 steps "
+             "| truncated | mean length | zero-advantage groups |", "|---|---|---|---|---|---|---|---|---|"]
     for label, rows in runs.items():
         for r in rows:
             lines.append(f"| {label} | {r['seed']} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% ({r['n']}) | "
-                         f"{100 * r['gain']:+.1f} ± {100 * r['gain_se']:.1f} |")
+                         f"{100 * r['gain']:+.1f} ± {100 * r['gain_se']:.1f} | {pair(r, 'train_acc', '.3f')} | "
+                         f"{pair(r, 'truncated', '.2f')} | {pair(r, 'len', '.1f')} | {pair(r, 'zero_adv', '.2f')} |")
     lines += ["", "| recipe | seeds | mean gain | min | 95 % interval of the mean | seeds below base |",
               "|---|---|---|---|---|---|"]
     for label, m in result["methods"].items():
@@ -144,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {}
     for recipe in [args.recipe] + ([args.compare] if args.compare else []):
         label = label_of(recipe)
-        runs[label] = [run_gain(train(recipe, s, runs_dir, args.overrides, args.python)) for s in args.seeds]
+        runs[label] = [run_gain(train(recipe, s, runs_dir, args.overrides, args.python),
+                                run_dir_of(recipe, s, runs_dir)) for s in args.seeds]
     result = summarize(runs)
     text = table(result, runs)
     print(text)  # noqa: T201  (a benchmark script prints its table)

@@ -192,3 +192,20 @@ def test_seed_study_reuses_finished_runs_and_resumes_interrupted_ones(
     seed_study.train(None, 2, tmp_path, ["data.difficulty=3"], "py")
     assert calls[-1][3:] == ["train.seed=2", "data.seed=2", f"train.output_dir={tmp_path}",
                              "train.run_name=default_s2", "train.progress=false", "data.difficulty=3"]
+
+
+def test_seed_study_dynamics_compare_first_and_last_steps(tmp_path: Path) -> None:
+    import json
+
+    rows = [{"step": 0, "eval/accuracy": 0.1}]  # an evaluation row: not a training step
+    for step in range(1, 13):  # steps 1-5 truncated 1.0, 8-12 truncated 0.0; accuracy = step / 100
+        rows.append({"step": step, "loss/total": 0.1, "reward/math_accuracy": step / 100, "rollout/len_mean": 48.0,
+                     "rollout/truncated_frac": 1.0 if step <= 6 else 0.0, "rollout/zero_adv_groups": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    d = seed_study.dynamics(tmp_path / "metrics.jsonl")
+    assert d["train_acc"] == pytest.approx([0.03, 0.10]) and d["truncated"] == [1.0, 0.0]
+    assert d["len"] == [48.0, 48.0] and d["zero_adv"] == [0.5, 0.5]
+    r = seed_study.run_gain(_summary(3, 0.2, 0.3, 30, 10), tmp_path)
+    text = seed_study.table(seed_study.summarize({"grpo": [r]}), {"grpo": [r]})
+    assert "| grpo | 3 | 20.0% | 30.0% (200) | +10.0 ± 3.1 | 0.030 → 0.100 | 1.00 → 0.00 | 48.0 → 48.0 | 0.50 → 0.50 |" in text
+    assert "dynamics" not in seed_study.run_gain(_summary(3, 0.2, 0.3, 30, 10), tmp_path / "missing")

@@ -30,7 +30,7 @@ from typing import Any
 from common import ROOT, machine, save_results
 
 sys.path.insert(0, str(ROOT))
-from rl_small import metric_names as M  # noqa: E402  (this checkout's)
+from rl_small import metric_names as M
 
 # what each run's training did, first steps against last (why a seed gained little: no signal, or length)
 DYNAMICS = {"train_acc": M.reward("math_accuracy"), "truncated": M.ROLLOUT_TRUNCATED_FRAC,
@@ -130,7 +130,7 @@ def train(recipe: str | None, seed: int, runs: Path, overrides: list[str], pytho
     else:
         cmd += (["--recipe", recipe] if recipe else []) + [f"train.seed={seed}", f"data.seed={seed}",
                 f"train.output_dir={runs}", f"train.run_name={name}", "train.progress=false", *overrides]
-    print("$", " ".join(cmd), flush=True)  # noqa: T201
+    print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     summary = json.loads(summary_path.read_text())
     if "after" not in summary or "before" not in summary:
@@ -143,8 +143,9 @@ def table(result: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
         first, last = r.get("dynamics", {}).get(key, [None, None])
         return "-" if first is None or last is None else f"{first:{fmt}} → {last:{fmt}}"
 
-    lines = ["| recipe | seed | held-out before | after (n) | gain, points (± se) | train acc, first 5 → last 5 steps "
-             "| truncated | mean length | zero-advantage groups |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| recipe | seed | held-out before | after (n) | gain, points (± se) | train acc, first 5 → last 5 steps "
+              "| truncated | mean length | zero-advantage groups |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for label, rows in runs.items():
         for r in rows:
             lines.append(f"| {label} | {r['seed']} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% ({r['n']}) | "
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                                 run_dir_of(recipe, s, runs_dir)) for s in args.seeds]
     result = summarize(runs)
     text = table(result, runs)
-    print(text)  # noqa: T201  (a benchmark script prints its table)
+    print(text)
     if args.out:
         name = Path(args.out).name
         save_results(name, {"argv": sys.argv, "machine": machine(), "runs": runs, **result})

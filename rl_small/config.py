@@ -289,7 +289,8 @@ class TrainConfig(_Closed):
     eval_every: int = Field(0, ge=0, description="In-training benchmark evaluation every N steps (0 = never).")
     eval_benchmarks: list[str] = Field(
         default_factory=list, description="Benchmarks for the in-training evaluation (rl_small.eval.benchmarks), "
-        "logged as eval/<benchmark>/pass@1.",
+        "logged as eval/<benchmark>/pass@1; 'heldout' = the run's held-out problems (all train.eval_samples of the "
+        "before/after evaluation: a learning curve on the same problems).",
     )
     eval_limit: int = Field(50, ge=1, description="Fixed subset size (first N problems) of each benchmark.")
     eval_data_dir: str | None = Field(None, description="Local data root for those benchmarks (default: HF hub).")

@@ -58,14 +58,14 @@ def eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
 def _eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
     from rl_small.data import load_task_rows
     from rl_small.data.files import DataError
-    from rl_small.eval.benchmarks import BENCHMARKS, EvalProtocol, load_benchmark_rows
+    from rl_small.eval.benchmarks import BENCHMARKS, HELDOUT, EvalProtocol, load_benchmark_rows
 
     t = cfg.train
     for name in t.eval_benchmarks if t.eval_every else []:
         if name in BENCHMARKS:  # an unknown name is the trainer's config error
             load_benchmark_rows(BENCHMARKS[name], EvalProtocol(limit=t.eval_limit), t.eval_data_dir,
                                 data_flag="train.eval_data_dir=DIR")
-    if not (t.eval_before or t.eval_after):
+    if not (t.eval_before or t.eval_after or (t.eval_every and HELDOUT in t.eval_benchmarks)):
         return None
     try:
         return load_task_rows(cfg.data, cfg.data.eval_split, limit=t.eval_samples)[0]
@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts, grader = _held_out(trainer, held_rows) if held_rows is not None else ([], None)
     max_tok = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
     chunk = cfg.rollout.generation_batch_size if cfg.rollout.backend == "hf" else 256  # requests in flight
+    if trainer.periodic_eval is not None and trainer.periodic_eval.wants_heldout:
+        trainer.periodic_eval.set_heldout(prompts, grader, max_tok, chunk)  # train.eval_benchmarks: heldout
     main = trainer.is_main
     previous = run_dir / "summary.json"
     if args.resume and previous.exists():  # a resumed run keeps the base-model evaluation it already did

@@ -150,6 +150,32 @@ def test_in_training_eval_is_logged_every_n_steps(tiny_overrides: list[str], tmp
                 tmp_path / "bad")
 
 
+def test_heldout_curve_evaluates_the_before_after_problems(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """``train.eval_benchmarks: [heldout]``: the run's own held-out problems every N steps; at the last step the
+    policy is the one the after-training evaluation sees, greedily on the same problems: the same numbers."""
+    import argparse
+
+    from rl_small.config import RecipeError
+    from rl_small.train import run
+
+    base = tiny_overrides + ["train.steps=2", "train.eval_every=1", "train.eval_benchmarks=[heldout]",
+                             "train.eval_samples=6", f"train.output_dir={tmp_path}"]
+    summary = run(argparse.Namespace(recipe=None, resume=None, overrides=base + [
+        "train.eval_after=true", "train.run_name=curve"]))
+    rows = [json.loads(x) for x in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/heldout/pass@1" in r] == [1, 2]
+    assert summary["after"]["n"] == 6
+    assert rows[-1]["eval/heldout/pass@1"] == summary["after"]["accuracy"]
+    assert rows[-1]["eval/heldout/len_mean"] == pytest.approx(summary["after"]["len_mean"])
+    # without the before/after evaluations the held-out problems are still loaded for the curve
+    run(argparse.Namespace(recipe=None, resume=None, overrides=base + ["train.run_name=only", "train.steps=1"]))
+    only = [json.loads(x) for x in (tmp_path / "only" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= only[0]["eval/heldout/pass@1"] <= 1
+    with pytest.raises(RecipeError, match="'heldout' needs held-out problems"):
+        run(argparse.Namespace(recipe=None, resume=None, overrides=base + ["train.run_name=none",
+                                                                         "train.eval_samples=0"]))
+
+
 class _Counting:
     """A fake backend that counts the problems it is asked for and fails on call number ``fail_on``."""
 

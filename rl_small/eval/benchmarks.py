@@ -262,18 +262,36 @@ def summarize(samples: list[dict[str, Any]], n: int, majority: bool = True) -> d
     return out
 
 
+HELDOUT = "heldout"  # in train.eval_benchmarks: the run's own held-out problems (those of the before/after evaluation)
+
+
 class PeriodicEval:
     """In-training evaluation: greedy pass@1 on a fixed subset of each benchmark every ``every`` steps,
-    returned as ``eval/<benchmark>/pass@1`` (and mean length) metrics. Prompts are loaded once."""
+    returned as ``eval/<benchmark>/pass@1`` (and mean length) metrics. Prompts are loaded once. ``heldout``
+    evaluates the run's held-out problems (all ``train.eval_samples`` of them, the before/after evaluation's, so
+    the curve and the before/after numbers are comparable); the run hands them over with ``set_heldout``."""
 
     def __init__(self, names: list[str], tokenizer: Any, every: int, limit: int, max_new_tokens: int | None,
                  data_dir: str | None) -> None:
-        unknown = [n for n in names if n not in BENCHMARKS]
+        unknown = [n for n in names if n not in BENCHMARKS and n != HELDOUT]
         if unknown:
-            raise KeyError(f"train.eval_benchmarks: unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+            raise KeyError(f"train.eval_benchmarks: unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)} "
+                           f"and {HELDOUT!r} (the run's held-out problems)")
         self.every = every
         self.protocol = EvalProtocol(max_new_tokens=max_new_tokens, limit=limit)
-        self.prompts = {n: load_benchmark_prompts(BENCHMARKS[n], tokenizer, self.protocol, data_dir) for n in names}
+        self.prompts = {n: load_benchmark_prompts(BENCHMARKS[n], tokenizer, self.protocol, data_dir)
+                        for n in names if n != HELDOUT}
+        self.wants_heldout = HELDOUT in names
+        self.heldout: tuple[list[Any], Any, int, int] | None = None
+
+    def set_heldout(self, prompts: list[Any], grader: Any, max_new_tokens: int, chunk: int) -> None:
+        """The held-out problems and grader of the before/after evaluation, for ``heldout``."""
+        if not prompts:
+            from rl_small.config import RecipeError
+
+            raise RecipeError(f"train.eval_benchmarks: {HELDOUT!r} needs held-out problems and there are none "
+                              "(train.eval_samples=0, or an empty data.eval_split)")
+        self.heldout = (prompts, grader, max_new_tokens, chunk)
 
     @classmethod
     def from_config(cls, t: Any, tokenizer: Any) -> PeriodicEval | None:
@@ -297,4 +315,10 @@ class PeriodicEval:
             s = run_benchmark(BENCHMARKS[name], backend, prompts, self.protocol).summary
             out[f"eval/{name}/pass@1"] = s["pass@1"]
             out[f"eval/{name}/len_mean"] = s["len_mean"]
+        if self.heldout is not None:
+            from rl_small.eval import evaluate
+
+            prompts, grader, max_new_tokens, chunk = self.heldout
+            r = evaluate(backend, prompts, grader, max_new_tokens, "held-out (periodic)", chunk)
+            out[f"eval/{HELDOUT}/pass@1"], out[f"eval/{HELDOUT}/len_mean"] = r.accuracy, r.len_mean
         return out

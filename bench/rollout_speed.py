@@ -15,7 +15,8 @@ Throughput = completion tokens / wall seconds of the whole ``generate`` call (be
 warm-up). Sync = export the adapter + load it as a new version (server: /v1/load_lora_adapter; engine:
 add_lora) against the full-weight path (merge the adapter, save the model, restart the server / rebuild the
 engine on it until it serves). With --e2e-steps, the default training run is also timed per step with the
-``--e2e-backends`` (default ``hf`` and ``vllm_server``, spawned; ``vllm_server:merged`` for rollout.sync merged;
+``--e2e-backends`` (default ``hf`` and ``vllm_server``, spawned; ``vllm_server:merged`` for rollout.sync merged,
+``vllm_server:merged:async`` with rollout.async_generation as well;
 ``--e2e-only`` skips the rest and writes bench/results/rollout_speed_e2e.json). Prints a table and writes bench/results/rollout_speed.json.
 """
 
@@ -169,12 +170,17 @@ def bench_e2e(args: Any, work: Path) -> dict[str, Any]:
     from rl_small.trainer import Trainer
 
     out: dict[str, Any] = {}
-    for spec in args.e2e_backends:  # backend[:rollout.sync]
-        backend, _, mode = spec.partition(":")
+    for spec in args.e2e_backends:  # backend[:rollout.sync[:async]]
+        backend, _, rest = spec.partition(":")
+        mode, _, flag = rest.partition(":")
+        if flag not in ("", "async") or (flag and backend != "vllm_server"):
+            raise SystemExit(f"--e2e-backends {spec!r}: the third field is 'async' (vllm_server only)")
         over = [f"rollout.backend={backend}", f"train.steps={args.e2e_steps}", "train.progress=false",
                 "train.trackers=[]"]
         if backend != "hf":  # options of another backend are an error at load
             over += [f"rollout.sync={mode or 'adapter'}", "rollout.max_model_len=1024"]
+        if flag:  # the next step's rollouts generated during this step's update
+            over += ["rollout.async_generation=true"]
         if backend == "vllm_server":
             over += ["rollout.spawn=true", f"rollout.port={args.port + 10}"]
         key = spec if spec not in out else f"{spec}#{sum(k.split('#')[0] == spec for k in out) + 1}"  # rounds
@@ -197,7 +203,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8231)
     ap.add_argument("--e2e-steps", type=int, default=0, help="also time N default-run training steps per backend")
     ap.add_argument("--e2e-backends", nargs="+", default=["hf", "vllm_server"],
-                    help="--e2e-steps: backends to time, backend[:rollout.sync], e.g. vllm_server:merged")
+                    help="--e2e-steps: backends to time, backend[:rollout.sync[:async]], e.g. vllm_server:merged:async")
     ap.add_argument("--e2e-only", action="store_true", help="only the --e2e-steps training steps")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()

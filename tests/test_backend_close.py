@@ -1,5 +1,6 @@
 """``VLLMServerBackend.close()`` is final (tests/fake_vllm.py servers, no vLLM): a prefetch thread still
-generating when the run ends must neither restart the stopped servers nor wait for its requests' timeouts."""
+generating when the run ends must neither restart the stopped servers nor wait for its requests' timeouts; and a
+merged-weight push waits for such a prefetch."""
 
 from __future__ import annotations
 
@@ -113,3 +114,26 @@ def test_interpreter_exits_soon_after_close_with_a_prefetch_in_flight(tmp_path: 
                           text=True, timeout=200, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr[-2000:]
     assert time.monotonic() - t0 < 60, "interpreter exit waited for the prefetch thread's request"
+
+
+def test_a_merged_push_waits_for_the_prefetch_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rollout.sync merged + async_generation: the full-weight reload replaces the served weights in place, so it
+    must not start while the next step's rollouts are being generated (they would mix two versions)."""
+    import rl_small.rollout.vllm_server as vs
+
+    fake = FakeVLLM().start()
+    fake.delay = 1.5  # each request takes 1.5 s: the prefetch is in flight when the push comes
+    backend = VLLMServerBackend([fake.url], _Tok(), Path("/tmp"), [], request_timeout=60, max_retries=1)
+    pushed: list[float] = []
+    monkeypatch.setattr(vs, "reload_on_server", lambda url, folder: pushed.append(time.monotonic()))
+    try:
+        pool, fut = _generate_in_background(backend, 2)
+        t0 = time.monotonic()
+        backend._reload(Path("/tmp/merged-v1"))
+        assert len(fut.result(timeout=30)) == 4 and len(pushed) == 1  # 2 prompts x 2 completions, then one push
+        assert not any(backend._inflight.values())
+        assert pushed[0] - t0 > 1.0  # it waited for the requests (started just before t0, 1.5 s each)
+        pool.shutdown()
+    finally:
+        backend.close()
+        fake.stop()

@@ -12,11 +12,11 @@ subprocess. Peak = the process's resident high-water mark (reset through /proc/s
 warm-up step) minus its resident size just before the step; glibc is told to mmap every allocation above
 64 KiB, so freed tensors leave the resident set at once. The estimate is ``rl_small.plan_memory``'s
 activations + head (+ the LoRA gradients, allocated during the backward pass); no-grad cases compare with
-``no_grad_bytes``. Generate cases run the ``hf`` backend's ``model.generate`` (eval mode, left padding, sampling)
-on a batch of prompts and compare with ``generate_bytes`` (its CPU variant: CPU adds one fp32 copy per LoRA
-module's mixed-dtype add); the LM head's input is made contiguous first, because CPU bf16 matmul of the
-prefill's strided last-position rows with PEFT's tied head took 0.45 GiB and 3 s per row (a CPU artefact that
-would swamp the measurement). The check: |estimate / measured - 1| <= 25 %.
+``no_grad_bytes``. Generate cases run the ``hf`` backend's ``model.generate`` (eval mode, left padding,
+sampling) on a batch of prompts and compare with ``generate_bytes`` (its CPU variant: CPU adds one fp32 copy
+per LoRA module's mixed-dtype add); the LM head's input is made contiguous first, because a PEFT-wrapped bf16
+model's head took 0.45 GiB and seconds per row on CPU on the prefill's strided last-position rows (a CPU
+artefact that would swamp the measurement). The check: |estimate / measured - 1| <= 25 %.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ TOLERANCE = 0.25
 SMOL = dict(family="llama", layers=2, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True)
 QWEN_SMALL = dict(family="qwen2", layers=2, hidden=256, intermediate=1024, heads=4, kv_heads=2, vocab=151936,
                   tied=True)
-QWEN_15B_1L = dict(family="qwen2", layers=1, hidden=1536, intermediate=8960, heads=12, kv_heads=2, vocab=151936,
-                   tied=True)
+QWEN_15B_1L = dict(family="qwen2", layers=1, hidden=1536, intermediate=8960, heads=12, kv_heads=2,
+                   vocab=151936, tied=True)
 QWEN_05B = dict(family="qwen2", layers=3, hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936,
                 tied=True)
 R1_SMALL = dict(family="qwen2", layers=2, hidden=384, intermediate=2240, heads=3, kv_heads=1, vocab=151936,
@@ -81,14 +81,14 @@ CASES: list[dict[str, Any]] = [
     dict(name="qwen2.5-0.5B-shaped fp32", model=QWEN_05B, dtype="float32", r=16, dropout=0.0, targets=ALL,
          ckpt=False, mbs=8, G=8, Lp=128, C=96, T=1.0),
     # hf generate: seqs prompts of Lp tokens (half of them one token shorter, left-padded), C new tokens
-    dict(name="smollm2 generate bf16", model=SMOL, dtype="bfloat16", r=16, dropout=0.0, targets=ALL, ckpt=True,
-         generate=True, seqs=32, Lp=96, C=8, T=0.7, quick=True),
-    dict(name="smollm2 generate fp32", model=SMOL, dtype="float32", r=16, dropout=0.0, targets=ALL, ckpt=False,
-         generate=True, seqs=32, Lp=96, C=8, T=1.0),
+    dict(name="smollm2 generate bf16", model=SMOL, dtype="bfloat16", r=16, dropout=0.0, targets=ALL,
+         ckpt=True, generate=True, seqs=32, Lp=96, C=8, T=0.7, quick=True),
+    dict(name="smollm2 generate fp32", model=SMOL, dtype="float32", r=16, dropout=0.0, targets=ALL,
+         ckpt=False, generate=True, seqs=32, Lp=96, C=8, T=1.0),
     dict(name="smollm2 generate bf16 no LoRA", model=SMOL, dtype="bfloat16", r=0, dropout=0.0, targets=[],
          ckpt=False, generate=True, seqs=32, Lp=96, C=8, T=1.0),
-    dict(name="qwen2.5-1.5B generate, H200 rehearsal shape (1 layer)", model=QWEN_15B_1L, dtype="bfloat16", r=32,
-         dropout=0.0, targets=ALL, ckpt=True, generate=True, seqs=64, Lp=179, C=4, T=1.0),
+    dict(name="qwen2.5-1.5B generate, H200 rehearsal shape (1 layer)", model=QWEN_15B_1L, dtype="bfloat16",
+         r=32, dropout=0.0, targets=ALL, ckpt=True, generate=True, seqs=64, Lp=179, C=4, T=1.0),
     dict(name="qwen2.5-0.5B generate, H200 rehearsal shape", model=QWEN_05B, dtype="bfloat16", r=32,
          dropout=0.0, targets=ALL, ckpt=True, generate=True, seqs=64, Lp=178, C=4, T=1.0),
 ]
@@ -140,8 +140,9 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
                                tie_word_embeddings=m["tied"], max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, case["dtype"]))
     if case["r"]:
-        model = get_peft_model(model, LoraConfig(r=case["r"], lora_alpha=2 * case["r"], lora_dropout=case["dropout"],
-                                                 target_modules=case["targets"], task_type="CAUSAL_LM"))
+        lora = LoraConfig(r=case["r"], lora_alpha=2 * case["r"], lora_dropout=case["dropout"],
+                          target_modules=case["targets"], task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
     if case["ckpt"]:
         try:  # the trainer's way (non-reentrant, exact with the shared-prefix cache) once it exists
             from rl_small.models import enable_checkpointing

@@ -186,8 +186,8 @@ def make_plan(cfg: RunConfig, gpu: str = "h100-80gb", gpus: int = 1, prompt_toke
         seqs = min(r.generation_batch_size, r.group_size * r.prompts_per_step)
         gen = generate_bytes(arch, seqs, lp, r.max_new_tokens, s, targets if m.lora else ()) / GiB
         terms.append(Term("hf generate (not at once)", max(0.0, gen - update),
-                          f"{seqs} seqs x ({lp} + {r.max_new_tokens}): KV cache + prefill peak {gen:.2f} GiB, "
-                          f"counted above the update's {update:.2f}"))
+                          f"{seqs} seqs x ({lp} + {r.max_new_tokens}): KV cache + prefill peak "
+                          f"{gen:.2f} GiB, counted above the update's {update:.2f}"))
     terms.append(Term("CUDA context", CUDA_CONTEXT_GIB, "typical"))
     bf16 = m.dtype == "bfloat16" or (share is not None and r.vllm_dtype == "bfloat16")
     plan = Plan(gpu, gpus, terms, need, share, bf16_missing=bf16 and gpu in NO_BF16)

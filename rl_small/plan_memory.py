@@ -162,9 +162,10 @@ def prefill_token_bytes(arch: Arch, dtype_bytes: int, targets: tuple[str, ...], 
     its fp32 branch output and then the scaled branch, or the scaled branch and the fp32 sum (+8 bytes per
     output); up_proj runs while act(gate) is alive, act(gate) * up holds three intermediates. Alive
     throughout (measured): the embedding output (the model's forward keeps it), the layer's input, the
-    residual after attention and the normed input (hidden each), and RoPE's cos and sin (head_dim each). ``cpu``: the mixed-dtype add of the bf16 result
-    and the fp32 branch also materialises the result in fp32 on CPU (measured; CUDA casts inside the kernel).
-    Attention is narrower (its widths are at most hidden size; SDPA on GPU does not materialise the scores)."""
+    residual after attention and the normed input (hidden each), and RoPE's cos and sin (head_dim each).
+    ``cpu``: the mixed-dtype add of the bf16 result and the fp32 branch also materialises the result in fp32
+    on CPU (measured; CUDA casts inside the kernel). Attention is narrower (its widths are at most the hidden
+    size; SDPA on GPU does not materialise the scores)."""
     h, i, s = arch.hidden, arch.intermediate, dtype_bytes
     lora_out = s + 2 * FP32 + (FP32 if cpu and s != FP32 else 0)
 
@@ -177,7 +178,7 @@ def prefill_token_bytes(arch: Arch, dtype_bytes: int, targets: tuple[str, ...], 
     gate = stream + linear("gate_proj", h, i)
     up = stream + s * i + linear("up_proj", h, i)
     product = stream + 3 * s * i
-    down = s * h + s * i + linear("down_proj", i, h)
+    down = stream + s * i + linear("down_proj", i, h)
     return max(gate, up, product, down)
 
 

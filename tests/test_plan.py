@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_small.archs import KNOWN_ARCHS, load_arch
+from rl_small.archs import KNOWN_ARCHS, LORA_MODULES, load_arch
 from rl_small.config import load_recipe
 from rl_small.plan import GPUS, header_line, make_plan, smallest_gpu
 from rl_small.plan_memory import MicroBatch, generate_bytes, head_bytes, micro_batch, prefill_token_bytes
@@ -65,24 +65,26 @@ def test_head_naive_vs_chunked() -> None:
 
 
 def test_generate_prefill_and_kv_terms() -> None:
-    """Qwen2.5-1.5B (hidden 1536, MLP 8960, head_dim 128, 2 KV heads, 28 layers): the prefill's widest point is
-    up_proj with act(gate) alive; generate's peak is the prefill unless the decode's KV + sampler is larger."""
-    arch, lora = load_arch("Qwen/Qwen2.5-1.5B-Instruct"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                            "up_proj", "down_proj")
+    """Qwen2.5-1.5B (hidden 1536, MLP 8960, head_dim 128, 2 KV heads, 28 layers): the prefill's widest point
+    is up_proj with act(gate) alive; generate's peak is the prefill unless the decode's KV + sampler is
+    larger."""
+    arch, lora = load_arch("Qwen/Qwen2.5-1.5B-Instruct"), LORA_MODULES
     stream = 4 * 2 * 1536 + 2 * 2 * 128  # embeddings, layer input, residual, normed input; RoPE cos and sin
     # act(gate) + up's bf16 output + fp32 branch and scaled branch (or sum) + PEFT's fp32 copy of its input
     assert prefill_token_bytes(arch, 2, lora) == stream + 2 * 8960 + (2 + 8) * 8960 + 4 * 1536 == 126464
     assert prefill_token_bytes(arch, 2, lora, cpu=True) == 126464 + 4 * 8960  # CPU's fp32 copy in the add
     assert prefill_token_bytes(arch, 2, ()) == stream + 3 * 2 * 8960  # no LoRA: act(gate) * up
-    assert prefill_token_bytes(arch, 4, lora) == 4 * 4 * 1536 + 2 * 4 * 128 + 4 * 8960 + 12 * 8960  # fp32: no cast
-    cache = 2 * 2 * 256 * 28 * 64  # bf16 key + value (2 KV heads x 128) x 28 layers x 64 sequences, per position
+    # fp32: no cast of the input, LoRA output 4 + 8 bytes
+    assert prefill_token_bytes(arch, 4, lora) == 4 * 4 * 1536 + 2 * 4 * 128 + 4 * 8960 + 12 * 8960
+    cache = 2 * 2 * 256 * 28 * 64  # bf16 key + value (2 KV heads x 128) x 28 layers x 64 sequences
     assert generate_bytes(arch, 64, 179, 48, 2, lora) == cache * 179 + 126464 * 64 * 179  # 1.655 GiB
-    # a 4-token prompt: the last decode step (whole cache + last-position logits, fp32 copy, scores, probs) wins
+    # a 4-token prompt: the last decode step wins (whole cache + last-position logits, fp32 copy, scores,
+    # probabilities)
     assert generate_bytes(arch, 64, 4, 48, 2, lora) == cache * 52 + (2 + 12) * 64 * 151936
 
 
-# GPU peaks of bench/gpu_rehearsal.py on an H200 (bench/results/gpu_rehearsal_h200.jsonl: random weights of the
-# real architecture, hf backend, full batch; torch.cuda.max_memory_allocated, without the CUDA context):
+# GPU peaks of bench/gpu_rehearsal.py on an H200 (bench/results/gpu_rehearsal_h200.jsonl: random weights of
+# the real architecture, hf backend, full batch; torch.cuda.max_memory_allocated, without the CUDA context):
 # recipe, max_new_tokens, longest prompt (plan_prompt_tokens), measured GiB
 H200_ROWS = [("qwen2.5-1.5b/grpo/math.yaml", 48, 179, 5.075), ("qwen2.5-0.5b/ppo/gsm8k.yaml", 48, 178, 4.567),
              ("r1-distill-qwen-1.5b/grpo/math.yaml", 64, 126, 4.279)]
@@ -100,9 +102,8 @@ def test_plan_matches_h200_rehearsal_peaks(recipe: str, new: int, prompt: int, m
     terms = {t.name: t.gib for t in plan.terms}
     assert measured / (plan.total_gib - terms["CUDA context"]) == pytest.approx(1.0, abs=0.05), terms
     r = cfg.rollout
-    gen = generate_bytes(load_arch(cfg.model.name), min(r.generation_batch_size, r.group_size * r.prompts_per_step),
-                         prompt, new, 2, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj")) / 2**30
+    seqs = min(r.generation_batch_size, r.group_size * r.prompts_per_step)
+    gen = generate_bytes(load_arch(cfg.model.name), seqs, prompt, new, 2, LORA_MODULES) / 2**30
     # generation and the update never overlap: the generate term is what generation needs above the update
     if "PPO critic" in terms:  # policy + critic activations (3.3 GiB) exceed generate's 0.87 GiB
         assert terms["hf generate (not at once)"] == 0.0 and gen < terms["activations"]

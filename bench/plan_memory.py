@@ -12,7 +12,11 @@ subprocess. Peak = the process's resident high-water mark (reset through /proc/s
 warm-up step) minus its resident size just before the step; glibc is told to mmap every allocation above
 64 KiB, so freed tensors leave the resident set at once. The estimate is ``rl_small.plan_memory``'s
 activations + head (+ the LoRA gradients, allocated during the backward pass); no-grad cases compare with
-``no_grad_bytes``. The check: |estimate / measured - 1| <= 25 %.
+``no_grad_bytes``. Generate cases run the ``hf`` backend's ``model.generate`` (eval mode, left padding,
+sampling) on a batch of prompts and compare with ``generate_bytes`` (its CPU variant: CPU adds one fp32 copy
+per LoRA module's mixed-dtype add); the LM head's input is made contiguous first, because a PEFT-wrapped bf16
+model's head took 0.45 GiB and seconds per row on CPU on the prefill's strided last-position rows (a CPU
+artefact that would swamp the measurement). The check: |estimate / measured - 1| <= 25 %.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from rl_small.archs import LORA_MODULES, Arch  # noqa: E402
 from rl_small.plan import head_rows  # noqa: E402
 from rl_small.plan_memory import (  # noqa: E402
     activation_bytes,
+    generate_bytes,
     head_bytes,
     head_transient_bytes,
     micro_batch,
@@ -45,6 +50,8 @@ TOLERANCE = 0.25
 SMOL = dict(family="llama", layers=2, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True)
 QWEN_SMALL = dict(family="qwen2", layers=2, hidden=256, intermediate=1024, heads=4, kv_heads=2, vocab=151936,
                   tied=True)
+QWEN_15B_1L = dict(family="qwen2", layers=1, hidden=1536, intermediate=8960, heads=12, kv_heads=2,
+                   vocab=151936, tied=True)
 QWEN_05B = dict(family="qwen2", layers=3, hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936,
                 tied=True)
 R1_SMALL = dict(family="qwen2", layers=2, hidden=384, intermediate=2240, heads=3, kv_heads=1, vocab=151936,
@@ -73,6 +80,17 @@ CASES: list[dict[str, Any]] = [
          targets=ALL, ckpt=True, mbs=8, G=8, Lp=128, C=96, T=1.0),
     dict(name="qwen2.5-0.5B-shaped fp32", model=QWEN_05B, dtype="float32", r=16, dropout=0.0, targets=ALL,
          ckpt=False, mbs=8, G=8, Lp=128, C=96, T=1.0),
+    # hf generate: seqs prompts of Lp tokens (half of them one token shorter, left-padded), C new tokens
+    dict(name="smollm2 generate bf16", model=SMOL, dtype="bfloat16", r=16, dropout=0.0, targets=ALL,
+         ckpt=True, generate=True, seqs=32, Lp=96, C=8, T=0.7, quick=True),
+    dict(name="smollm2 generate fp32", model=SMOL, dtype="float32", r=16, dropout=0.0, targets=ALL,
+         ckpt=False, generate=True, seqs=32, Lp=96, C=8, T=1.0),
+    dict(name="smollm2 generate bf16 no LoRA", model=SMOL, dtype="bfloat16", r=0, dropout=0.0, targets=[],
+         ckpt=False, generate=True, seqs=32, Lp=96, C=8, T=1.0),
+    dict(name="qwen2.5-1.5B generate, H200 rehearsal shape (1 layer)", model=QWEN_15B_1L, dtype="bfloat16",
+         r=32, dropout=0.0, targets=ALL, ckpt=True, generate=True, seqs=64, Lp=179, C=4, T=1.0),
+    dict(name="qwen2.5-0.5B generate, H200 rehearsal shape", model=QWEN_05B, dtype="bfloat16", r=32,
+         dropout=0.0, targets=ALL, ckpt=True, generate=True, seqs=64, Lp=178, C=4, T=1.0),
 ]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -85,6 +103,8 @@ def arch_of(m: dict[str, Any]) -> Arch:
 def estimate(case: dict[str, Any]) -> int:
     """rl_small.plan_memory's bytes for the case (activations + head + LoRA gradients, or the no-grad pass)."""
     arch, s = arch_of(case["model"]), DTYPE_BYTES[case["dtype"]]
+    if case.get("generate"):
+        return generate_bytes(arch, case["seqs"], case["Lp"], case["C"], s, tuple(case["targets"]), cpu=True)
     mb = micro_batch(case["mbs"], case["G"], 64, case["Lp"], case["C"])
     rows = head_rows(arch.vocab)  # the head this checkout has (naive, or the fused rl_small.head)
     if case.get("no_grad"):
@@ -119,8 +139,10 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
                                num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
                                tie_word_embeddings=m["tied"], max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, case["dtype"]))
-    model = get_peft_model(model, LoraConfig(r=case["r"], lora_alpha=2 * case["r"], lora_dropout=case["dropout"],
-                                             target_modules=case["targets"], task_type="CAUSAL_LM"))
+    if case["r"]:
+        lora = LoraConfig(r=case["r"], lora_alpha=2 * case["r"], lora_dropout=case["dropout"],
+                          target_modules=case["targets"], task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
     if case["ckpt"]:
         try:  # the trainer's way (non-reentrant, exact with the shared-prefix cache) once it exists
             from rl_small.models import enable_checkpointing
@@ -128,6 +150,8 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
             model.gradient_checkpointing_enable()
         else:
             enable_checkpointing(model)
+    if case.get("generate"):
+        return _generate_peak(model, case)
     model.train()
 
     def rollouts(groups: int, lp: int, c: int) -> list[Rollout]:
@@ -157,6 +181,36 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")
     base = _status()["VmRSS"]
     step(batch)
+    return {"peak_bytes": _status()["VmHWM"] - base, "baseline_bytes": base}
+
+
+def _generate_peak(model: Any, case: dict[str, Any]) -> dict[str, Any]:
+    """The hf backend's generate call (``rl_small.rollout.hf``) on ``case['seqs']`` random prompts; peak above
+    the baseline, as ``worker``."""
+    import gc
+
+    import torch
+
+    model.eval()  # as HFBackend.generate
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
+    vocab = case["model"]["vocab"]
+
+    def prompts(n: int, lp: int) -> dict[str, torch.Tensor]:
+        ids, mask = torch.randint(5, vocab, (n, lp)), torch.ones(n, lp, dtype=torch.long)
+        ids[::2, 0], mask[::2, 0] = 0, 0  # half the rows one token shorter, left-padded
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def generate(inputs: dict[str, torch.Tensor], new: int) -> None:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                           temperature=case["T"], top_p=1.0, top_k=0, pad_token_id=0)
+
+    generate(prompts(2, 4), 2)  # warm-up
+    batch = prompts(case["seqs"], case["Lp"])
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status()["VmRSS"]
+    generate(batch, case["C"])
     return {"peak_bytes": _status()["VmHWM"] - base, "baseline_bytes": base}
 
 
@@ -193,7 +247,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "skipped" in r:
             lines.append(f"| {r['case']} | skipped: {r['skipped']} | | {r['estimated_mib']:.0f} | |")
             continue
-        seqs = -(-c["mbs"] // c["G"]) * c["G"]
+        seqs = c["seqs"] if c.get("generate") else -(-c["mbs"] // c["G"]) * c["G"]
         lines.append(f"| {r['case']} | {seqs} x {c['Lp']}+{c['C']} | {r['measured_mib']:.0f} | "
                      f"{r['estimated_mib']:.0f} | {r['ratio']:.2f} |")
     return "\n".join(lines)

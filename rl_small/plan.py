@@ -9,7 +9,9 @@ The estimate per process is the sum of: base weights at model.dtype; trainable p
 PEFT keeps them) with gradients and AdamW's two moments; the larger of the training micro-batch peak
 (activations + log-prob head, ``rl_small.plan_memory``) and the no-grad passes (pi_old / pi_ref / critic
 values); the PPO critic (a second adapter + value head with its optimizer); generation (the vLLM share of a
-colocated engine or server, or the hf backend's KV cache); and the CUDA context. It fits when the total is
+colocated engine or server, or what the hf backend's generate needs above the update's peak: it runs on the
+same weights between updates, never with them, so the total takes the larger of the two phases; the
+gradients, freed before it, are still counted); and the CUDA context. It fits when the total is
 at most 90 % of the GPU (the rest is left for allocator fragmentation and what the model does not count).
 The activation and head terms are checked against measured peaks on CPU by ``bench/plan_memory.py``.
 """
@@ -25,6 +27,7 @@ from rl_small.config import RunConfig
 from rl_small.plan_memory import (
     activation_bytes,
     cache_bytes_per_token,
+    generate_bytes,
     head_bytes,
     head_transient_bytes,
     micro_batch,
@@ -158,6 +161,7 @@ def make_plan(cfg: RunConfig, gpu: str = "h100-80gb", gpus: int = 1, prompt_toke
                       f"{shape}; checkpointing on {acts[True]:.2f} / off {acts[False]:.2f} GiB"))
     terms.append(Term("log-prob head", head_gib, f"{'naive, full fp32' if head_chunk is None else f'fused, chunks of {head_chunk} rows'}, "
                       f"vocab {arch.vocab}"))
+    update = train_peak  # the update's peak above weights and optimizer state, as the terms below count it
     need_ref = a.kl_coef > 0 or a.log_kl
     need_old = a.epochs > 1 or a.minibatches > 1 or (a.kl_coef > 0 and a.kl_mode == "reward")
     if need_ref or need_old or a.name == "ppo":
@@ -165,11 +169,13 @@ def make_plan(cfg: RunConfig, gpu: str = "h100-80gb", gpus: int = 1, prompt_toke
         passes = [n for n, on in (("pi_old", need_old), ("pi_ref", need_ref), ("values", a.name == "ppo")) if on]
         terms.append(Term("no-grad passes (not at once)", max(0.0, nog - train_peak),
                           f"{'/'.join(passes)} peak {nog:.2f} GiB, counted above the update's"))
+        update += terms[-1].gib
     if a.name == "ppo":
         critic_state = (n_train * 16 + (arch.hidden + 1) * 16) / GiB
         critic_acts = acts[m.gradient_checkpointing] + mb.seqs * mb.completion_len * arch.hidden * 4 / GiB
         terms.append(Term("PPO critic", critic_state + max(0.0, critic_acts - train_peak),
                           f"2nd adapter + value head + AdamW; activations {critic_acts:.2f} GiB after the policy's"))
+        update += max(0.0, critic_acts - train_peak)
     need = share = None
     if colocated_vllm(cfg, rank):
         share = r.gpu_memory_utilization * GPUS[gpu] * (r.num_servers if r.backend != "vllm_engine" else 1)
@@ -178,8 +184,10 @@ def make_plan(cfg: RunConfig, gpu: str = "h100-80gb", gpus: int = 1, prompt_toke
                           f"{need:.1f} GiB: {note}"))
     elif r.backend == "hf":
         seqs = min(r.generation_batch_size, r.group_size * r.prompts_per_step)
-        kv = cache_bytes_per_token(arch, s) * arch.layers * seqs * (lp + r.max_new_tokens)
-        terms.append(Term("hf generate KV cache", kv / GiB, f"{seqs} seqs x {lp + r.max_new_tokens} tokens"))
+        gen = generate_bytes(arch, seqs, lp, r.max_new_tokens, s, targets if m.lora else ()) / GiB
+        terms.append(Term("hf generate (not at once)", max(0.0, gen - update),
+                          f"{seqs} seqs x ({lp} + {r.max_new_tokens}): KV cache + prefill peak "
+                          f"{gen:.2f} GiB, counted above the update's {update:.2f}"))
     terms.append(Term("CUDA context", CUDA_CONTEXT_GIB, "typical"))
     bf16 = m.dtype == "bfloat16" or (share is not None and r.vllm_dtype == "bfloat16")
     plan = Plan(gpu, gpus, terms, need, share, bf16_missing=bf16 and gpu in NO_BF16)

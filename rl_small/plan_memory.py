@@ -3,6 +3,7 @@
     shape = MicroBatch(seqs=16, prompts=2, prompt_len=256, completion_len=512)
     acts = activation_bytes(arch, shape, dtype_bytes=2, lora_targets=LORA_MODULES, lora_r=16)
     head = head_bytes(shape, arch, dtype_bytes=2, temperature=0.7, chunk_rows=None)
+    gen = generate_bytes(arch, seqs=64, prompt_len=256, new_tokens=512, dtype_bytes=2, targets=LORA_MODULES)
 
 The terms follow the ops of a transformers Llama/Qwen2 decoder layer with frozen base weights and PEFT LoRA
 (``rl_small.logprobs.shared_prefix_forward``: the prompts once, the completions on the prompts' KV cache).
@@ -19,6 +20,9 @@ the weight); what is kept is:
 - the final norm's fp32 input, then the head.
 Gradient checkpointing keeps only each layer's input (plus the prompt KV cache the completions read) and
 recomputes one layer at a time in the backward pass.
+
+The ``hf`` backend's ``generate`` (no grad) needs, above the weights, the KV cache and the widest transient of
+its prefill, one layer over every prompt token of the generation batch at once (``generate_bytes``).
 """
 
 from __future__ import annotations
@@ -150,3 +154,41 @@ def micro_batch(micro_batch_size: int, group_size: int, prompts: int, prompt_len
     groups_per_minibatch = max(1, ceil(prompts / minibatches))
     groups = min(ceil(micro_batch_size / group_size), groups_per_minibatch)
     return MicroBatch(groups * group_size, groups, prompt_len, completion_len)
+
+
+def prefill_token_bytes(arch: Arch, dtype_bytes: int, targets: tuple[str, ...], cpu: bool = False) -> int:
+    """Widest transient of one decoder layer in a no-grad prefill, per prompt token: the MLP. A frozen linear
+    holds its output (model dtype) while it runs; a LoRA one also PEFT's fp32 copy of its input (bf16 models),
+    its fp32 branch output and then the scaled branch, or the scaled branch and the fp32 sum (+8 bytes per
+    output); up_proj runs while act(gate) is alive, act(gate) * up holds three intermediates. Alive
+    throughout (measured): the embedding output (the model's forward keeps it), the layer's input, the
+    residual after attention and the normed input (hidden each), and RoPE's cos and sin (head_dim each).
+    ``cpu``: the mixed-dtype add of the bf16 result and the fp32 branch also materialises the result in fp32
+    on CPU (measured; CUDA casts inside the kernel). Attention is narrower (its widths are at most the hidden
+    size; SDPA on GPU does not materialise the scores)."""
+    h, i, s = arch.hidden, arch.intermediate, dtype_bytes
+    lora_out = s + 2 * FP32 + (FP32 if cpu and s != FP32 else 0)
+
+    def linear(module: str, width_in: int, width_out: int) -> int:
+        if module not in targets:
+            return s * width_out
+        return lora_out * width_out + (FP32 * width_in if s != FP32 else 0)
+
+    stream = 4 * s * h + 2 * s * arch.head_dim
+    gate = stream + linear("gate_proj", h, i)
+    up = stream + s * i + linear("up_proj", h, i)
+    product = stream + 3 * s * i
+    down = stream + s * i + linear("down_proj", i, h)
+    return max(gate, up, product, down)
+
+
+def generate_bytes(arch: Arch, seqs: int, prompt_len: int, new_tokens: int, dtype_bytes: int,
+                   targets: tuple[str, ...], cpu: bool = False) -> int:
+    """Peak bytes of one ``hf`` generate call above the weights: the larger of the prefill (the prompts' KV
+    cache in every layer + ``prefill_token_bytes`` over seqs x prompt_len tokens) and the last decode step
+    (the whole KV cache + the sampler's last-position logits, their fp32 copy, the tempered scores and the
+    probabilities, seqs x vocab each). ``targets``: the LoRA modules, () without LoRA."""
+    cache = cache_bytes_per_token(arch, dtype_bytes) * arch.layers * seqs
+    prefill = cache * prompt_len + prefill_token_bytes(arch, dtype_bytes, targets, cpu) * seqs * prompt_len
+    sampler = (dtype_bytes + 3 * FP32) * seqs * arch.vocab
+    return max(prefill, cache * (prompt_len + new_tokens) + sampler)

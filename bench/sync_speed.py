@@ -3,6 +3,7 @@ merged-weight sync (rollout.sync: merged), and what each implies for a training 
 
     python bench/sync_speed.py [--reps 5]               # the sync paths below, in-process engine
     python bench/sync_speed.py --modes [--rounds 2]     # rollout.sync adapter vs merged on both vLLM backends
+    python bench/sync_speed.py --modes --model DIR --kinds vllm_server:adapter,vllm_server:merged --out NAME
 
 Both paths push the same SmolLM2-135M-Instruct + LoRA r=16 (all linear layers, B filled with small noise)
 policy into ``vllm.LLM`` running in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as TRL's colocate
@@ -29,7 +30,9 @@ and load, merged = merge + write safetensors + in-place reload) and generates th
 ``--reps`` times (4 prompts x 8 completions x 48 tokens, T = 0.7, ``ignore_eos`` so that every run makes the
 same 1,536 tokens; timed after one warm-up). The implied rollout+sync time per step is sync s + 1,536 / tok/s;
 the crossover is the tokens per step above which merged wins: (sync_merged - sync_adapter) /
-(1/tok_s_adapter - 1/tok_s_merged). Writes bench/results/sync_modes.json.
+(1/tok_s_adapter - 1/tok_s_merged). Writes bench/results/sync_modes.json (``--out``: another name). ``--model``
+runs another model folder in place of SmolLM2 (e.g. a random Qwen2.5-0.5B-shaped one: ``--build-0.5b DIR`` writes
+it from the rehearsal fixtures, for the crossover of a larger model); ``--kinds`` picks the runs.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def worker(path: str, reps: int) -> dict[str, Any]:
             "base_params": n_params, "adapter_bytes": lora_bytes, "threads": torch.get_num_threads()}
 
 
-def mode_worker(kind: str, reps: int, port: int) -> dict[str, Any]:
+def mode_worker(kind: str, reps: int, port: int, model: str | None = None) -> dict[str, Any]:
     """One (backend, sync mode) run of ``--modes``: sync seconds and default-job generation seconds."""
     import torch
 
@@ -148,7 +151,7 @@ def mode_worker(kind: str, reps: int, port: int) -> dict[str, Any]:
     from rl_small.types import Prompt
 
     backend_name, mode = kind.split(":")
-    model_dir = resolve_model("smollm2-135m-instruct")
+    model_dir = model or resolve_model("smollm2-135m-instruct")
     tok = load_tokenizer(model_dir)
     policy = noisy_lora_policy(model_dir)
     cfg = RolloutConfig(backend=backend_name, spawn=True, port=port, max_model_len=512, sync=mode)  # type: ignore[arg-type]
@@ -181,15 +184,36 @@ def mode_worker(kind: str, reps: int, port: int) -> dict[str, Any]:
             "completions": [r.text for r in greedy], "threads": torch.get_num_threads()}
 
 
+def build_qwen05(out: Path) -> None:
+    """A random model of Qwen2.5-0.5B-Instruct's architecture at its real size (the rehearsal fixture's config and
+    tokenizer; no download), saved in fp32 to ``out``: vLLM and the trainer then hold it as the default job does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl_small.rehearsal import build_model, fixture_corpus, fixture_for, load_model_table
+
+    fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+    table = load_model_table(fixtures / "rehearsal")
+    with tempfile.TemporaryDirectory(prefix="qwen05_bf16_") as tmp:  # build_model writes bf16 weights
+        build_model(fixture_for("Qwen/Qwen2.5-0.5B-Instruct", table, fixtures / "rehearsal"), tmp,
+                    fixture_corpus(fixtures / "data"), full_size=True)
+        AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).save_pretrained(out)  # fp32 as the default
+        AutoTokenizer.from_pretrained(tmp).save_pretrained(out)
+    print(out)
+
+
 def modes_main(args: argparse.Namespace) -> None:
     """``--modes``: the (backend, sync mode) runs, alternating within each round."""
-    kinds = [f"{b}:{m}" for b in ("vllm_engine", "vllm_server") for m in ("adapter", "merged")] + ["hf:adapter"]
+    kinds = args.kinds.split(",") if args.kinds else (
+        [f"{b}:{m}" for b in ("vllm_engine", "vllm_server") for m in ("adapter", "merged")] + ["hf:adapter"])
+    model = ["--model", args.model] if args.model else []
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="sync_modes_") as tmp:
         for r in range(args.rounds):
             for i, kind in enumerate(kinds):
                 runs[kind].append(run_worker(sys.executable, Path(__file__).resolve(),
-                                             ["--worker", kind, "--reps", str(args.reps), "--port", str(8400 + i)],
+                                             ["--worker", kind, "--reps", str(args.reps), "--port", str(8400 + i),
+                                              *model],
                                              Path(tmp) / f"{r}-{i}.json", args.timeout))
                 print(f"round {r + 1} {kind}: sync {statistics.mean(runs[kind][-1]['sync_s']):.2f} s, "
                       f"{runs[kind][-1]['tokens'] / statistics.mean(runs[kind][-1]['gen_s']):.1f} tok/s", flush=True)
@@ -207,7 +231,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         step = [s + tokens / t for s, t in zip(sync, rate, strict=True)]
         summary[kind] = {"sync_s": spread(sync), "tok_s": spread(rate), "rollout_plus_sync_s": spread(step),
                          "tokens": tokens, "start_s": spread([r["start_s"] for r in rs])}
-    print(f"\nrollout.sync on SmolLM2-135M + LoRA r=16, default job (4 x 8 x 48 = {tokens} tokens), "
+    print(f"\nrollout.sync on {args.model or 'SmolLM2-135M'} + LoRA r=16, default job (4 x 8 x 48 = {tokens} tokens), "
           f"{args.rounds} rounds x {args.reps} reps: mean [min-max]")
     print(f"{'backend':<13}{'sync':<9}{'sync s':>22}{'tok/s':>22}{'rollout+sync s/step':>24}")
     for kind, s in summary.items():
@@ -228,7 +252,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         print(f"{b}: merged generates {out[b]['merged_speedup_tok_s']:.2f}x the adapter's tok/s; rollout+sync per "
               f"step {out[b]['step_ratio_merged_vs_adapter']:.2f}x; merged wins above "
               f"{'never' if cross is None else f'{cross:.0f} tokens/step'}; greedy completions identical {same}/3")
-    print(f"\nwrote {save_results('sync_modes', out)}")
+    print(f"\nwrote {save_results(args.out, out)}")
 
 
 def main() -> None:
@@ -240,8 +264,9 @@ def main() -> None:
         ap.add_argument("--reps", type=int, required=True)
         ap.add_argument("--port", type=int, required=True)
         ap.add_argument("--out", required=True)
+        ap.add_argument("--model", default=None)
         a = ap.parse_args()
-        Path(a.out).write_text(json.dumps(mode_worker(a.worker, a.reps, a.port)))
+        Path(a.out).write_text(json.dumps(mode_worker(a.worker, a.reps, a.port, a.model)))
         return
     if "--worker" in sys.argv:
         import json
@@ -258,7 +283,15 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--modes", action="store_true", help="rollout.sync adapter vs merged on both vLLM backends")
     ap.add_argument("--rounds", type=int, default=2, help="--modes: rounds of the four runs, alternating")
+    ap.add_argument("--model", default=None, help="--modes: a model folder in place of SmolLM2-135M-Instruct")
+    ap.add_argument("--kinds", default=None, help="--modes: comma list of backend:mode runs (default: all five)")
+    ap.add_argument("--out", default="sync_modes", help="--modes: results name (bench/results/<name>.json)")
+    ap.add_argument("--build-0.5b", dest="build", default=None, metavar="DIR",
+                    help="write a random Qwen2.5-0.5B-shaped model (real widths, vocabulary; fp32) to DIR and exit")
     args = ap.parse_args()
+    if args.build:
+        build_qwen05(Path(args.build))
+        return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.modes:
         modes_main(args)

@@ -1,6 +1,6 @@
 """``VLLMServerBackend.close()`` is final (tests/fake_vllm.py servers, no vLLM): a prefetch thread still
 generating when the run ends must neither restart the stopped servers nor wait for its requests' timeouts; and a
-merged-weight push waits for such a prefetch."""
+merged-weight push waits for such a prefetch; and a prefetch beside a server spawned on this CPU is warned about."""
 
 from __future__ import annotations
 
@@ -137,3 +137,23 @@ def test_a_merged_push_waits_for_the_prefetch_in_flight(monkeypatch: pytest.Monk
     finally:
         backend.close()
         fake.stop()
+
+
+def test_async_generation_with_a_server_spawned_on_this_cpu_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """On 2 cores the server generating during the update made steps 4-5x slower (BENCHMARKS §3b): a warning."""
+    import logging
+    from types import SimpleNamespace
+
+    from rl_small.config import load_recipe
+    from rl_small.rollout.stream import RolloutStream
+
+    cfg = load_recipe(None, ["rollout.backend=vllm_server", "rollout.async_generation=true", "rollout.spawn=true"])
+    backend = SimpleNamespace(thread_safe=True, spawned={"http://127.0.0.1:8000"})
+    with caplog.at_level(logging.WARNING, logger="rl_small.rollout.stream"):
+        RolloutStream(cfg, None, backend, None, None)  # type: ignore[arg-type]
+    assert "4-5x slower" in caplog.text
+    caplog.clear()
+    backend.spawned = set()  # external servers: their own cores
+    with caplog.at_level(logging.WARNING, logger="rl_small.rollout.stream"):
+        RolloutStream(cfg, None, backend, None, None)  # type: ignore[arg-type]
+    assert "slower" not in caplog.text

@@ -15,6 +15,7 @@ keeps the cursor as it was before that draw, so a resumed run redraws the prompt
 from __future__ import annotations
 
 import copy
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
     from rl_small.distributed import World
     from rl_small.rollout.base import RolloutBackend
 
+log = logging.getLogger(__name__)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
 
 class RolloutStream:
     """This process's scored groups, step after step, drawn alike on every process (``world``)."""
@@ -46,6 +55,10 @@ class RolloutStream:
             backend.close()
             raise RecipeError("rollout.async_generation needs the vllm_server backend (vllm installed), not "
                               f"{type(backend).__name__}")
+        if r.async_generation and getattr(backend, "spawned", None) and not _has_gpu():  # servers on our cores
+            log.warning("rollout.async_generation with a vLLM server spawned on this CPU: the server generates the "
+                        "next step on the cores the update needs; on 2 cores steps were 4-5x slower than without it "
+                        "(BENCHMARKS §3b). It pays where the server has cores or a GPU of its own.")
         self.spec = SamplingSpec(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.ignore_eos)
         self.pass_rates = PassRateTracker() if self.f.difficulty_filter else None
         self.signal = group_signal(self.f, [x.name for x in cfg.rewards]) if self.f.dynamic_sampling else None

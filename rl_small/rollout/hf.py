@@ -7,7 +7,8 @@ forward pass instead.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from rl_small.rollout.base import SamplingSpec
 from rl_small.types import Prompt, Rollout
 
 
-def contiguous_head(model: Any) -> AbstractContextManager[Any]:
+@contextmanager
+def contiguous_head(model: Any) -> Iterator[None]:
     """While generating on a CPU in bf16/fp16: the LM head's input made contiguous. ``generate`` hands the head
     the strided last-position rows of the prefill (stride = prompt length x hidden), and CPU half-precision
     matmul then takes a slow path: an 8 x 100-token prefill of a PEFT-wrapped bf16 model (vocabulary 151,936)
@@ -27,16 +29,13 @@ def contiguous_head(model: Any) -> AbstractContextManager[Any]:
     head = get() if callable(get) else None
     weight = getattr(head, "weight", None)
     if weight is None or weight.device.type != "cpu" or weight.dtype == torch.float32:
-        return nullcontext()
-
-    class _Hook:
-        def __enter__(self) -> None:
-            self.handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
-
-        def __exit__(self, *exc: object) -> None:
-            self.handle.remove()
-
-    return _Hook()
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class HFBackend:

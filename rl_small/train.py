@@ -56,6 +56,7 @@ def eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
 
 
 def _eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
+    from rl_small.config import RecipeError
     from rl_small.data import load_task_rows
     from rl_small.data.files import DataError
     from rl_small.eval.benchmarks import BENCHMARKS, HELDOUT, EvalProtocol, load_benchmark_rows
@@ -65,10 +66,15 @@ def _eval_rows(cfg: Any) -> list[dict[str, Any]] | None:
         if name in BENCHMARKS:  # an unknown name is the trainer's config error
             load_benchmark_rows(BENCHMARKS[name], EvalProtocol(limit=t.eval_limit), t.eval_data_dir,
                                 data_flag="train.eval_data_dir=DIR")
-    if not (t.eval_before or t.eval_after or (t.eval_every and HELDOUT in t.eval_benchmarks)):
+    curve = bool(t.eval_every) and HELDOUT in t.eval_benchmarks
+    if not (t.eval_before or t.eval_after or curve):
         return None
     try:
-        return load_task_rows(cfg.data, cfg.data.eval_split, limit=t.eval_samples)[0]
+        rows = load_task_rows(cfg.data, cfg.data.eval_split, limit=t.eval_samples)[0]
+        if curve and not rows:
+            raise RecipeError(f"train.eval_benchmarks: {HELDOUT!r} needs held-out problems and there are none "
+                              f"(train.eval_samples={t.eval_samples}, data.eval_split={cfg.data.eval_split!r})")
+        return rows
     except DataError as err:
         raise DataError(f"held-out evaluation (data.eval_split={cfg.data.eval_split!r}): {err}; set data.path to "
                         f"a local file or a folder with {cfg.data.eval_split}.jsonl (or .json, .parquet), or "

@@ -285,12 +285,8 @@ class PeriodicEval:
         self.heldout: tuple[list[Any], Any, int, int] | None = None
 
     def set_heldout(self, prompts: list[Any], grader: Any, max_new_tokens: int, chunk: int) -> None:
-        """The held-out problems and grader of the before/after evaluation, for ``heldout``."""
-        if not prompts:
-            from rl_small.config import RecipeError
-
-            raise RecipeError(f"train.eval_benchmarks: {HELDOUT!r} needs held-out problems and there are none "
-                              "(train.eval_samples=0, or an empty data.eval_split)")
+        """The held-out problems and grader of the before/after evaluation, for ``heldout`` (``rl_small.train``
+        refuses a run that asks for it without any, before the model loads)."""
         self.heldout = (prompts, grader, max_new_tokens, chunk)
 
     @classmethod
